@@ -1,0 +1,5 @@
+import sys
+
+from echolm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""Checkpoints: `model.safetensors` + `config.json`, plus training state for exact resume.
+
+Every file is written to a temporary name and renamed, and a training checkpoint is a whole
+folder (`ckpt/step_NNNNNN`) that appears by one atomic rename: a run killed at any moment,
+even mid-save, leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from echolm.config import ModelConfig
+from echolm.errors import EchoError
+from echolm.model import Transformer, rope_tables
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; it is the embedding
+    return sd
+
+
+def save_model(model: Transformer, folder: Path) -> None:
+    """Write model.safetensors and config.json into `folder` (each atomically)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "model.safetensors.tmp"
+    save_file(_state_dict(model), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+    atomic_write_json(folder / "config.json", asdict(model.cfg))
+
+
+def load_model_config(folder: Path) -> ModelConfig:
+    path = folder / "config.json"
+    if not path.exists():
+        raise EchoError(f"{path}: missing (no checkpoint in {folder})")
+    try:
+        data = json.loads(path.read_text())
+        cfg = ModelConfig(**data)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise EchoError(f"{path}: not a valid model config ({e})") from None
+    cfg.validate()
+    return cfg
+
+
+def load_model(folder: Path, device: str | torch.device = "cpu") -> Transformer:
+    """Rebuild the model saved in `folder`; a missing or truncated file is a clear error."""
+    cfg = load_model_config(folder)
+    path = folder / "model.safetensors"
+    if not path.exists():
+        raise EchoError(f"{path}: missing (no checkpoint in {folder})")
+    try:
+        sd = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EchoError(f"{path}: unreadable or truncated checkpoint ({e})") from None
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise EchoError(f"{path}: does not match config.json (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    # RoPE tables are non-persistent buffers: recompute them (meta init left them empty)
+    model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(cfg, cfg.max_seq_len))
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def save_training_state(folder: Path, step: int, model: Transformer, state: dict) -> None:
+    """Atomically publish ckpt/step_NNNNNN (model + optimizer/RNG/progress) and keep the last 2."""
+    root = folder / "ckpt"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f"step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, tmp)
+    torch.save(state, tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", final.name)
+    for old in sorted(root.glob("step_*"))[:-2]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete training checkpoint in `folder`, or None."""
+    root = folder / "ckpt"
+    for tmp in root.glob("step_*.tmp"):  # leftovers of a save that was killed
+        shutil.rmtree(tmp, ignore_errors=True)
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    if not path.is_dir():
+        raise EchoError(f"{pointer}: points to {path.name}, which is missing")
+    return path
+
+
+def load_training_state(path: Path) -> dict:
+    file = path / "state.pt"
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise EchoError(f"{file}: unreadable or truncated training state ({e})") from None

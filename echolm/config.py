@@ -1,0 +1,214 @@
+"""Configuration: dataclasses per section, presets as TOML data, `section.field=value` overrides.
+
+A preset (``echolm/presets/NAME.toml`` or a path to any TOML file) names a whole
+configuration; any field can then be overridden from the CLI with ``--set pretrain.lr=0.01``.
+Unknown sections, fields or wrongly typed values are user errors, reported with the field name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from echolm.errors import EchoError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 8192
+    train_bytes: int = 50_000_000  # how much of the corpus the BPE trainer reads
+
+
+@dataclass
+class ModelConfig:
+    """Llama/Qwen3-family decoder; field names follow the HF config where one exists."""
+
+    vocab_size: int = 8192
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int = 2
+    head_dim: int = 0  # 0: n_embd // n_head
+    mlp_hidden: int = 0  # 0: ~8/3 * n_embd rounded up to a multiple of 64 (SwiGLU)
+    max_seq_len: int = 1024
+    rope_theta: float = 10_000.0
+    qk_norm: bool = True  # Qwen3-style per-head RMSNorm on q and k
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    @property
+    def d_head(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def d_mlp(self) -> int:
+        return self.mlp_hidden or -(-(8 * self.n_embd // 3) // 64) * 64
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise EchoError(f"model.{name}={getattr(self, name)} must be positive")
+        if self.n_head % self.n_kv_head:
+            raise EchoError(
+                f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head}"
+            )
+        if self.d_head % 2:
+            raise EchoError(f"model head_dim={self.d_head} must be even (RoPE rotates pairs)")
+
+
+@dataclass
+class DataConfig:
+    # "builtin" (the offline corpus), or paths to .txt / .jsonl / .parquet files or folders,
+    # or "hf:NAME[:CONFIG][:SPLIT]" when `datasets` is installed.
+    pretrain: list[str] = field(default_factory=lambda: ["builtin"])
+    val_fraction: float = 0.01  # held out from user data (the builtin corpus has its own split)
+
+
+@dataclass
+class TrainConfig:
+    """One training stage's loop settings (shared by pretraining, SFT and later stages)."""
+
+    seq_len: int = 256
+    micro_batch: int = 16  # sequences per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step (per process)
+    max_steps: int = 1000
+    max_minutes: float = 0.0  # 0 = no time limit; otherwise stop (and checkpoint) after this
+    lr_matrix: float = 0.02  # Muon, 2-D hidden matrices
+    lr_embed: float = 0.01  # AdamW, token embedding
+    lr_head: float = 0.004  # AdamW, output head
+    lr_scalar: float = 0.01  # AdamW, norm weights
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    optimizer: str = "muon"  # "muon" (Muon + AdamW) or "adamw" (AdamW for everything)
+    warmup_steps: int = 20
+    warmdown_frac: float = 0.3  # last fraction of steps decays linearly to final_lr_frac
+    final_lr_frac: float = 0.05
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # auto | fp32 | bf16 (autocast); auto = bf16 where it is faster
+    compile: bool = False
+    eval_every: int = 100
+    eval_tokens: int = 65_536
+    sample_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 100
+    log_every: int = 1
+    seed: int = 1337
+
+
+@dataclass
+class Config:
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    sft: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check/convert a TOML value to the dataclass field's type; name the field on failure."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        (inner,) = typing.get_args(typ)
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, inner, where) for v in items]
+    elif origin is tuple:
+        args = typing.get_args(typ)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, t, where) for v, t in zip(value, args, strict=True))
+    elif origin in (typing.Union, types.UnionType):
+        for t in typing.get_args(typ):
+            try:
+                return _coerce(value, t, where)
+            except EchoError:
+                pass
+    type_name = getattr(typ, "__name__", str(typ))
+    raise EchoError(f"{where}: expected {type_name}, got {value!r}")
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    sections = {f.name for f in dataclasses.fields(cfg)
+                if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    if section not in sections:
+        known = ", ".join(sorted(sections))
+        raise EchoError(f"{where}: unknown section '{section}' (known: {known})")
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        known = ", ".join(f.name for f in dataclasses.fields(obj))
+        raise EchoError(f"{where}: unknown field '{section}.{key}' (known: {known})")
+    setattr(obj, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_config(preset: str = "micro", overrides: list[str] | None = None) -> Config:
+    """Build a Config from a preset name (or TOML path) plus ``section.field=value`` overrides."""
+    path = Path(preset)
+    if not (path.suffix == ".toml" and path.exists()):
+        path = PRESET_DIR / f"{preset}.toml"
+        if not path.exists():
+            raise EchoError(f"unknown preset '{preset}' (known: {', '.join(list_presets())})")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise EchoError(f"{path}: invalid TOML: {e}") from None
+    cfg = Config(preset=path.stem)
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise EchoError(f"{path}: top-level key '{section}' must be a [section]")
+        for key, value in values.items():
+            _apply(cfg, section, key, value, str(path))
+    apply_overrides(cfg, overrides or [])
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> None:
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise EchoError(f"override '{item}': expected section.field=value")
+        lhs, rhs = item.split("=", 1)
+        section, key = lhs.strip().split(".", 1)
+        try:  # TOML value syntax first (numbers, bools, lists, quoted strings) ...
+            value = tomllib.loads(f"v = {rhs}")["v"]
+        except tomllib.TOMLDecodeError:  # ... else a bare string
+            value = rhs
+        _apply(cfg, section, key, value, f"override '{item}'")
+    cfg.model.vocab_size = cfg.tokenizer.vocab_size  # one source of truth for the vocabulary
+    cfg.model.validate()
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with ``to_dict`` (e.g. a run directory's config.json)."""
+    cfg = Config(preset=d.get("preset", ""))
+    for section, values in d.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                _apply(cfg, section, key, value, "saved config")
+    return cfg

@@ -1,0 +1,128 @@
+"""Reading pretraining text: the built-in corpus, .txt / .jsonl / .parquet files or folders,
+and Hugging Face datasets (``hf:NAME[:CONFIG][:SPLIT]``) when `datasets` is installed.
+
+Every document is checked as it is read; a bad file names itself, the line and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from echolm.errors import EchoError
+
+EXTENSIONS = (".txt", ".jsonl", ".parquet")
+
+
+def _read_utf8(path: Path) -> str:
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise EchoError(f"{path}: file is empty")
+    if b"\x00" in raw[:65536]:
+        raise EchoError(f"{path}: looks binary (contains NUL bytes), expected UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise EchoError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
+
+
+def read_jsonl(path: Path, field: str | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line; malformed lines are errors."""
+    text = _read_utf8(path)
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EchoError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise EchoError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        if field is not None and not isinstance(rec.get(field), str):
+            what = "is missing" if field not in rec else "must be a string"
+            raise EchoError(f"{path}:{n}: field '{field}' {what}")
+        yield n, rec
+
+
+def _file_docs(path: Path) -> Iterator[str]:
+    if path.suffix == ".txt":
+        yield _read_utf8(path)
+    elif path.suffix == ".jsonl":
+        for _, rec in read_jsonl(path, "text"):
+            yield rec["text"]
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path, columns=["text"])
+        except Exception as e:  # pyarrow raises several types for missing columns / bad files
+            raise EchoError(f"{path}: cannot read a 'text' column from parquet ({e})") from None
+        for i, t in enumerate(table.column("text").to_pylist()):
+            if not isinstance(t, str):
+                raise EchoError(f"{path}: row {i}: 'text' must be a string, got {t!r:.40}")
+            yield t
+    else:
+        raise EchoError(f"{path}: unsupported file type (use {', '.join(EXTENSIONS)})")
+
+
+def _hf_docs(spec: str) -> Iterator[str]:
+    parts = spec.split(":")[1:]
+    name, config, split = (parts + [None, None])[:3] if parts else (None, None, None)
+    if not name:
+        raise EchoError(f"data source '{spec}': expected hf:NAME[:CONFIG][:SPLIT]")
+    try:
+        import datasets
+    except ImportError:
+        raise EchoError(f"data source '{spec}' needs the optional `datasets` package: "
+                        "pip install 'echolm[hf]'") from None
+    if Path(name).is_dir():  # a dataset saved with save_to_disk
+        ds = datasets.load_from_disk(name)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split or "train"]
+    else:
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    if "text" not in ds.column_names:
+        raise EchoError(f"data source '{spec}': no 'text' column (has {ds.column_names})")
+    for rec in ds:
+        yield rec["text"]
+
+
+def source_files(source: str) -> list[Path]:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise EchoError(f"data source '{source}': no such file or folder")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in EXTENSIONS and p.is_file())
+        if not files:
+            raise EchoError(f"{path}: folder holds no {', '.join(EXTENSIONS)} files")
+        return files
+    return [path]
+
+
+def _held_out(doc: str, fraction: float) -> bool:
+    """Deterministic split by document content: the same document always lands on one side."""
+    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest(), "little")
+    return h / 2**64 < fraction
+
+
+def iter_documents(sources: list[str], split: str, val_fraction: float = 0.01
+                   ) -> Iterator[str]:
+    """Documents of `split` ("train" or "val") from all sources, in a fixed order."""
+    if split not in ("train", "val"):
+        raise ValueError(split)
+    for source in sources:
+        if source == "builtin":
+            from echolm.data.builtin import build_builtin_corpus
+
+            folder = build_builtin_corpus()
+            for _, rec in read_jsonl(folder / f"{split}.jsonl", "text"):
+                yield rec["text"]
+            continue
+        docs = _hf_docs(source) if source.startswith("hf:") else (
+            d for f in source_files(source) for d in _file_docs(f))
+        for doc in docs:
+            if doc.strip() and _held_out(doc, val_fraction) == (split == "val"):
+                yield doc

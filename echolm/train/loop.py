@@ -1,0 +1,280 @@
+"""The training-loop core every stage shares: devices and processes, optimizers (Muon + AdamW),
+learning-rate schedule, mixed precision, gradient accumulation and clipping, checkpoints that
+resume exactly, metrics and a progress bar. A stage module supplies data and a loss; this
+file does the rest, the same way for pretraining, SFT and the stages after them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from echolm.checkpoint import (
+    atomic_write_text,
+    latest_checkpoint,
+    load_training_state,
+    save_training_state,
+)
+from echolm.config import TrainConfig
+from echolm.errors import EchoError
+from echolm.model import Transformer
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """One process, or `torchrun` processes (gloo on CPU, NCCL on GPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return Dist(device=device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(rank, world, local, device)
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 autocast on GPUs that support it and on CPUs with native bf16 matmul
+    (AVX512-BF16 / AMX: 2-6x the fp32 rate); fp32 elsewhere."""
+    if choice == "fp32":
+        return torch.float32
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice != "auto":
+        raise EchoError(f"dtype '{choice}': expected auto, fp32 or bf16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, constant, then linear warmdown to `final_lr_frac` over the last part."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    warmdown = int(cfg.warmdown_frac * cfg.max_steps)
+    left = cfg.max_steps - step
+    if warmdown > 0 and left <= warmdown:
+        return cfg.final_lr_frac + (1 - cfg.final_lr_frac) * left / warmdown
+    return 1.0
+
+
+def build_optimizers(model: Transformer, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """Muon for the hidden 2-D matrices (attention and MLP); AdamW for the embedding, the
+    output head and the norm weights, each group with its own learning rate."""
+    hidden, embed, head, scalars = [], [], [], []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        if name == "embed_tokens.weight":
+            embed.append(p)
+        elif name == "lm_head.weight":
+            head.append(p)
+        elif p.ndim == 2:
+            hidden.append(p)
+        else:
+            scalars.append(p)
+    groups = [
+        {"params": embed, "lr": cfg.lr_embed, "weight_decay": 0.0},
+        {"params": head, "lr": cfg.lr_head, "weight_decay": 0.0},
+        {"params": scalars, "lr": cfg.lr_scalar, "weight_decay": 0.0},
+    ]
+    fused = next(model.parameters()).device.type == "cuda"
+    if cfg.optimizer == "adamw":
+        groups.append({"params": hidden, "lr": cfg.lr_matrix, "weight_decay": cfg.weight_decay})
+        groups = [g for g in groups if g["params"]]
+        return [torch.optim.AdamW(groups, betas=cfg.adam_betas, eps=1e-10, fused=fused)]
+    if cfg.optimizer != "muon":
+        raise EchoError(f"optimizer '{cfg.optimizer}': expected muon or adamw")
+    groups = [g for g in groups if g["params"]]
+    adam = torch.optim.AdamW(groups, betas=cfg.adam_betas, eps=1e-10, fused=fused)
+    # Muon orthogonalises each matrix's momentum (Newton-Schulz): one well-scaled update
+    # per matrix, the reason it trains small transformers faster than AdamW per step
+    muon = torch.optim.Muon(hidden, lr=cfg.lr_matrix, weight_decay=cfg.weight_decay)
+    return [adam, muon]
+
+
+class MetricsLog:
+    """Appends one JSON object per line to the run's metrics.jsonl (tagged with the stage)."""
+
+    def __init__(self, path: Path, stage: str, enabled: bool = True) -> None:
+        self.path, self.stage, self.enabled = path, stage, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop this stage's records past `step` (they are replayed after a resume)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill mid-write
+            if not (rec.get("stage") == self.stage and rec.get("step", 0) > step):
+                keep.append(line)
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
+    def write(self, **record: Any) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"stage": self.stage, **record}) + "\n")
+
+
+def read_metrics(path: Path, stage: str | None = None) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if stage is None or rec.get("stage") == stage:
+            out.append(rec)
+    return out
+
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+class Trainer:
+    """Owns the model's optimisation: call `step(micro_batches, loss_fn)` once per step."""
+
+    def __init__(self, model: Transformer, cfg: TrainConfig, out: Path, stage: str,
+                 run_dir: Path, d: Dist) -> None:
+        self.cfg, self.out, self.stage, self.d = cfg, out, stage, d
+        self.model = model.to(d.device)
+        self.dtype = resolve_dtype(cfg.dtype, d.device)
+        self.optimizers = build_optimizers(self.model, cfg)
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["base_lr"] = g["lr"]
+        self.ddp = None
+        if d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = DDP(self.model, device_ids=[d.local_rank] if d.device.type == "cuda"
+                           else None)
+        self.forward_model: nn.Module = self.ddp or self.model
+        if cfg.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", stage, enabled=d.main)
+        self.step_idx, self.tokens, self.elapsed = 0, 0, 0.0
+        self.extra: dict[str, Any] = {}  # stage-specific state saved with checkpoints
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def resume(self) -> bool:
+        """Load the newest checkpoint in `out` if there is one; True if resumed."""
+        path = latest_checkpoint(self.out)
+        if path is None:
+            return False
+        from safetensors.torch import load_file
+
+        state = load_training_state(path)
+        self.model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+        for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(sd)
+        self.step_idx, self.tokens = state["step"], state["tokens"]
+        self.elapsed, self.extra = state["elapsed"], state.get("extra", {})
+        torch.set_rng_state(state["rng_torch"])
+        np.random.set_state(state["rng_numpy"])
+        random.setstate(state["rng_python"])
+        self.metrics.truncate_after(self.step_idx)
+        return True
+
+    def save(self) -> None:
+        if self.d.main:
+            state = {
+                "step": self.step_idx, "tokens": self.tokens, "elapsed": self.elapsed,
+                "optimizers": [o.state_dict() for o in self.optimizers],
+                "rng_torch": torch.get_rng_state(), "rng_numpy": np.random.get_state(),
+                "rng_python": random.getstate(), "extra": self.extra,
+                "train_config": asdict(self.cfg),
+            }
+            save_training_state(self.out, self.step_idx, self.model, state)
+        if self.d.world > 1:
+            dist.barrier()
+
+    # ---- one optimisation step -----------------------------------------------------------
+    def step(self, micro_batches: list[Any], loss_fn: LossFn, n_tokens: int) -> float:
+        """Forward/backward every micro-batch, average gradients (across processes too),
+        clip, schedule, update. Returns the mean loss over all micro-batches and processes."""
+        t0 = time.perf_counter()
+        mult = lr_multiplier(self.step_idx, self.cfg)
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * mult
+        total = torch.zeros((), device=self.d.device)
+        n = len(micro_batches)
+        for i, batch in enumerate(micro_batches):
+            sync = self.ddp is None or i == n - 1
+            ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+            with ctx:
+                with autocast(self.d.device, self.dtype):
+                    loss = loss_fn(self.forward_model, batch)
+                (loss / n).backward()
+            total += loss.detach().float()
+        if self.d.world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        grad_norm = 0.0
+        if self.cfg.grad_clip > 0:
+            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                       self.cfg.grad_clip))
+        for opt in self.optimizers:
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        self.step_idx += 1
+        self.tokens += n_tokens * self.d.world
+        if self.d.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        self.last = {"lr_mult": mult, "grad_norm": grad_norm, "dt": dt,
+                     "tok_per_s": n_tokens * self.d.world / dt}
+        return total.item() / (n * self.d.world)
+
+    def out_of_time(self) -> bool:
+        return self.cfg.max_minutes > 0 and self.elapsed >= 60 * self.cfg.max_minutes
+
+    def progress(self, desc: str) -> tqdm:
+        return tqdm(total=self.cfg.max_steps, initial=self.step_idx, desc=desc,
+                    disable=not self.d.main, dynamic_ncols=True, unit="step")

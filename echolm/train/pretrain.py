@@ -1,0 +1,151 @@
+"""Stage 2, pretraining: next-token prediction on plain text, from random weights to a base
+model. Reads the run's tokenizer, encodes the text into token shards once, then trains with
+the shared loop; writes `base/model.safetensors` and the `base` entry of summary.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from echolm.checkpoint import atomic_write_json, save_model
+from echolm.config import Config
+from echolm.data.shards import BatchSampler, load_tokens, write_meta, write_shards
+from echolm.data.text import iter_documents
+from echolm.engine import SamplingParams, generate
+from echolm.errors import EchoError
+from echolm.evaluate import eval_bpb
+from echolm.losses import masked_cross_entropy
+from echolm.model import Transformer
+from echolm.summary import update_summary
+from echolm.tokenizer import Tokenizer
+from echolm.train.loop import Trainer, autocast, setup_distributed
+
+SAMPLE_PROMPTS = ["The", "Once upon a time", "To be, or not to be", "In the beginning",
+                  "The meaning of life is"]
+
+
+def prepare_tokens(cfg: Config, run_dir: Path, tok: Tokenizer, log=print) -> Path:
+    """Encode train/val text into run_dir/tokens (once; the folder's meta.json marks done)."""
+    folder = run_dir / "tokens"
+    if (folder / "meta.json").exists():
+        return folder
+    t0 = time.time()
+    meta = {}
+    for split in ("train", "val"):
+        docs = iter_documents(cfg.data.pretrain, split, cfg.data.val_fraction)
+        meta[split] = write_shards(docs, tok, folder, split)
+    meta["seconds"] = round(time.time() - t0, 2)
+    write_meta(folder, meta)
+    mb = meta["train"]["bytes"] / 1e6
+    log(f"tokens: {meta['train']['tokens']:,} train / {meta['val']['tokens']:,} val tokens from "
+        f"{mb:.1f} MB in {meta['seconds']:.1f}s ({mb / max(meta['seconds'], 1e-9):.1f} MB/s)")
+    return folder
+
+
+def sample_texts(model: Transformer, tok: Tokenizer, prompts: list[str], max_tokens: int = 48,
+                 seed: int = 0) -> list[str]:
+    ids = [[tok.bos, *tok.encode(p)] for p in prompts]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=50, seed=seed,
+                            stop_ids=(tok.bos,))
+    outs = generate(model, tok, ids, params)
+    return [p + tok.decode(o) for p, o in zip(prompts, outs, strict=True)]
+
+
+def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
+    out = run_dir / "base"
+    done = out / "done.json"
+    if done.exists() and not force:
+        log(f"pretrain: already finished in {out} (use --force to redo)")
+        return json.loads(done.read_text())
+    if force and out.exists():
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)  # under torchrun every rank does this
+    d = setup_distributed()
+    tcfg, mcfg = cfg.pretrain, cfg.model
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    if tok.vocab_size > mcfg.vocab_size:
+        raise EchoError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
+                        f"{tok.vocab_size}")
+    if tcfg.seq_len > mcfg.max_seq_len:
+        raise EchoError(f"pretrain.seq_len={tcfg.seq_len} exceeds model.max_seq_len="
+                        f"{mcfg.max_seq_len}")
+    if d.main:
+        prepare_tokens(cfg, run_dir, tok, log)
+    if d.world > 1:
+        dist.barrier()
+    folder = run_dir / "tokens"
+    train_tokens, val_tokens = load_tokens(folder, "train"), load_tokens(folder, "val")
+    sampler = BatchSampler(train_tokens, tok.bos, tcfg.seq_len, tcfg.micro_batch,
+                           tcfg.grad_accum, tcfg.seed, d.rank, d.world)
+
+    torch.manual_seed(tcfg.seed)
+    model = Transformer(mcfg)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(model, tcfg, out, "base", run_dir, d)
+    if trainer.resume():
+        log(f"pretrain: resuming from step {trainer.step_idx}")
+    elif d.main:
+        log(f"pretrain: {model.num_params():,} parameters ({model.num_params(True):,} "
+            f"non-embedding), {model.flops_per_token(tcfg.seq_len) / 1e6:.1f} MFLOP/token, "
+            f"dtype {trainer.dtype}, {d.world} process(es), {sampler.rows_per_step} rows x "
+            f"{tcfg.seq_len} tokens per step")
+    ctx = autocast(d.device, trainer.dtype)
+
+    def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return masked_cross_entropy(m(x.to(d.device)), y.to(d.device))
+
+    def evaluate() -> dict:
+        return eval_bpb(model, tok, val_tokens, tcfg.seq_len, tcfg.eval_tokens, autocast_ctx=ctx)
+
+    bar = trainer.progress("pretrain")
+    tokens_per_step = tcfg.micro_batch * tcfg.grad_accum * tcfg.seq_len
+    while trainer.step_idx < tcfg.max_steps and not trainer.out_of_time():
+        step = trainer.step_idx
+        loss = trainer.step(sampler.micro_batches(step), loss_fn, tokens_per_step)
+        rec = {"step": trainer.step_idx, "loss": round(loss, 6),
+               "lr_mult": round(trainer.last["lr_mult"], 5),
+               "grad_norm": round(trainer.last["grad_norm"], 4),
+               "tok_per_s": round(trainer.last["tok_per_s"]), "tokens": trainer.tokens,
+               "epoch": round(sampler.epoch(trainer.step_idx), 4)}
+        if tcfg.eval_every and trainer.step_idx % tcfg.eval_every == 0 and d.main:
+            rec["val_bpb"] = round(evaluate()["bpb"], 5)
+        if tcfg.sample_every and trainer.step_idx % tcfg.sample_every == 0 and d.main:
+            rec["samples"] = sample_texts(model, tok, SAMPLE_PROMPTS[:2])
+        trainer.metrics.write(**rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{trainer.last['tok_per_s']:,.0f}",
+                        **({"bpb": f"{rec['val_bpb']:.3f}"} if "val_bpb" in rec else {}))
+        if trainer.step_idx % tcfg.ckpt_every == 0 or trainer.step_idx == tcfg.max_steps:
+            trainer.save()
+    bar.close()
+    if trainer.step_idx % tcfg.ckpt_every:  # stopped by the clock: keep what was trained
+        trainer.save()
+
+    result: dict = {}
+    if d.main:
+        ev = evaluate()
+        samples = sample_texts(model, tok, SAMPLE_PROMPTS)
+        save_model(model, out)
+        result = {"val_bpb": round(ev["bpb"], 4), "val_loss": round(ev["loss"], 4),
+                  "params": model.num_params(), "params_non_embedding": model.num_params(True),
+                  "tokens": trainer.tokens, "steps": trainer.step_idx,
+                  "minutes": round(trainer.elapsed / 60, 2),
+                  "tok_per_s": round(trainer.tokens / max(trainer.elapsed, 1e-9)),
+                  "dtype": str(trainer.dtype).removeprefix("torch."), "world_size": d.world,
+                  "eval_tokens": ev["tokens"], "samples": samples}
+        atomic_write_json(out / "samples.json", samples)
+        update_summary(run_dir, "base", {k: v for k, v in result.items() if k != "samples"})
+        atomic_write_json(done, result)
+        log(f"pretrain: val {ev['bpb']:.4f} bits/byte after {trainer.step_idx} steps, "
+            f"{trainer.tokens:,} tokens, {trainer.elapsed / 60:.1f} min")
+        for s in samples:
+            log("  sample: " + s.replace("\n", " ⏎ "))
+    if d.world > 1:
+        dist.barrier()
+    return result

@@ -1,0 +1,49 @@
+"""Stage 1, tokens: train the BPE tokenizer on the training text and measure it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from echolm.checkpoint import atomic_write_json
+from echolm.config import Config
+from echolm.data.text import iter_documents
+from echolm.errors import EchoError
+from echolm.summary import update_summary
+from echolm.tokenizer import Tokenizer, iter_texts, train_tokenizer
+
+
+def bytes_per_token(tok: Tokenizer, docs: list[str]) -> float:
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    n_tokens = sum(len(ids) for ids in tok.encode_batch(docs, threads=2))
+    return n_bytes / max(n_tokens, 1)
+
+
+def run_tokenizer(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
+    out = run_dir / "tokenizer"
+    done = out / "done.json"
+    if done.exists() and not force:
+        log(f"tokenizer: already trained in {out} (use --force to redo)")
+        return json.loads(done.read_text())
+    t0 = time.time()
+    texts = iter_texts(iter_documents(cfg.data.pretrain, "train", cfg.data.val_fraction),
+                       cfg.tokenizer.train_bytes)
+    tok = train_tokenizer(texts, cfg.tokenizer.vocab_size)
+    if tok.vocab_size < 256 + 16:
+        raise EchoError("the training text is too small to learn any merges")
+    tok.save(out)
+    val = []
+    for doc in iter_documents(cfg.data.pretrain, "val", cfg.data.val_fraction):
+        val.append(doc)
+        if sum(map(len, val)) > 2_000_000:
+            break
+    if not val:
+        raise EchoError("no held-out (val) documents: add more text or raise data.val_fraction")
+    result = {"vocab_size": tok.vocab_size, "bytes_per_token": round(bytes_per_token(tok, val), 4),
+              "seconds": round(time.time() - t0, 2)}
+    update_summary(run_dir, "tokenizer", result)
+    atomic_write_json(done, result)
+    log(f"tokenizer: vocab {tok.vocab_size}, {result['bytes_per_token']:.2f} bytes/token on "
+        f"held-out text, {result['seconds']:.1f}s")
+    return result
