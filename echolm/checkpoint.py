@@ -126,3 +126,24 @@ def load_training_state(path: Path) -> dict:
         return torch.load(file, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as e:
         raise EchoError(f"{file}: unreadable or truncated training state ({e})") from None
+
+
+# Model-producing stages in pipeline order; each writes DIR/<stage>/model.safetensors.
+MODEL_STAGES = ("base", "sft", "rl", "rlhf", "dpo")
+
+
+def stage_dir(run_dir: Path, stage: str | None = None) -> Path:
+    """The folder of `stage`'s finished model in a run (default: the latest stage present)."""
+    if stage is not None:
+        if stage not in MODEL_STAGES:
+            raise EchoError(f"unknown stage '{stage}' (known: {', '.join(MODEL_STAGES)})")
+        folder = run_dir / stage
+        if not (folder / "model.safetensors").exists():
+            raise EchoError(f"{folder}: no finished '{stage}' model in this run")
+        return folder
+    present = [s for s in MODEL_STAGES if (run_dir / s / "model.safetensors").exists()]
+    if not present:
+        raise EchoError(f"{run_dir}: no trained model yet (run `echolm run --out {run_dir}`)")
+    # prefer the furthest stage along the pipeline; dpo is a sibling of rlhf, not after it
+    order = ("rlhf", "rl", "sft", "dpo", "base")
+    return run_dir / next(s for s in order if s in present)
