@@ -32,7 +32,7 @@ def _read_utf8(path: Path) -> str:
 def read_jsonl(path: Path, field: str | None = None) -> Iterator[tuple[int, dict]]:
     """(line number, record) for each non-blank line; malformed lines are errors."""
     text = _read_utf8(path)
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 is not a newline
         if not line.strip():
             continue
         try:
