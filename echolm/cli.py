@@ -64,10 +64,18 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     from echolm.pipeline import resolve_run_config
     from echolm.train.pretrain import run_pretrain
 
-    cfg = resolve_run_config(a.run, a.preset, a.overrides)
-    if a.resume and not (a.run / "base" / "ckpt" / "latest").exists():
+    if a.resume and not (a.run / "base" / "ckpt" / "latest").exists():  # before writing
         raise EchoError(f"{a.run / 'base'}: no checkpoint to resume from")
+    cfg = resolve_run_config(a.run, a.preset, a.overrides)
     run_pretrain(cfg, a.run, force=a.force)
+
+
+def cmd_sft(a: argparse.Namespace) -> None:
+    from echolm.pipeline import resolve_run_config
+    from echolm.train.sft import run_sft
+
+    cfg = resolve_run_config(a.run, a.preset, a.overrides)
+    run_sft(cfg, a.run, force=a.force)
 
 
 def cmd_run(a: argparse.Namespace) -> None:
@@ -76,6 +84,20 @@ def cmd_run(a: argparse.Namespace) -> None:
     cfg = resolve_run_config(a.run, a.preset, a.overrides)
     summary = run_pipeline(cfg, a.run, force=a.force)
     print(json.dumps(summary, indent=2))
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from echolm.chat import run_chat
+
+    run_chat(a.run, stage=a.stage, prompt=a.prompt, temperature=a.temperature, top_k=a.top_k,
+             top_p=a.top_p, max_tokens=a.max_tokens, seed=a.seed, system=a.system)
+
+
+def cmd_explain(a: argparse.Namespace) -> None:
+    from echolm.explain import run_explain
+
+    run_explain(a.run, a.text, stage=a.stage, top_k=a.top_k, generate=a.generate,
+                temperature=a.temperature, seed=a.seed, chat=a.chat, as_json=a.json)
 
 
 def cmd_presets(a: argparse.Namespace) -> None:
@@ -90,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="echolm", description="Echo: build a chat language model end to end and see what "
-        "each step did. Stages: data -> tokenizer -> pretrain (more to come).")
+        "each step did. Stages: data -> tokenizer -> pretrain -> sft (more to come).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run every stage into one run directory (resumable)")
@@ -114,6 +136,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="require a checkpoint to resume from (resuming is automatic anyway)")
     p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("chat", help="talk to a run's model in the terminal (or answer one "
+                       "--prompt)")
+    p.add_argument("--run", "--out", dest="run", type=Path, required=True, help="run directory")
+    p.add_argument("--stage", default=None,
+                   help="base, sft, rl, rlhf or dpo (default: the latest present)")
+    p.add_argument("--prompt", default=None, help="answer this one message, print only the answer")
+    p.add_argument("--system", default=None, help="a system message to start the conversation")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="longest answer (default: half the model's context)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("explain", help="show how text is cut into tokens and what the model "
+                       "predicts next at each one")
+    p.add_argument("text", nargs="?", help="the text (default: stdin)")
+    p.add_argument("--run", "--out", dest="run", type=Path, required=True, help="run directory")
+    p.add_argument("--stage", default=None,
+                   help="base, sft, rl, rlhf or dpo (default: the latest present)")
+    p.add_argument("--top-k", type=int, default=5, help="candidates shown per position")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="then continue the text N tokens, showing each choice")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="for --generate: 0 = greedy (default), else sample")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampled --generate")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the text as a user message, to see the assistant's first tokens")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_explain)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on conversations (resumes "
+                       "automatically)")
+    _run_args(p)
+    p.set_defaults(fn=cmd_sft)
 
     p = sub.add_parser("presets", help="print a preset's full configuration")
     p.add_argument("name", nargs="?", default="cpu", help=f"one of {', '.join(list_presets())}")

@@ -70,6 +70,15 @@ class DataConfig:
     # or "hf:NAME[:CONFIG][:SPLIT]" when `datasets` is installed.
     pretrain: list[str] = field(default_factory=lambda: ["builtin"])
     val_fraction: float = 0.01  # held out from user data (the builtin corpus has its own split)
+    # SFT conversations: "builtin" (a mixture made from the task families below), chat JSONL
+    # files/folders ({"messages": [...]}), or "hf:NAME[:CONFIG][:SPLIT]".
+    sft: list[str] = field(default_factory=lambda: ["builtin"])
+    # Task families ("name" or "name:option=value,...") for the built-in SFT mixture and for
+    # evaluation of every stage; see echolm/tasks.
+    tasks: list[str] = field(default_factory=lambda: [
+        "arithmetic:difficulty=2", "spelling", "letter_count", "identity"])
+    task_examples: int = 2000  # training conversations per task family in the mixture
+    eval_problems: int = 200  # held-out problems per task family for evaluation
 
 
 @dataclass

@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from echolm.engine import SamplingParams, generate
 from echolm.losses import bits_per_byte, token_cross_entropy
 from echolm.model import Transformer
+from echolm.tasks import Problem, Task
 from echolm.tokenizer import Tokenizer
 
 
@@ -45,3 +47,39 @@ def eval_bpb(model: Transformer, tok: Tokenizer, tokens: np.ndarray, seq_len: in
     model.train(was_training)
     return {"bpb": bits_per_byte(nll_sum, byte_sum), "loss": nll_sum / max(tok_count, 1),
             "tokens": tok_count, "bytes": byte_sum}
+
+
+@torch.inference_mode()
+def task_accuracy(model: Transformer, tok: Tokenizer, task: Task, problems: list[Problem],
+                  temperature: float = 0.0, seed: int = 0, batch: int = 64,
+                  max_tokens: int | None = None) -> dict:
+    """Share of held-out problems answered correctly, the answer generated in the chat format
+    and checked by the task's verifier. Greedy at temperature 0, else sampled (fixed seed)."""
+    if max_tokens is None:  # room for the longest worked solution, plus slack
+        max_tokens = max(len(tok.encode(p.solution)) for p in problems) + 16
+    prompts = [tok.render_prompt([{"role": "user", "content": p.prompt}]) for p in problems]
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=0,
+                            seed=seed, stop_ids=(tok.assistant_end, tok.bos))
+    was_training = model.training
+    model.eval()
+    responses: list[str] = []
+    for i in range(0, len(prompts), batch):
+        outs = generate(model, tok, prompts[i:i + batch], params)
+        responses += [tok.decode(o) for o in outs]
+    model.train(was_training)
+    scores = [task.score(p, r) for p, r in zip(problems, responses, strict=True)]
+    correct = int(sum(scores))
+    return {"accuracy": correct / len(problems), "correct": correct, "n": len(problems),
+            "examples": [{"prompt": p.prompt, "response": r, "answer": p.answer}
+                         for p, r in list(zip(problems, responses, strict=True))[:3]]}
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% confidence interval of a proportion k/n (Wilson score; sound at 0 and n)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -68,9 +68,10 @@ def _file_docs(path: Path) -> Iterator[str]:
         raise EchoError(f"{path}: unsupported file type (use {', '.join(EXTENSIONS)})")
 
 
-def _hf_docs(spec: str) -> Iterator[str]:
+def _hf_dataset(spec: str):  # noqa: ANN202 - a datasets.Dataset, imported lazily
+    """``hf:NAME[:CONFIG][:SPLIT]``: a hub dataset, or a folder saved with save_to_disk."""
     parts = spec.split(":")[1:]
-    name, config, split = (parts + [None, None])[:3] if parts else (None, None, None)
+    name, config, split = (parts + [None, None, None])[:3]
     if not name:
         raise EchoError(f"data source '{spec}': expected hf:NAME[:CONFIG][:SPLIT]")
     try:
@@ -78,12 +79,16 @@ def _hf_docs(spec: str) -> Iterator[str]:
     except ImportError:
         raise EchoError(f"data source '{spec}' needs the optional `datasets` package: "
                         "pip install 'echolm[hf]'") from None
-    if Path(name).is_dir():  # a dataset saved with save_to_disk
+    if Path(name).is_dir():
         ds = datasets.load_from_disk(name)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split or "train"]
-    else:
-        ds = datasets.load_dataset(name, config or None, split=split or "train")
+        return ds
+    return datasets.load_dataset(name, config or None, split=split or "train")
+
+
+def _hf_docs(spec: str) -> Iterator[str]:
+    ds = _hf_dataset(spec)
     if "text" not in ds.column_names:
         raise EchoError(f"data source '{spec}': no 'text' column (has {ds.column_names})")
     for rec in ds:

@@ -67,6 +67,14 @@ def short_hash(text: str) -> str:
     return f"{stable_hash(text):016x}"[:10]
 
 
+class NotEnoughProblems(EchoError):
+    """A family has fewer distinct problems than asked for; `found` holds those it has."""
+
+    def __init__(self, message: str, found: list[Problem]) -> None:
+        super().__init__(message)
+        self.found = found
+
+
 def sample_unique(
     name: str,
     split: str,
@@ -91,9 +99,9 @@ def sample_unique(
     tries = 0
     while len(out) < n:
         if tries >= max_tries:
-            raise EchoError(
+            raise NotEnoughProblems(
                 f"{name}: found only {len(out)} distinct {split} problems after {tries} draws, "
-                f"fewer than the {n} asked for; ask for fewer or use a harder setting"
+                f"fewer than the {n} asked for; ask for fewer or use a harder setting", out
             )
         tries += 1
         problem = candidate(rng)

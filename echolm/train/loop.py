@@ -25,6 +25,7 @@ from echolm.checkpoint import (
     atomic_write_text,
     latest_checkpoint,
     load_training_state,
+    read_weights,
     save_training_state,
 )
 from echolm.config import TrainConfig
@@ -206,13 +207,22 @@ class Trainer:
         """Load the newest checkpoint in `out` if there is one; True if resumed."""
         path = latest_checkpoint(self.out)
         if path is None:
+            self.metrics.truncate_after(0)  # records of an earlier start are replayed
             return False
-        from safetensors.torch import load_file
-
         state = load_training_state(path)
-        self.model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-        for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(sd)
+        weights = read_weights(path / "model.safetensors")
+        try:
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+            missing = [k for k in missing
+                       if not (k == "lm_head.weight" and self.model.cfg.tie_embeddings)]
+            if missing or unexpected:
+                raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+            for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
+                opt.load_state_dict(sd)
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. a --set changed the model
+            msg = " ".join(str(e).split())[:300]
+            raise EchoError(f"{path}: checkpoint does not match the current config ({msg})"
+                            ) from None
         self.step_idx, self.tokens = state["step"], state["tokens"]
         self.elapsed, self.extra = state["elapsed"], state.get("extra", {})
         torch.set_rng_state(state["rng_torch"])
@@ -278,3 +288,30 @@ class Trainer:
     def progress(self, desc: str) -> tqdm:
         return tqdm(total=self.cfg.max_steps, initial=self.step_idx, desc=desc,
                     disable=not self.d.main, dynamic_ncols=True, unit="step")
+
+    def fit(self, batches: Callable[[int], list[Any]], loss_fn: LossFn, tokens_per_step: int,
+            periodic: Callable[[int], dict] | None = None, epoch: Callable[[int], float] | None
+            = None) -> None:
+        """Train until max_steps (or max_minutes): one `step` per iteration with the
+        micro-batches `batches(step)`, a metrics line per step (plus whatever `periodic(step)`
+        returns), a progress bar, and checkpoints every `ckpt_every` steps and at the end."""
+        bar = self.progress(self.stage)
+        while self.step_idx < self.cfg.max_steps and not self.out_of_time():
+            loss = self.step(batches(self.step_idx), loss_fn, tokens_per_step)
+            rec = {"step": self.step_idx, "loss": round(loss, 6),
+                   "lr_mult": round(self.last["lr_mult"], 5),
+                   "grad_norm": round(self.last["grad_norm"], 4),
+                   "tok_per_s": round(self.last["tok_per_s"]), "tokens": self.tokens}
+            if epoch is not None:
+                rec["epoch"] = round(epoch(self.step_idx), 4)
+            if periodic is not None:
+                rec.update(periodic(self.step_idx))
+            self.metrics.write(**rec)
+            bar.update(1)
+            shown = {k: f"{rec[k]:.3f}" for k in ("val_bpb", "val_loss") if k in rec}
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tok_per_s']:,}", **shown)
+            if self.step_idx % self.cfg.ckpt_every == 0 or self.step_idx == self.cfg.max_steps:
+                self.save()
+        bar.close()
+        if self.step_idx % self.cfg.ckpt_every and self.step_idx != self.cfg.max_steps:
+            self.save()  # stopped by the clock: keep what was trained

@@ -103,29 +103,16 @@ def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
     def evaluate() -> dict:
         return eval_bpb(model, tok, val_tokens, tcfg.seq_len, tcfg.eval_tokens, autocast_ctx=ctx)
 
-    bar = trainer.progress("pretrain")
-    tokens_per_step = tcfg.micro_batch * tcfg.grad_accum * tcfg.seq_len
-    while trainer.step_idx < tcfg.max_steps and not trainer.out_of_time():
-        step = trainer.step_idx
-        loss = trainer.step(sampler.micro_batches(step), loss_fn, tokens_per_step)
-        rec = {"step": trainer.step_idx, "loss": round(loss, 6),
-               "lr_mult": round(trainer.last["lr_mult"], 5),
-               "grad_norm": round(trainer.last["grad_norm"], 4),
-               "tok_per_s": round(trainer.last["tok_per_s"]), "tokens": trainer.tokens,
-               "epoch": round(sampler.epoch(trainer.step_idx), 4)}
-        if tcfg.eval_every and trainer.step_idx % tcfg.eval_every == 0 and d.main:
+    def periodic(step: int) -> dict:
+        rec: dict = {}
+        if d.main and tcfg.eval_every and step % tcfg.eval_every == 0:
             rec["val_bpb"] = round(evaluate()["bpb"], 5)
-        if tcfg.sample_every and trainer.step_idx % tcfg.sample_every == 0 and d.main:
+        if d.main and tcfg.sample_every and step % tcfg.sample_every == 0:
             rec["samples"] = sample_texts(model, tok, SAMPLE_PROMPTS[:2])
-        trainer.metrics.write(**rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{trainer.last['tok_per_s']:,.0f}",
-                        **({"bpb": f"{rec['val_bpb']:.3f}"} if "val_bpb" in rec else {}))
-        if trainer.step_idx % tcfg.ckpt_every == 0 or trainer.step_idx == tcfg.max_steps:
-            trainer.save()
-    bar.close()
-    if trainer.step_idx % tcfg.ckpt_every:  # stopped by the clock: keep what was trained
-        trainer.save()
+        return rec
+
+    tokens_per_step = tcfg.micro_batch * tcfg.grad_accum * tcfg.seq_len
+    trainer.fit(sampler.micro_batches, loss_fn, tokens_per_step, periodic, sampler.epoch)
 
     result: dict = {}
     if d.main:

@@ -1,0 +1,185 @@
+"""Chat data for supervised fine-tuning: conversations in OpenAI's message shape, the built-in
+mixture made from the verifiable task families, and packing into training rows.
+
+A conversation is ``{"messages": [{"role": "system|user|assistant", "content": "..."}]}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from echolm.data.text import read_jsonl, source_files
+from echolm.errors import EchoError
+from echolm.tasks import Problem, Task, get_task
+from echolm.tasks.base import NotEnoughProblems
+from echolm.tokenizer import Tokenizer
+
+
+def parse_task_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """"arithmetic:difficulty=2,ops=+-" -> ("arithmetic", {"difficulty": 2, "ops": "+-"})."""
+    name, _, opts = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise EchoError(f"task spec '{spec}': expected name:key=value,...")
+        kwargs[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value
+    return name.strip(), kwargs
+
+
+def task_from_spec(spec: str) -> Task:
+    name, kwargs = parse_task_spec(spec)
+    return get_task(name, **kwargs)
+
+
+def task_label(spec: str, specs: list[str]) -> str:
+    """The family name, unless several specs share it (then the whole spec)."""
+    name = parse_task_spec(spec)[0]
+    return name if sum(parse_task_spec(s)[0] == name for s in specs) == 1 else spec
+
+
+def problem_messages(p: Problem) -> list[dict[str, str]]:
+    return [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.solution}]
+
+
+def problems_up_to(task: Task, split: str, n: int, seed: int) -> list[Problem]:
+    """`n` distinct problems, or all the family has if that is fewer (e.g. identity, or
+    one-digit arithmetic with its few hundred sums)."""
+    try:
+        return task.problems(split, n, seed=seed)
+    except NotEnoughProblems as e:
+        return e.found
+
+
+def builtin_mixture(specs: list[str], per_task: int, seed: int) -> list[list[dict]]:
+    """Training conversations from the task families (their train split only). A family with
+    fewer distinct problems than `per_task` repeats them, so each family weighs the same."""
+    convs = []
+    for k, spec in enumerate(specs):
+        problems = problems_up_to(task_from_spec(spec), "train", per_task, seed + k)
+        convs += [problem_messages(problems[i % len(problems)]) for i in range(per_task)]
+    return convs
+
+
+def read_chat_file(path: Path) -> list[list[dict]]:
+    convs = []
+    for n, rec in read_jsonl(path):
+        msgs = rec.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise EchoError(f"{path}:{n}: field 'messages' must be a non-empty list")
+        for k, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise EchoError(f"{path}:{n}: messages[{k}].role must be system, user or "
+                                "assistant")
+            if not isinstance(m.get("content"), str):
+                raise EchoError(f"{path}:{n}: messages[{k}].content must be a string")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise EchoError(f"{path}:{n}: no assistant message (nothing to learn from)")
+        convs.append(msgs)
+    return convs
+
+
+def _hf_chats(spec: str) -> list[list[dict]]:
+    from echolm.data.text import _hf_dataset
+
+    ds = _hf_dataset(spec)
+    if "messages" not in ds.column_names:
+        raise EchoError(f"data source '{spec}': no 'messages' column (has {ds.column_names})")
+    return [list(r["messages"]) for r in ds]
+
+
+def load_conversations(sources: list[str], specs: list[str], per_task: int, seed: int
+                       ) -> list[list[dict]]:
+    convs: list[list[dict]] = []
+    for source in sources:
+        if source == "builtin":
+            convs += builtin_mixture(specs, per_task, seed)
+        elif source.startswith("hf:"):
+            convs += _hf_chats(source)
+        else:
+            for f in source_files(source):
+                convs += read_chat_file(f)
+    if not convs:
+        raise EchoError("no SFT conversations in the data sources")
+    return convs
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    mask: list[int]
+
+
+def encode_conversations(tok: Tokenizer, convs: list[list[dict]], max_len: int
+                         ) -> list[Encoded]:
+    """Render, and cut any conversation longer than a row (its tail is then not learned)."""
+    out = []
+    for k, msgs in enumerate(convs):
+        ids, mask = tok.render_conversation(msgs, where=f"conversation {k}")
+        out.append(Encoded(ids[:max_len], mask[:max_len]))
+    return out
+
+
+class PackedSampler:
+    """SFT rows: whole conversations packed greedily into rows of seq_len + 1 tokens, padding
+    after the last one (mask 0). The conversation order is a permutation drawn from
+    (seed, epoch), so the batch at any step is a pure function of (seed, step): exact resume.
+    Rows are split across processes and accumulation steps like pretraining's BatchSampler."""
+
+    def __init__(self, examples: list[Encoded], pad: int, seq_len: int, micro_batch: int,
+                 grad_accum: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.examples, self.pad, self.seq_len = examples, pad, seq_len
+        self.micro, self.accum, self.seed = micro_batch, grad_accum, seed
+        self.rank, self.world = rank, world_size
+        self.rows_per_step = micro_batch * grad_accum * world_size
+        self._epochs: dict[int, list[list[int]]] = {}
+        if len(self._rows(0)) < self.rows_per_step:
+            raise EchoError(f"SFT data packs into {len(self._rows(0))} rows, fewer than one "
+                            f"step needs ({self.rows_per_step}); add data or lower micro_batch")
+
+    def _rows(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            rows, cur, used = [], [], 0
+            for i in order.tolist():
+                n = len(self.examples[i].ids)
+                if cur and used + n > self.seq_len + 1:
+                    rows.append(cur)
+                    cur, used = [], 0
+                cur.append(i)
+                used += n
+            if cur:
+                rows.append(cur)
+            self._epochs = {epoch: rows}  # keep one epoch in memory
+        return self._epochs[epoch]
+
+    def _row(self, g: int) -> tuple[list[int], list[int]]:
+        epoch = 0
+        while g >= len(self._rows(epoch)):
+            g -= len(self._rows(epoch))
+            epoch += 1
+        ids, mask = [], []
+        for i in self._rows(epoch)[g]:
+            ids += self.examples[i].ids
+            mask += self.examples[i].mask
+        pad = self.seq_len + 1 - len(ids)
+        return ids + [self.pad] * pad, mask + [0] * pad
+
+    def epoch(self, step: int) -> float:
+        return step * self.rows_per_step / max(len(self._rows(0)), 1)
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        out = []
+        for a in range(self.accum):
+            index = (step * self.accum + a) * self.world + self.rank
+            rows = [self._row(index * self.micro + j) for j in range(self.micro)]
+            ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
+            mask = torch.tensor([r[1] for r in rows], dtype=torch.long)
+            out.append((ids[:, :-1], ids[:, 1:], mask[:, 1:]))
+        return out
+
