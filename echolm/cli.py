@@ -78,6 +78,14 @@ def cmd_sft(a: argparse.Namespace) -> None:
     run_sft(cfg, a.run, force=a.force)
 
 
+def cmd_rl(a: argparse.Namespace) -> None:
+    from echolm.pipeline import resolve_run_config
+    from echolm.train.grpo import run_rl
+
+    cfg = resolve_run_config(a.run, a.preset, a.overrides)
+    run_rl(cfg, a.run, force=a.force)
+
+
 def cmd_run(a: argparse.Namespace) -> None:
     from echolm.pipeline import resolve_run_config, run_pipeline
 
@@ -112,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="echolm", description="Echo: build a chat language model end to end and see what "
-        "each step did. Stages: data -> tokenizer -> pretrain -> sft (more to come).")
+        "each step did. Stages: data -> tokenizer -> pretrain -> sft -> rl (more to come).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run every stage into one run directory (resumable)")
@@ -173,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "automatically)")
     _run_args(p)
     p.set_defaults(fn=cmd_sft)
+
+    p = sub.add_parser("rl", help="reinforcement learning on checkable tasks (GRPO family; "
+                       "resumes automatically)")
+    _run_args(p)
+    p.set_defaults(fn=cmd_rl)
 
     p = sub.add_parser("presets", help="print a preset's full configuration")
     p.add_argument("name", nargs="?", default="cpu", help=f"one of {', '.join(list_presets())}")

@@ -112,12 +112,39 @@ class TrainConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Reinforcement learning on checkable tasks: GRPO and the variants people ask for."""
+
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic:difficulty=2"])
+    init: str = "sft"  # start from "sft", or "base" (R1-Zero style, with format_reward)
+    prompts_per_step: int = 16
+    group_size: int = 8  # samples per prompt; advantages are relative within a group
+    max_tokens: int = 128
+    temperature: float = 1.0
+    scale_by_std: bool = True  # False = Dr. GRPO (advantage = reward - group mean)
+    aggregation: str = "token"  # token (DAPO) | sequence (GRPO) | constant (Dr. GRPO)
+    clip_low: float = 0.2
+    clip_high: float = 0.28  # > clip_low = DAPO's clip-higher
+    kl_beta: float = 0.0  # > 0: k3 KL penalty to the frozen starting policy
+    epochs: int = 1  # optimisation passes over each batch of samples (importance ratios)
+    minibatches: int = 1  # optimizer steps per pass
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal, refill (DAPO)
+    max_refills: int = 3
+    overlong_buffer: int = 0  # > 0: DAPO soft overlong penalty over the last N tokens
+    format_reward: float = 0.0  # bonus for an "Answer:" line and a finished turn
+    eval_problems: int = 100  # held-out problems per task for pass@k
+    eval_samples: int = 16  # samples per problem (largest k)
+
+
+@dataclass
 class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     sft: TrainConfig = field(default_factory=TrainConfig)
+    rl: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     preset: str = ""
 
     def to_dict(self) -> dict[str, Any]:

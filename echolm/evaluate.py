@@ -83,3 +83,43 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021):
+    1 - C(n - c, k) / C(n, k), as a numerically stable product."""
+    if k > n:
+        raise ValueError(f"k={k} > n={n}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+@torch.inference_mode()
+def task_pass_at_k(model: Transformer, tok: Tokenizer, task: Task, problems: list[Problem],
+                   n_samples: int, ks: list[int], temperature: float = 1.0, seed: int = 0,
+                   batch: int = 128, max_tokens: int | None = None) -> dict:
+    """pass@k for each k in `ks` (<= n_samples), averaged over problems, from n_samples
+    sampled answers per problem; also the mean reward (= pass@1 estimate)."""
+    if max_tokens is None:
+        max_tokens = max(len(tok.encode(p.solution)) for p in problems) + 16
+    prompts = [tok.render_prompt([{"role": "user", "content": p.prompt}]) for p in problems]
+    flat = [(i, pr) for i, pr in enumerate(prompts) for _ in range(n_samples)]
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                            stop_ids=(tok.assistant_end, tok.bos))
+    was_training = model.training
+    model.eval()
+    correct = [0] * len(problems)
+    for i in range(0, len(flat), batch):
+        chunk = flat[i:i + batch]
+        outs = generate(model, tok, [pr for _, pr in chunk], params)
+        for (j, _), o in zip(chunk, outs, strict=True):
+            correct[j] += int(task.score(problems[j], tok.decode(o)))
+    model.train(was_training)
+    curve = {str(k): sum(pass_at_k(n_samples, c, k) for c in correct) / len(problems)
+             for k in ks if k <= n_samples}
+    return {"pass@k": curve, "n": len(problems), "samples_per_problem": n_samples,
+            "temperature": temperature}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -33,3 +34,71 @@ def bits_per_byte(nll_nats_sum: float, n_bytes: int) -> float:
     """Summed token NLL (nats) over the UTF-8 bytes those tokens spell: comparable across
     vocabularies, unlike per-token loss."""
     return nll_nats_sum / (math.log(2.0) * max(n_bytes, 1))
+
+
+# ---- reinforcement learning (GRPO family) ------------------------------------------------
+
+
+def group_advantages(rewards: Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """GRPO's group-relative advantage: each sample's reward minus its group's mean, divided
+    by the group's standard deviation (`scale_by_std`, GRPO) or not (Dr. GRPO, which found the
+    division over-weights groups that are almost all right or all wrong).
+
+    rewards (n_groups, group_size) -> advantages of the same shape. Population std (/n).
+    """
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale_by_std:
+        return centered
+    return centered / (rewards.std(dim=1, keepdim=True, unbiased=False) + eps)
+
+
+def clipped_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor,
+                        clip_low: float = 0.2, clip_high: float = 0.2,
+                        aggregation: str = "token", max_tokens: int | None = None
+                        ) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate, as GRPO and its variants use it.
+
+    logp, logp_old, mask: (B, T) per response token (mask 1 on tokens the policy generated);
+    advantages: (B,) one per sequence. ratio = exp(logp - logp_old); per token
+    -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A). DAPO's "clip-higher" is
+    clip_high > clip_low. Aggregation over tokens:
+      "token"    sum over all tokens / number of tokens (DAPO: long answers weigh more),
+      "sequence" mean within each sequence, then mean over sequences (original GRPO),
+      "constant" sum / (B * max_tokens) (Dr. GRPO: no length bias at all).
+    Returns the loss and statistics (clip fraction, mean ratio).
+    """
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(logp - logp_old)
+    adv = advantages[:, None].to(logp.dtype)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    if aggregation == "token":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    elif aggregation == "sequence":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+        loss = per_seq.mean()
+    elif aggregation == "constant":
+        denom = logp.shape[0] * (max_tokens if max_tokens is not None else logp.shape[1])
+        loss = (per_token * mask).sum() / denom
+    else:
+        raise ValueError(f"aggregation must be token, sequence or constant, got {aggregation!r}")
+    n = mask.sum().clamp(min=1)
+    stats = {"clip_frac": ((clipped != unclipped).to(logp.dtype) * mask).sum() / n,
+             "ratio": (ratio * mask).sum() / n}
+    return loss, stats
+
+
+def kl_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
+    """Per-token KL(policy || reference) estimate "k3" (Schulman): r - log r - 1 with
+    r = p_ref / p_policy. Unbiased, always >= 0, low variance; what GRPO penalises."""
+    log_r = logp_ref - logp
+    return torch.exp(log_r) - log_r - 1
+
+
+def overlong_penalty(lengths: Tensor, max_tokens: int, buffer: int) -> Tensor:
+    """DAPO's soft overlong punishment: 0 up to max_tokens - buffer, then falling linearly to
+    -1 at max_tokens (a response cut off by the limit gets the full -1)."""
+    start = max_tokens - buffer
+    over = (lengths.to(torch.float32) - start).clamp(min=0)
+    return -(over / max(buffer, 1)).clamp(max=1.0)

@@ -17,11 +17,13 @@ StageFn = Callable[..., dict]
 
 
 def stages() -> list[tuple[str, StageFn]]:
+    from echolm.train.grpo import run_rl
     from echolm.train.pretrain import run_pretrain
     from echolm.train.sft import run_sft
     from echolm.train.tokenize import run_tokenizer
 
-    return [("tokenizer", run_tokenizer), ("pretrain", run_pretrain), ("sft", run_sft)]
+    return [("tokenizer", run_tokenizer), ("pretrain", run_pretrain), ("sft", run_sft),
+            ("rl", run_rl)]
 
 
 def resolve_run_config(run_dir: Path, preset: str | None, overrides: list[str]) -> Config:

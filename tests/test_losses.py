@@ -43,3 +43,64 @@ def test_masked_cross_entropy_gradient_ignores_masked_positions():
 def test_bits_per_byte_by_hand():
     # 8 bits' worth of nats spread over 4 bytes = 2 bits per byte
     assert abs(bits_per_byte(8 * math.log(2.0), 4) - 2.0) < 1e-9
+
+
+# ---- GRPO family -----------------------------------------------------------------------
+from echolm.losses import (  # noqa: E402
+    clipped_policy_loss,
+    group_advantages,
+    kl_k3,
+    overlong_penalty,
+)
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    # group 1: mean 0.5, population std 0.5 -> (+1, -1, -1, +1); group 2: all equal -> 0
+    adv = group_advantages(r)
+    assert torch.allclose(adv[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-4)
+    assert torch.all(adv[1] == 0)
+    # Dr. GRPO: no division by the std
+    assert torch.allclose(group_advantages(r, scale_by_std=False)[0],
+                          torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_clipped_policy_loss_by_hand():
+    # two sequences of 2 tokens; second sequence's second token is padding
+    logp_old = torch.zeros(2, 2)
+    logp = torch.tensor([[math.log(1.5), 0.0], [math.log(0.5), 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    # seq 1 tok 1: ratio 1.5, A=+1 -> min(1.5, clip 1.2) = 1.2 -> loss -1.2 (clipped)
+    # seq 1 tok 2: ratio 1.0, A=+1 -> -1.0
+    # seq 2 tok 1: ratio 0.5, A=-1 -> min(-0.5, clip(0.5)=0.8 * -1 = -0.8) = -0.8 -> +0.8 (clipped)
+    loss, stats = clipped_policy_loss(logp, logp_old, adv, mask, 0.2, 0.2, "token")
+    assert abs(loss.item() - (-1.2 - 1.0 + 0.8) / 3) < 1e-6
+    assert abs(stats["clip_frac"].item() - 2 / 3) < 1e-6
+    loss, _ = clipped_policy_loss(logp, logp_old, adv, mask, 0.2, 0.2, "sequence")
+    assert abs(loss.item() - ((-1.2 - 1.0) / 2 + 0.8) / 2) < 1e-6
+    loss, _ = clipped_policy_loss(logp, logp_old, adv, mask, 0.2, 0.2, "constant", max_tokens=4)
+    assert abs(loss.item() - (-1.2 - 1.0 + 0.8) / (2 * 4)) < 1e-6
+    # clip-higher (DAPO): clip_high 0.6 lets ratio 1.5 through unclipped
+    loss, _ = clipped_policy_loss(logp, logp_old, adv, mask, 0.2, 0.6, "token")
+    assert abs(loss.item() - (-1.5 - 1.0 + 0.8) / 3) < 1e-6
+
+
+def test_clipped_policy_loss_gradient_is_reinforce_at_ratio_one():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, _ = clipped_policy_loss(logp, logp.detach(), torch.tensor([2.0]),
+                                  torch.ones(1, 2), aggregation="token")
+    loss.backward()
+    # d/dlogp of -(exp(logp - old) * A) / 2 at logp == old is -A / 2 per token
+    assert torch.allclose(logp.grad, torch.tensor([[-1.0, -1.0]]))
+
+
+def test_kl_k3_by_hand():
+    # p_ref / p = 2 -> 2 - ln 2 - 1 = 0.3068528; equal -> 0
+    v = kl_k3(torch.tensor([math.log(0.25), -1.0]), torch.tensor([math.log(0.5), -1.0]))
+    assert torch.allclose(v, torch.tensor([1 - math.log(2.0), 0.0]), atol=1e-6)
+
+
+def test_overlong_penalty_by_hand():
+    p = overlong_penalty(torch.tensor([10, 16, 18, 20, 25]), max_tokens=20, buffer=4)
+    assert torch.allclose(p, torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))

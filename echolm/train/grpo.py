@@ -1,0 +1,265 @@
+"""Stage 4, reinforcement learning on checkable tasks (GRPO and variants).
+
+Each step: draw prompts from the tasks' training split, sample a group of answers to each,
+score every answer with the task's verifier, and push up the log-probability of answers that
+beat their group's average while pushing down the rest (group-relative advantages; no value
+network). Optional: Dr. GRPO (no std scaling, constant normaliser), DAPO (clip-higher, token
+averaging, dynamic sampling, overlong penalty), a k3 KL penalty to the starting policy,
+several optimisation epochs per batch with importance ratios. pass@k before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from echolm.checkpoint import atomic_write_json, load_model, save_model
+from echolm.config import Config, GRPOConfig
+from echolm.data.chat import problems_up_to, task_from_spec, task_label
+from echolm.engine import SamplingParams, generate_ids
+from echolm.errors import EchoError
+from echolm.evaluate import task_pass_at_k
+from echolm.losses import clipped_policy_loss, group_advantages, kl_k3, overlong_penalty
+from echolm.model import Transformer
+from echolm.summary import update_summary
+from echolm.tasks import Problem, Task
+from echolm.tokenizer import Tokenizer
+from echolm.train.loop import Trainer, autocast, setup_distributed
+
+
+@dataclass
+class Rollout:
+    problem: Problem
+    task: Task
+    prompt: list[int]
+    response: list[int]  # generated ids, including the end-of-turn token if it stopped
+    stopped: bool
+    reward: float = 0.0
+
+
+@torch.inference_mode()
+def sample_groups(model: Transformer, tok: Tokenizer, items: list[tuple[Task, Problem]],
+                  g: GRPOConfig, seed: int) -> list[list[Rollout]]:
+    """`group_size` sampled answers to every problem, scored by its task."""
+    prompts = [tok.render_prompt([{"role": "user", "content": p.prompt}]) for _, p in items]
+    flat = [k for k in range(len(items)) for _ in range(g.group_size)]
+    stops = (tok.assistant_end, tok.bos)
+    params = SamplingParams(max_tokens=g.max_tokens, temperature=g.temperature, seed=seed,
+                            stop_ids=stops)
+    model.eval()
+    responses: list[list[int]] = [[] for _ in flat]
+    for step in generate_ids(model, [prompts[k] for k in flat], params, pad_id=tok.pad):
+        for i, t in enumerate(step.tolist()):
+            if t >= 0:
+                responses[i].append(t)
+    model.train()
+    groups: list[list[Rollout]] = [[] for _ in items]
+    for i, k in enumerate(flat):
+        task, problem = items[k]
+        resp = responses[i]
+        stopped = bool(resp) and resp[-1] in stops
+        text = tok.decode(resp[:-1] if stopped else resp)
+        reward = task.score(problem, text)
+        if g.format_reward and stopped and "Answer:" in text:
+            reward += g.format_reward
+        groups[k].append(Rollout(problem, task, prompts[k], resp, stopped, reward))
+    if g.overlong_buffer > 0:
+        for group in groups:
+            lengths = torch.tensor([len(r.response) for r in group])
+            pen = overlong_penalty(lengths, g.max_tokens, g.overlong_buffer)
+            for r, p in zip(group, pen.tolist(), strict=True):
+                r.reward += p
+    return groups
+
+
+def batch_tensors(rollouts: list[Rollout], pad: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(inputs, targets, mask) right-padded; mask is 1 where the target is a response token."""
+    seqs = [r.prompt + r.response for r in rollouts]
+    T = max(len(s) for s in seqs) - 1
+    x = torch.full((len(seqs), T), pad, dtype=torch.long)
+    y = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, (r, s) in enumerate(zip(rollouts, seqs, strict=True)):
+        x[i, :len(s) - 1] = torch.tensor(s[:-1])
+        y[i, :len(s) - 1] = torch.tensor(s[1:])
+        mask[i, len(r.prompt) - 1:len(s) - 1] = 1
+    return x, y, mask
+
+
+def token_logprobs(model: torch.nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """log p(y_t | x_<=t) per position, and the policy's entropy per position."""
+    logits = model(x).float()
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, y[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+@dataclass
+class PolicyBatch:
+    """Everything the policy loss needs for one batch of scored samples."""
+
+    x: Tensor
+    y: Tensor
+    mask: Tensor
+    advantages: Tensor  # one per sequence
+    logp_old: Tensor | None  # None: a single update per batch, ratio taken against itself
+    logp_ref: Tensor | None  # None: no KL penalty
+
+
+def policy_loss(model: torch.nn.Module, item: tuple[PolicyBatch, Tensor], g: GRPOConfig,
+                stats: dict[str, float]) -> Tensor:
+    """The GRPO objective on rows `idx` of the batch (+ beta * KL); fills `stats`."""
+    b, idx = item
+    logp, entropy = token_logprobs(model, b.x[idx], b.y[idx])
+    logp_old = b.logp_old[idx] if b.logp_old is not None else logp.detach()
+    mask = b.mask[idx]
+    loss, st = clipped_policy_loss(logp, logp_old, b.advantages[idx], mask, g.clip_low,
+                                   g.clip_high, g.aggregation, g.max_tokens)
+    mk = mask.float()
+    n = mk.sum().clamp(min=1)
+    if b.logp_ref is not None:
+        kl = (kl_k3(logp, b.logp_ref[idx]) * mk).sum() / n
+        loss = loss + g.kl_beta * kl
+        stats["kl"] = float(kl)
+    stats["clip_frac"] = float(st["clip_frac"])
+    stats["entropy"] = float((entropy.detach() * mk).sum() / n)
+    return loss
+
+
+def evaluate_rl(model: Transformer, tok: Tokenizer, specs: list[str], g: GRPOConfig,
+                seed: int = 0) -> dict[str, dict]:
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= g.eval_samples})
+    out = {}
+    for spec in specs:
+        task = task_from_spec(spec)
+        problems = problems_up_to(task, "val", g.eval_problems, seed)
+        out[task_label(spec, specs)] = task_pass_at_k(
+            model, tok, task, problems, g.eval_samples, ks, temperature=g.temperature,
+            seed=seed, max_tokens=g.max_tokens)
+    return out
+
+
+def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
+    out, done = run_dir / "rl", run_dir / "rl" / "done.json"
+    if done.exists() and not force:
+        log(f"rl: already finished in {out} (use --force to redo)")
+        return json.loads(done.read_text())
+    if force and out.exists():
+        shutil.rmtree(out)
+    d = setup_distributed()
+    if d.world > 1:
+        raise EchoError("rl runs in one process for now (generation is not sharded)")
+    g, tcfg = cfg.grpo, cfg.rl
+    if g.init not in ("sft", "base"):
+        raise EchoError(f"grpo.init must be 'sft' or 'base', got {g.init!r}")
+    if g.aggregation not in ("token", "sequence", "constant"):
+        raise EchoError(f"grpo.aggregation must be token, sequence or constant, "
+                        f"got {g.aggregation!r}")
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    model = load_model(run_dir / g.init)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if g.kl_beta > 0 else None
+    tasks = [task_from_spec(s) for s in g.tasks]
+    pool = [(t, p) for t in tasks for p in problems_up_to(t, "train", 5000, tcfg.seed)]
+
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(model, tcfg, out, "rl", run_dir, d)
+    if trainer.resume():
+        log(f"rl: resuming from step {trainer.step_idx}")
+    else:
+        log(f"rl: GRPO from the {g.init} model on {', '.join(g.tasks)}: "
+            f"{g.prompts_per_step} prompts x {g.group_size} samples per step; "
+            "measuring pass@k first")
+        trainer.extra["before"] = evaluate_rl(model, tok, g.tasks, g)
+    ctx = autocast(d.device, trainer.dtype)
+    bar = trainer.progress("rl")
+    while trainer.step_idx < tcfg.max_steps and not trainer.out_of_time():
+        step = trainer.step_idx
+        rng = random.Random(f"{tcfg.seed}:{step}")  # the batch is a function of (seed, step)
+        groups: list[list[Rollout]] = []
+        n_sampled = n_flat = 0
+        for attempt in range(1 + (g.max_refills if g.dynamic_sampling else 0)):
+            need = g.prompts_per_step - len(groups)
+            items = rng.sample(pool, need) if need <= len(pool) else rng.choices(pool, k=need)
+            new = sample_groups(model, tok, items, g, seed=tcfg.seed * 1_000_003 + step * 97
+                                + attempt)
+            n_sampled += len(new)
+            flat = [grp for grp in new if len({r.reward for r in grp}) == 1]
+            n_flat += len(flat)
+            groups += [grp for grp in new if not (g.dynamic_sampling and grp in flat)]
+            if len(groups) >= g.prompts_per_step:
+                break
+        rollouts = [r for grp in groups for r in grp]
+        rewards_all = [r.reward for grp in groups for r in grp]
+        rec = {"step": step + 1, "groups_sampled": n_sampled,
+               "zero_variance_frac": round(n_flat / max(n_sampled, 1), 4)}
+        if groups:
+            rewards = torch.tensor([[r.reward for r in grp] for grp in groups])
+            adv = group_advantages(rewards, g.scale_by_std).flatten()
+            x, y, mask = batch_tensors(rollouts, tok.pad)
+            with torch.no_grad(), ctx:
+                old = token_logprobs(model, x, y)[0] if g.epochs * g.minibatches > 1 else None
+                ref = token_logprobs(reference, x, y)[0] if reference is not None else None
+            batch = PolicyBatch(x, y, mask, adv, old, ref)
+            stats: dict[str, float] = {}
+            loss_fn = partial(policy_loss, g=g, stats=stats)
+            order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(step))
+            for _ in range(g.epochs):
+                for idx in order.chunk(g.minibatches):
+                    if trainer.step_idx < tcfg.max_steps:
+                        trainer.step([(batch, idx)], loss_fn, int(mask[idx].sum()))
+            rec.update({k: round(v, 5) for k, v in stats.items()})
+        else:  # every group was all-right or all-wrong: nothing to learn from this step
+            trainer.step_idx += 1
+        rec.update({
+            "reward_mean": round(sum(rewards_all) / max(len(rewards_all), 1), 4),
+            "reward_std": round(float(torch.tensor(rewards_all).std()) if len(rewards_all) > 1
+                                else 0.0, 4),
+            "response_len": round(sum(len(r.response) for r in rollouts)
+                                  / max(len(rollouts), 1), 2),
+            "stopped_frac": round(sum(r.stopped for r in rollouts) / max(len(rollouts), 1), 4),
+            "tokens": trainer.tokens})
+        trainer.metrics.write(**rec)
+        bar.update(trainer.step_idx - bar.n)
+        bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", len=f"{rec['response_len']:.0f}",
+                        flat=f"{rec['zero_variance_frac']:.2f}")
+        if trainer.step_idx % tcfg.ckpt_every == 0 or trainer.step_idx >= tcfg.max_steps:
+            trainer.save()
+    bar.close()
+
+    log("rl: measuring pass@k after RL")
+    after = evaluate_rl(model, tok, g.tasks, g)
+    before = trainer.extra["before"]
+    tasks_summary = {}
+    for label, a in after.items():
+        b = before[label]
+        tasks_summary[label] = {"pass@1_before": round(b["pass@k"]["1"], 4),
+                                "pass@1_after": round(a["pass@k"]["1"], 4),
+                                "pass@k_before": {k: round(v, 4) for k, v in b["pass@k"].items()},
+                                "pass@k_after": {k: round(v, 4) for k, v in a["pass@k"].items()},
+                                "n": a["n"], "samples_per_problem": a["samples_per_problem"],
+                                "temperature": a["temperature"]}
+    save_model(model, out)
+    result = {"tasks": tasks_summary, "steps": trainer.step_idx, "init": g.init,
+              "minutes": round(trainer.elapsed / 60, 2),
+              "algorithm": {k: getattr(g, k) for k in (
+                  "group_size", "prompts_per_step", "scale_by_std", "aggregation", "clip_low",
+                  "clip_high", "kl_beta", "epochs", "minibatches", "dynamic_sampling",
+                  "overlong_buffer", "format_reward", "temperature")}}
+    update_summary(run_dir, "rl", result)
+    atomic_write_json(done, result)
+    for label, t in tasks_summary.items():
+        log(f"rl: {label}: pass@1 {t['pass@1_before']:.1%} -> {t['pass@1_after']:.1%}, "
+            f"pass@{max(t['pass@k_after'], key=int)} "
+            f"{t['pass@k_before'][max(t['pass@k_before'], key=int)]:.1%} -> "
+            f"{t['pass@k_after'][max(t['pass@k_after'], key=int)]:.1%} (n={t['n']})")
+    return result
