@@ -62,20 +62,29 @@ def load_model_config(folder: Path) -> ModelConfig:
     return cfg
 
 
+def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; a missing or truncated file is a clear error."""
+    if not path.exists():
+        raise EchoError(f"{path}: missing (no checkpoint in {path.parent})")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EchoError(f"{path}: unreadable or truncated checkpoint ({e})") from None
+
+
 def load_model(folder: Path, device: str | torch.device = "cpu") -> Transformer:
     """Rebuild the model saved in `folder`; a missing or truncated file is a clear error."""
     cfg = load_model_config(folder)
     path = folder / "model.safetensors"
-    if not path.exists():
-        raise EchoError(f"{path}: missing (no checkpoint in {folder})")
-    try:
-        sd = load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise EchoError(f"{path}: unreadable or truncated checkpoint ({e})") from None
+    sd = read_weights(path, device)
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        msg = " ".join(str(e).split())[:300]
+        raise EchoError(f"{path}: does not match config.json ({msg})") from None
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
     if missing or unexpected:
         raise EchoError(f"{path}: does not match config.json (missing {missing[:3]}, "
@@ -124,8 +133,9 @@ def load_training_state(path: Path) -> dict:
     file = path / "state.pt"
     try:
         return torch.load(file, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise EchoError(f"{file}: unreadable or truncated training state ({e})") from None
+    except Exception as e:  # torch.load/pickle raise many types for a cut or corrupt file
+        msg = " ".join(str(e).split())[:300]
+        raise EchoError(f"{file}: unreadable or truncated training state ({msg})") from None
 
 
 # Model-producing stages in pipeline order; each writes DIR/<stage>/model.safetensors.

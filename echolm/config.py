@@ -110,6 +110,20 @@ class TrainConfig:
     log_every: int = 1
     seed: int = 1337
 
+    def validate(self, section: str) -> None:
+        for name in ("seq_len", "micro_batch", "grad_accum", "ckpt_every"):
+            if getattr(self, name) <= 0:
+                raise EchoError(f"{section}.{name}={getattr(self, name)} must be positive")
+        for name in ("max_steps", "warmup_steps", "eval_every", "eval_tokens", "sample_every"):
+            if getattr(self, name) < 0:
+                raise EchoError(f"{section}.{name}={getattr(self, name)} must be >= 0")
+        if not 0 <= self.warmdown_frac <= 1 or not 0 <= self.final_lr_frac <= 1:
+            raise EchoError(f"{section}.warmdown_frac and final_lr_frac must be in [0, 1]")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise EchoError(f"{section}.dtype='{self.dtype}': expected auto, fp32 or bf16")
+        if self.optimizer not in ("muon", "adamw"):
+            raise EchoError(f"{section}.optimizer='{self.optimizer}': expected muon or adamw")
+
 
 @dataclass
 class GRPOConfig:
@@ -238,6 +252,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
         _apply(cfg, section, key, value, f"override '{item}'")
     cfg.model.vocab_size = cfg.tokenizer.vocab_size  # one source of truth for the vocabulary
     cfg.model.validate()
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if isinstance(section, TrainConfig):
+            section.validate(f.name)
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

@@ -41,3 +41,14 @@ def test_bad_overrides_name_the_field(bad, words):
 def test_unknown_preset_lists_known():
     with pytest.raises(EchoError, match="unknown preset 'nope'.*micro"):
         load_config("nope")
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("pretrain.seq_len=0", "pretrain.seq_len=0 must be positive"),
+    ("sft.ckpt_every=0", "sft.ckpt_every=0 must be positive"),
+    ("rl.micro_batch=-1", "rl.micro_batch=-1 must be positive"),
+    ("pretrain.dtype=fp8", "expected auto, fp32 or bf16"),
+])
+def test_training_settings_are_validated(bad, words):
+    with pytest.raises(EchoError, match=words):
+        load_config("micro", [bad])

@@ -2,8 +2,8 @@
 
 Documents are encoded (each starting with <|bos|>) into `.npy` arrays read back with memmap,
 so the corpus never has to fit in memory twice. Training rows are BOS-aligned: a row starts
-at a document's first token whenever a document begins inside the previous row's span, else
-(a long document) it continues where the previous row ended. Their order is a permutation
+at a document's first token whenever a document begins in the last quarter of the previous
+row, else it continues where the previous row ended (a long document). Their order is a permutation
 drawn from the seed per epoch, so the batch at any step is a pure function of (seed, step):
 that is what makes resuming exact.
 """
@@ -87,16 +87,19 @@ def load_tokens(folder: Path, split: str) -> np.ndarray:
 
 
 def row_starts(tokens: np.ndarray, bos: int, seq_len: int) -> np.ndarray:
-    """Start offsets of training rows of seq_len + 1 tokens (see module docstring)."""
+    """Start offsets of training rows of seq_len + 1 tokens (see module docstring).
+
+    After a row starting at s, the next starts at the last document start (BOS) in the
+    row's final quarter [s + seq_len - seq_len // 4, s + seq_len] if there is one, else at
+    s + seq_len. The window bounds the tokens two rows share to a quarter of a row.
+    """
     bos_pos = np.flatnonzero(np.asarray(tokens) == bos)
     starts, s, n = [], 0, len(tokens)
-    i = 0  # index into bos_pos of the first BOS > s
     while s + seq_len + 1 <= n:
         starts.append(s)
-        while i < len(bos_pos) and bos_pos[i] <= s:
-            i += 1
+        lo = max(s + 1, s + seq_len - seq_len // 4)
         j = np.searchsorted(bos_pos, s + seq_len, side="right") - 1  # last BOS <= s + seq_len
-        s = int(bos_pos[j]) if j >= i else s + seq_len
+        s = int(bos_pos[j]) if j >= 0 and bos_pos[j] >= lo else s + seq_len
     return np.asarray(starts, dtype=np.int64)
 
 

@@ -6,12 +6,15 @@ import json
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+
 from echolm.checkpoint import atomic_write_json
 from echolm.config import Config
 from echolm.data.text import iter_documents
 from echolm.errors import EchoError
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer, iter_texts, train_tokenizer
+from echolm.train.loop import setup_distributed
 
 
 def bytes_per_token(tok: Tokenizer, docs: list[str]) -> float:
@@ -25,6 +28,10 @@ def run_tokenizer(cfg: Config, run_dir: Path, force: bool = False, log=print) ->
     done = out / "done.json"
     if done.exists() and not force:
         log(f"tokenizer: already trained in {out} (use --force to redo)")
+        return json.loads(done.read_text())
+    d = setup_distributed()
+    if not d.main:  # under torchrun, rank 0 trains the tokenizer and the others wait for it
+        dist.barrier()
         return json.loads(done.read_text())
     t0 = time.time()
     texts = iter_texts(iter_documents(cfg.data.pretrain, "train", cfg.data.val_fraction),
@@ -46,4 +53,6 @@ def run_tokenizer(cfg: Config, run_dir: Path, force: bool = False, log=print) ->
     atomic_write_json(done, result)
     log(f"tokenizer: vocab {tok.vocab_size}, {result['bytes_per_token']:.2f} bytes/token on "
         f"held-out text, {result['seconds']:.1f}s")
+    if d.world > 1:
+        dist.barrier()
     return result
