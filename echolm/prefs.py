@@ -1,0 +1,208 @@
+"""The preference store: prompts, sampled responses (with the checkpoint and sampling settings
+that produced them) and rankings (best first, who ranked and when), in SQLite.
+
+WAL mode and short immediate transactions let several processes (the terminal ranker, the
+web page, a simulated annotator) write at once without losing anything. Import and export
+speak JSON Lines in two shapes: pairs ``{"prompt", "chosen", "rejected"}`` and full
+rankings ``{"prompt", "responses": [...], "ranking": [i, j, ...]}`` (indices, best first).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from echolm.data.text import read_jsonl
+from echolm.errors import EchoError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS prompts (
+    id INTEGER PRIMARY KEY, text TEXT NOT NULL UNIQUE, source TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS responses (
+    id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+    text TEXT NOT NULL, stage TEXT NOT NULL DEFAULT '', checkpoint TEXT NOT NULL DEFAULT '',
+    sampling TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rankings (
+    id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+    response_ids TEXT NOT NULL, annotator TEXT NOT NULL, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS responses_prompt ON responses(prompt_id);
+CREATE INDEX IF NOT EXISTS rankings_prompt ON rankings(prompt_id);
+"""
+
+
+@dataclass
+class Ranking:
+    prompt: str
+    responses: list[str]  # best first
+    annotator: str
+    prompt_id: int
+    response_ids: list[int]
+
+
+class PreferenceStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA busy_timeout=60000")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        with self._write() as db:
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                db.execute(statement)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One immediate transaction: takes the write lock up front, so concurrent writers
+        queue (busy_timeout) instead of failing half-way."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    # ---- writing -------------------------------------------------------------------------
+    def add_prompt(self, text: str, source: str = "") -> int:
+        if not text.strip():
+            raise EchoError("a prompt must not be empty")
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO prompts(text, source, created) VALUES (?, ?, ?)",
+                       (text, source, time.time()))
+            return db.execute("SELECT id FROM prompts WHERE text = ?", (text,)).fetchone()[0]
+
+    def add_responses(self, prompt_id: int, texts: list[str], stage: str = "",
+                      checkpoint: str = "", sampling: dict | None = None) -> list[int]:
+        with self._write() as db:
+            ids = []
+            for t in texts:
+                cur = db.execute(
+                    "INSERT INTO responses(prompt_id, text, stage, checkpoint, sampling, created)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (prompt_id, t, stage, checkpoint, json.dumps(sampling or {}), time.time()))
+                ids.append(cur.lastrowid)
+            return ids
+
+    def add_ranking(self, prompt_id: int, response_ids: list[int], annotator: str) -> int:
+        """Store an order over responses to one prompt, best first (at least two)."""
+        if len(response_ids) < 2 or len(set(response_ids)) != len(response_ids):
+            raise EchoError("a ranking needs at least two distinct responses")
+        if not annotator:
+            raise EchoError("a ranking needs an annotator name")
+        with self._write() as db:
+            rows = db.execute(
+                f"SELECT id FROM responses WHERE prompt_id = ? AND id IN "
+                f"({','.join('?' * len(response_ids))})", (prompt_id, *response_ids)).fetchall()
+            if len(rows) != len(response_ids):
+                raise EchoError(f"ranking names responses that do not belong to prompt "
+                                f"{prompt_id}")
+            cur = db.execute("INSERT INTO rankings(prompt_id, response_ids, annotator, created)"
+                             " VALUES (?, ?, ?, ?)",
+                             (prompt_id, json.dumps(response_ids), annotator, time.time()))
+            return cur.lastrowid
+
+    # ---- reading -------------------------------------------------------------------------
+    def prompt_text(self, prompt_id: int) -> str:
+        row = self.db.execute("SELECT text FROM prompts WHERE id = ?", (prompt_id,)).fetchone()
+        if row is None:
+            raise EchoError(f"no prompt with id {prompt_id}")
+        return row[0]
+
+    def responses(self, prompt_id: int) -> list[dict]:
+        rows = self.db.execute("SELECT id, text, stage, checkpoint, sampling FROM responses "
+                               "WHERE prompt_id = ? ORDER BY id", (prompt_id,)).fetchall()
+        return [{"id": r[0], "text": r[1], "stage": r[2], "checkpoint": r[3],
+                 "sampling": json.loads(r[4])} for r in rows]
+
+    def unranked(self, annotator: str, limit: int = 100) -> list[int]:
+        """Prompts with at least two responses that `annotator` has not ranked yet."""
+        rows = self.db.execute(
+            "SELECT p.id FROM prompts p WHERE (SELECT COUNT(*) FROM responses r "
+            "WHERE r.prompt_id = p.id) >= 2 AND NOT EXISTS (SELECT 1 FROM rankings k "
+            "WHERE k.prompt_id = p.id AND k.annotator = ?) ORDER BY p.id LIMIT ?",
+            (annotator, limit)).fetchall()
+        return [r[0] for r in rows]
+
+    def rankings(self, annotator: str | None = None) -> list[Ranking]:
+        q = ("SELECT k.prompt_id, k.response_ids, k.annotator, p.text FROM rankings k "
+             "JOIN prompts p ON p.id = k.prompt_id")
+        args: tuple = ()
+        if annotator is not None:
+            q += " WHERE k.annotator = ?"
+            args = (annotator,)
+        out = []
+        for pid, ids_json, who, prompt in self.db.execute(q + " ORDER BY k.id", args).fetchall():
+            ids = json.loads(ids_json)
+            texts = dict(self.db.execute(
+                f"SELECT id, text FROM responses WHERE id IN ({','.join('?' * len(ids))})",
+                ids).fetchall())
+            out.append(Ranking(prompt, [texts[i] for i in ids], who, pid, ids))
+        return out
+
+    def counts(self) -> dict[str, int]:
+        return {t: self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                for t in ("prompts", "responses", "rankings")}
+
+    # ---- JSON Lines ----------------------------------------------------------------------
+    def export_jsonl(self, path: str | Path, shape: str = "rankings",
+                     annotator: str | None = None) -> int:
+        """Write rankings (shape "rankings") or every implied pair (shape "pairs")."""
+        if shape not in ("rankings", "pairs"):
+            raise EchoError(f"export shape must be 'rankings' or 'pairs', got {shape!r}")
+        lines = []
+        for r in self.rankings(annotator):
+            if shape == "rankings":
+                lines.append({"prompt": r.prompt, "responses": r.responses,
+                              "ranking": list(range(len(r.responses))),
+                              "annotator": r.annotator})
+            else:
+                for i in range(len(r.responses)):
+                    for j in range(i + 1, len(r.responses)):
+                        lines.append({"prompt": r.prompt, "chosen": r.responses[i],
+                                      "rejected": r.responses[j], "annotator": r.annotator})
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+        tmp.replace(path)
+        return len(lines)
+
+    def import_jsonl(self, path: str | Path, annotator: str = "import") -> int:
+        """Read pairs or rankings (the shape is per line); returns how many rankings."""
+        path = Path(path)
+        records = []
+        for n, rec in read_jsonl(path):  # validate everything before writing anything
+            where = f"{path}:{n}"
+            if not isinstance(rec.get("prompt"), str):
+                raise EchoError(f"{where}: field 'prompt' must be a string")
+            if "chosen" in rec or "rejected" in rec:
+                for f in ("chosen", "rejected"):
+                    if not isinstance(rec.get(f), str):
+                        raise EchoError(f"{where}: field '{f}' must be a string")
+                responses, order = [rec["chosen"], rec["rejected"]], [0, 1]
+            else:
+                responses, order = rec.get("responses"), rec.get("ranking")
+                if not (isinstance(responses, list) and all(isinstance(x, str)
+                                                             for x in responses)):
+                    raise EchoError(f"{where}: field 'responses' must be a list of strings")
+                if not (isinstance(order, list) and sorted(order) == list(range(len(responses)))
+                        and len(order) >= 2):
+                    raise EchoError(f"{where}: field 'ranking' must order all "
+                                    f"{len(responses)} responses (indices, best first)")
+            records.append((rec["prompt"], responses, order, rec.get("annotator", annotator)))
+        for prompt, responses, order, who in records:
+            pid = self.add_prompt(prompt, source=str(path))
+            known = {r["text"]: r["id"] for r in self.responses(pid)}  # pairs share answers
+            fresh = [t for t in dict.fromkeys(responses) if t not in known]
+            known.update(zip(fresh, self.add_responses(pid, fresh, stage="import"), strict=True))
+            self.add_ranking(pid, [known[responses[i]] for i in order], who)
+        return len(records)
