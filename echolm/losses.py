@@ -59,9 +59,9 @@ def clipped_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask
     """PPO's clipped surrogate, as GRPO and its variants use it.
 
     logp, logp_old, mask: (B, T) per response token (mask 1 on tokens the policy generated);
-    advantages: (B,) one per sequence. ratio = exp(logp - logp_old); per token
-    -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A). DAPO's "clip-higher" is
-    clip_high > clip_low. Aggregation over tokens:
+    advantages: (B,) one per sequence (GRPO, RLOO) or (B, T) one per token (PPO with GAE).
+    ratio = exp(logp - logp_old); per token -min(ratio * A, clip(ratio, 1 - clip_low,
+    1 + clip_high) * A). DAPO's "clip-higher" is clip_high > clip_low. Aggregation over tokens:
       "token"    sum over all tokens / number of tokens (DAPO: long answers weigh more),
       "sequence" mean within each sequence, then mean over sequences (original GRPO),
       "constant" sum / (B * max_tokens) (Dr. GRPO: no length bias at all).
@@ -69,7 +69,7 @@ def clipped_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask
     """
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - logp_old)
-    adv = advantages[:, None].to(logp.dtype)
+    adv = (advantages[:, None] if advantages.ndim == 1 else advantages).to(logp.dtype)
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
@@ -102,3 +102,44 @@ def overlong_penalty(lengths: Tensor, max_tokens: int, buffer: int) -> Tensor:
     start = max_tokens - buffer
     over = (lengths.to(torch.float32) - start).clamp(min=0)
     return -(over / max(buffer, 1)).clamp(max=1.0)
+
+
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    """REINFORCE leave-one-out: each sample's reward minus the mean of the *other* samples of
+    the same prompt (an unbiased baseline). rewards (n_prompts, k) with k >= 2."""
+    k = rewards.shape[1]
+    return rewards - (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the masked (response) tokens of each row.
+
+    rewards, values, mask: (B, T). delta_t = r_t + gamma * V_{t+1} - V_t (V after the last
+    response token is 0), A_t = delta_t + gamma * lam * A_{t+1}. Returns (advantages,
+    returns = advantages + values), both 0 outside the mask.
+    """
+    B, T = rewards.shape
+    mask = mask.to(rewards.dtype)
+    adv = torch.zeros_like(rewards)
+    next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    next_adv = torch.zeros_like(next_value)
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = a * m
+        # outside the response (padding after it) carry nothing back
+        next_value = torch.where(m > 0, values[:, t], next_value)
+        next_adv = torch.where(m > 0, a, next_adv)
+    return adv, (adv + values) * mask
+
+
+def clipped_value_loss(values: Tensor, values_old: Tensor, returns: Tensor, mask: Tensor,
+                       clip: float = 0.2) -> Tensor:
+    """PPO's value loss: 0.5 * max((V - R)^2, (V_old + clip(V - V_old, +-clip) - R)^2),
+    averaged over masked tokens."""
+    mask = mask.to(values.dtype)
+    clipped = values_old + (values - values_old).clamp(-clip, clip)
+    loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return (loss * mask).sum() / mask.sum().clamp(min=1)

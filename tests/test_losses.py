@@ -104,3 +104,44 @@ def test_kl_k3_by_hand():
 def test_overlong_penalty_by_hand():
     p = overlong_penalty(torch.tensor([10, 16, 18, 20, 25]), max_tokens=20, buffer=4)
     assert torch.allclose(p, torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
+
+
+
+from echolm.losses import clipped_value_loss, gae, rloo_advantages  # noqa: E402
+
+
+def test_rloo_advantages_by_hand():
+    # rewards 1, 0, 0: baselines (0+0)/2=0, (1+0)/2=0.5, 0.5 -> advantages 1, -0.5, -0.5
+    adv = rloo_advantages(torch.tensor([[1.0, 0.0, 0.0]]))
+    assert torch.allclose(adv, torch.tensor([[1.0, -0.5, -0.5]]))
+
+
+def test_gae_by_hand():
+    # one row, response at positions 1..2 (position 0 is prompt, 3 is padding)
+    r = torch.tensor([[0.0, 0.1, 1.0, 5.0]])
+    v = torch.tensor([[9.0, 0.5, 0.2, 7.0]])
+    m = torch.tensor([[0, 1, 1, 0]])
+    adv, ret = gae(r, v, m, gamma=1.0, lam=0.5)
+    # t=2: delta = 1.0 + 0 - 0.2 = 0.8 -> A2 = 0.8
+    # t=1: delta = 0.1 + 0.2 - 0.5 = -0.2 -> A1 = -0.2 + 0.5 * 0.8 = 0.2
+    assert torch.allclose(adv, torch.tensor([[0.0, 0.2, 0.8, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[0.0, 0.7, 1.0, 0.0]]), atol=1e-6)
+
+
+def test_clipped_value_loss_by_hand():
+    v = torch.tensor([[1.0, 0.0]])
+    v_old = torch.tensor([[0.5, 0.0]])
+    ret = torch.tensor([[0.0, 1.0]])
+    # token 1: unclipped (1-0)^2 = 1; clipped value 0.5+0.2=0.7 -> 0.49; max 1 -> 0.5
+    # token 2: both (0-1)^2 = 1 -> 0.5; mean over 2 tokens = 0.5
+    loss = clipped_value_loss(v, v_old, ret, torch.ones(1, 2), clip=0.2)
+    assert abs(loss.item() - 0.5) < 1e-6
+    # only token 1 masked in
+    loss = clipped_value_loss(v, v_old, ret, torch.tensor([[1, 0]]), clip=0.2)
+    assert abs(loss.item() - 0.5) < 1e-6
+
+
+def test_per_token_advantages_in_policy_loss():
+    logp = torch.zeros(1, 2)
+    loss, _ = clipped_policy_loss(logp, logp, torch.tensor([[1.0, 3.0]]), torch.ones(1, 2))
+    assert abs(loss.item() + 2.0) < 1e-6  # -(1 + 3) / 2
