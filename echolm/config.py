@@ -40,6 +40,7 @@ class ModelConfig:
     max_seq_len: int = 1024
     rope_theta: float = 10_000.0
     qk_norm: bool = True  # Qwen3-style per-head RMSNorm on q and k
+    attention_bias: bool = False  # biases on q/k/v projections (Qwen2; for imported models)
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -151,6 +152,71 @@ class GRPOConfig:
 
 
 @dataclass
+class PPOConfig:
+    """RLHF: optimise the SFT policy against the reward model, with a KL penalty to SFT."""
+
+    algorithm: str = "ppo"  # ppo (value head + GAE, InstructGPT) | rloo | grpo (critic-free)
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 1  # ppo: 1; rloo/grpo: >= 2 (the group)
+    max_tokens: int = 64
+    temperature: float = 1.0
+    kl_beta: float = 0.05  # per-token KL penalty to the SFT reference (0 = none)
+    unfinished_penalty: float = 1.0  # subtracted when the answer never ends its turn
+    normalize_reward: bool = True  # running mean/std of reward-model scores
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    epochs: int = 2
+    minibatches: int = 2
+    eval_every: int = 10
+    eval_prompts: int = 64  # held-out prompts for proxy / gold / KL / win rate
+    guard: bool = True  # stop when gold falls while proxy rises; keep the best-by-gold model
+    guard_patience: int = 3
+    overopt_steps: int = 0  # > 0: also an unguarded run with kl_beta = 0 for this many steps
+    train_prompts: int = 2000
+
+
+@dataclass
+class PreferenceConfig:
+    """Learning from rankings (DIR/prefs.sqlite): the reward model (`echolm rm`) and DPO
+    (`echolm dpo`). Both split the rankings into train / held-out by prompt, the same way."""
+
+    annotator: str = ""  # only this annotator's rankings ("" = everyone's)
+    heldout_fraction: float = 0.1  # of distinct prompts, never trained on by rm or dpo
+    rm_loss: str = "bt"  # bt: Bradley-Terry on every pair a ranking implies | pl: Plackett-Luce
+    margin: float = 0.0  # BT: ask for r_chosen - r_rejected >= margin (Llama 2 style)
+    center_coef: float = 0.01  # reward centering: coef * (r_c + r_r)^2 (Eisenstein et al.)
+    dpo_beta: float = 0.1  # strength of the implicit KL to the reference (DPO's beta)
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo (IPO, on per-token mean log-probs)
+
+    def validate(self) -> None:
+        if self.rm_loss not in ("bt", "pl"):
+            raise EchoError(f"pref.rm_loss='{self.rm_loss}': expected bt or pl")
+        if self.dpo_loss not in ("sigmoid", "ipo"):
+            raise EchoError(f"pref.dpo_loss='{self.dpo_loss}': expected sigmoid or ipo")
+        if not 0 <= self.heldout_fraction < 1:
+            raise EchoError(f"pref.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+        if self.dpo_beta <= 0:
+            raise EchoError(f"pref.dpo_beta={self.dpo_beta} must be positive")
+        if self.center_coef < 0 or self.margin < 0:
+            raise EchoError("pref.center_coef and pref.margin must be >= 0")
+
+
+def _rm_train() -> TrainConfig:
+    return TrainConfig(seq_len=256, micro_batch=8, max_steps=200, lr_matrix=0.004,
+                       lr_embed=0.004, lr_head=0.0, lr_scalar=0.004, warmup_steps=10,
+                       warmdown_frac=0.5, eval_every=25, ckpt_every=50)
+
+
+def _dpo_train() -> TrainConfig:
+    return TrainConfig(seq_len=256, micro_batch=8, max_steps=200, lr_matrix=0.002,
+                       lr_embed=0.002, lr_head=0.001, lr_scalar=0.001, warmup_steps=10,
+                       warmdown_frac=0.5, eval_every=25, ckpt_every=50)
+
+
+@dataclass
 class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -159,6 +225,11 @@ class Config:
     sft: TrainConfig = field(default_factory=TrainConfig)
     rl: TrainConfig = field(default_factory=TrainConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rlhf: TrainConfig = field(default_factory=TrainConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    rm: TrainConfig = field(default_factory=_rm_train)  # reward model; micro_batch = rankings
+    dpo: TrainConfig = field(default_factory=_dpo_train)  # micro_batch = preference pairs
+    pref: PreferenceConfig = field(default_factory=PreferenceConfig)
     preset: str = ""
 
     def to_dict(self) -> dict[str, Any]:

@@ -47,26 +47,36 @@ class Rollout:
 
 
 @torch.inference_mode()
+def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[list[int]], n: int,
+                     max_tokens: int, temperature: float, seed: int
+                     ) -> list[tuple[list[int], bool]]:
+    """`n` sampled responses to every prompt (prompt-major order): the generated ids,
+    including the end-of-turn token when the model stopped, and whether it stopped."""
+    stops = (tok.assistant_end, tok.bos)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                            stop_ids=stops)
+    was_training = model.training
+    model.eval()
+    flat = [p for p in prompts for _ in range(n)]
+    responses: list[list[int]] = [[] for _ in flat]
+    for step in generate_ids(model, flat, params, pad_id=tok.pad):
+        for i, t in enumerate(step.tolist()):
+            if t >= 0:
+                responses[i].append(t)
+    model.train(was_training)
+    return [(r, bool(r) and r[-1] in stops) for r in responses]
+
+
 def sample_groups(model: Transformer, tok: Tokenizer, items: list[tuple[Task, Problem]],
                   g: GRPOConfig, seed: int) -> list[list[Rollout]]:
     """`group_size` sampled answers to every problem, scored by its task."""
     prompts = [tok.render_prompt([{"role": "user", "content": p.prompt}]) for _, p in items]
-    flat = [k for k in range(len(items)) for _ in range(g.group_size)]
-    stops = (tok.assistant_end, tok.bos)
-    params = SamplingParams(max_tokens=g.max_tokens, temperature=g.temperature, seed=seed,
-                            stop_ids=stops)
-    model.eval()
-    responses: list[list[int]] = [[] for _ in flat]
-    for step in generate_ids(model, [prompts[k] for k in flat], params, pad_id=tok.pad):
-        for i, t in enumerate(step.tolist()):
-            if t >= 0:
-                responses[i].append(t)
-    model.train()
+    sampled = sample_responses(model, tok, prompts, g.group_size, g.max_tokens, g.temperature,
+                               seed)
     groups: list[list[Rollout]] = [[] for _ in items]
-    for i, k in enumerate(flat):
+    for i, (resp, stopped) in enumerate(sampled):
+        k = i // g.group_size
         task, problem = items[k]
-        resp = responses[i]
-        stopped = bool(resp) and resp[-1] in stops
         text = tok.decode(resp[:-1] if stopped else resp)
         reward = task.score(problem, text)
         if g.format_reward and stopped and "Answer:" in text:

@@ -106,10 +106,10 @@ def build_optimizers(model: Transformer, cfg: TrainConfig) -> list[torch.optim.O
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        if name == "embed_tokens.weight":
+        if name.endswith("embed_tokens.weight"):
             embed.append(p)
-        elif name == "lm_head.weight":
-            head.append(p)
+        elif name.endswith("lm_head.weight") or (p.ndim == 2 and min(p.shape) == 1):
+            head.append(p)  # output heads, including scalar value / score heads
         elif p.ndim == 2:
             hidden.append(p)
         else:
