@@ -46,10 +46,9 @@ def run_pipeline(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
     for name, fn in stages():
         log(f"== {name} ==")
         fn(cfg, run_dir, force=force, log=log)
-    from echolm.plots import plot_pretrain
+    from echolm.plots import plot_all
 
-    figure = plot_pretrain(run_dir)
-    if figure:
+    for figure in plot_all(run_dir):
         log(f"run: figure {figure}")
     summary = read_summary(run_dir)
     log(f"run: all stages done in {(time.time() - t0) / 60:.1f} min; summary in "
