@@ -86,6 +86,22 @@ def cmd_rl(a: argparse.Namespace) -> None:
     run_rl(cfg, a.run, force=a.force)
 
 
+def cmd_rm(a: argparse.Namespace) -> None:
+    from echolm.pipeline import resolve_run_config
+    from echolm.train.reward_model import run_rm
+
+    cfg = resolve_run_config(a.run, a.preset, a.overrides)
+    run_rm(cfg, a.run, force=a.force)
+
+
+def cmd_dpo(a: argparse.Namespace) -> None:
+    from echolm.pipeline import resolve_run_config
+    from echolm.train.dpo import run_dpo
+
+    cfg = resolve_run_config(a.run, a.preset, a.overrides)
+    run_dpo(cfg, a.run, force=a.force)
+
+
 def cmd_run(a: argparse.Namespace) -> None:
     from echolm.pipeline import resolve_run_config, run_pipeline
 
@@ -106,6 +122,63 @@ def cmd_explain(a: argparse.Namespace) -> None:
 
     run_explain(a.run, a.text, stage=a.stage, top_k=a.top_k, generate=a.generate,
                 temperature=a.temperature, seed=a.seed, chat=a.chat, as_json=a.json)
+
+
+def cmd_rank(a: argparse.Namespace) -> None:
+    from echolm.rank import run_rank
+
+    result = run_rank(a.run, prompts=a.prompts, k=a.k, stage=a.stage, n=a.n,
+                      annotator=a.annotator, simulated=a.simulated, noise=a.noise, seed=a.seed,
+                      temperature=a.temperature, max_tokens=a.max_tokens)
+    if a.simulated:
+        print(json.dumps(result, indent=2))
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from echolm.hf import export_hf
+
+    export_hf(a.run, a.out, stage=a.stage, force=a.force)
+
+
+def cmd_import(a: argparse.Namespace) -> None:
+    from echolm.hf import import_hf
+
+    import_hf(a.source, a.out, force=a.force)
+
+
+def cmd_sandbox(a: argparse.Namespace) -> None:
+    from echolm.sandbox import run_python
+
+    try:
+        code = a.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EchoError(f"{a.file}: cannot read: {e}") from e
+    v = run_python(code, timeout_s=a.timeout, memory_mb=a.memory_mb)
+    if a.json:
+        print(json.dumps(v.to_dict(), indent=2))
+    else:
+        sys.stdout.write(v.stdout)
+        sys.stderr.write(v.stderr)
+        print(f"sandbox: {v.status}{' (' + v.detail + ')' if v.detail else ''}, "
+              f"{v.wall_s:.2f}s wall, {v.cpu_s:.2f}s cpu, {v.max_rss_mb:.0f} MB; "
+              f"isolation: {v.isolation.split(';')[0]}", file=sys.stderr)
+    if not v.ok:
+        raise SystemExit(1)
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    from echolm.serve.api import serve
+    from echolm.serve.schemas import Limits
+
+    limits = Limits(max_body_bytes=a.max_body_bytes, max_messages=a.max_messages,
+                    max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens,
+                    max_n=a.max_n, max_concurrent=a.max_concurrent, max_batch=a.max_batch)
+    try:
+        limits.validate()
+    except ValueError as e:
+        raise EchoError(str(e)) from None
+    serve(a.run, host=a.host, port=a.port, api_key=a.api_key, limits=limits, device=a.device,
+          threads=a.threads)
 
 
 def cmd_presets(a: argparse.Namespace) -> None:
@@ -186,6 +259,88 @@ def build_parser() -> argparse.ArgumentParser:
                        "resumes automatically)")
     _run_args(p)
     p.set_defaults(fn=cmd_rl)
+
+    p = sub.add_parser("rm", help="train a reward model on the rankings in DIR/prefs.sqlite "
+                       "(Bradley-Terry or Plackett-Luce; resumes automatically)")
+    _run_args(p)
+    p.set_defaults(fn=cmd_rm)
+
+    p = sub.add_parser("dpo", help="direct preference optimisation (DPO or IPO) of the SFT "
+                       "model on the rankings in DIR/prefs.sqlite (resumes automatically)")
+    _run_args(p)
+    p.set_defaults(fn=cmd_dpo)
+
+    p = sub.add_parser("rank", help="rank K sampled answers per prompt, best first, into "
+                       "DIR/prefs.sqlite (you at the terminal, or --simulated); resumable")
+    p.add_argument("--run", "--out", dest="run", type=Path, required=True, help="run directory")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="a text file (one prompt per line) or JSONL with a 'prompt' field "
+                        "(default: built-in RLHF prompts, train split)")
+    p.add_argument("--k", type=int, default=4, help="answers per prompt (default 4)")
+    p.add_argument("--stage", default="sft", help="which stage's model answers (default sft)")
+    p.add_argument("--n", type=int, default=None,
+                   help="number of prompts (default 20, or all of --prompts)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--annotator", default=None,
+                     help="your name, stored with each ranking (default: your user name)")
+    who.add_argument("--simulated", action="store_true",
+                     help="let the simulated annotator (echolm/annotator.py) rank, no human")
+    p.add_argument("--noise", type=float, default=0.1,
+                   help="simulated annotator's temperature (0 = exact gold order; default 0.1)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature of the answers (default 1.0)")
+    p.add_argument("--max-tokens", type=int, default=128, help="longest answer (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed for prompts and sampling")
+    p.set_defaults(fn=cmd_rank)
+
+    p = sub.add_parser("export", help="write a stage's model and tokenizer as a Hugging Face "
+                       "folder (transformers' AutoModelForCausalLM / AutoTokenizer)")
+    p.add_argument("format", choices=["hf"], help="output format")
+    p.add_argument("--run", dest="run", type=Path, required=True, help="run directory")
+    p.add_argument("--stage", default=None,
+                   help="base, sft, rl, rlhf or dpo (default: the latest present)")
+    p.add_argument("--out", dest="out", type=Path, required=True, help="folder to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("import", help="make a run directory (tokenizer + finished base stage) "
+                       "from a local Llama / Qwen2 / Qwen3 Hugging Face checkpoint folder")
+    p.add_argument("format", choices=["hf"], help="input format")
+    p.add_argument("source", type=Path, help="checkpoint folder (config.json, *.safetensors, "
+                   "tokenizer.json)")
+    p.add_argument("--out", "--run", dest="out", type=Path, required=True,
+                   help="run directory to create")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(fn=cmd_import)
+
+    p = sub.add_parser("sandbox", help="run a Python file in the code sandbox (no network, "
+                       "private filesystem, limits); exit 1 unless it succeeds")
+    p.add_argument("file", type=Path, help="the Python file to run")
+    p.add_argument("--timeout", type=float, default=5.0, help="wall-clock seconds (default 5)")
+    p.add_argument("--memory-mb", type=int, default=512, help="memory limit (default 512)")
+    p.add_argument("--json", action="store_true", help="print the full verdict as JSON")
+    p.set_defaults(fn=cmd_sandbox)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible API and a web page (chat, compare "
+                       "stages, rank answers, tokens) over a run's models")
+    p.add_argument("--run", "--out", dest="run", type=Path, required=True, help="run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 and /api (default: the "
+                        "ECHOLM_API_KEY environment variable; unset = no key)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    for flag, default, what in [
+            ("--max-body-bytes", 1_000_000, "largest request body (413 above)"),
+            ("--max-messages", 64, "messages per chat request"),
+            ("--max-prompt-tokens", 8192, "prompt tokens (also capped by the model's context)"),
+            ("--max-tokens", 1024, "the most tokens a request may ask for"),
+            ("--max-n", 8, "choices per request"),
+            ("--max-concurrent", 64, "requests in flight (429 above)"),
+            ("--max-batch", 64, "sequences decoded together (more wait their turn)")]:
+        p.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("presets", help="print a preset's full configuration")
     p.add_argument("name", nargs="?", default="cpu", help=f"one of {', '.join(list_presets())}")

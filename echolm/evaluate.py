@@ -10,6 +10,7 @@ from echolm.engine import SamplingParams, generate
 from echolm.losses import bits_per_byte, token_cross_entropy
 from echolm.model import Transformer
 from echolm.tasks import Problem, Task
+from echolm.tasks.code import pass_at_k
 from echolm.tokenizer import Tokenizer
 
 
@@ -83,19 +84,6 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021):
-    1 - C(n - c, k) / C(n, k), as a numerically stable product."""
-    if k > n:
-        raise ValueError(f"k={k} > n={n}")
-    if n - c < k:
-        return 1.0
-    prod = 1.0
-    for i in range(n - c + 1, n + 1):
-        prod *= 1.0 - k / i
-    return 1.0 - prod
 
 
 @torch.inference_mode()

