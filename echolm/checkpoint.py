@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from echolm.config import ModelConfig
 from echolm.errors import EchoError
-from echolm.model import Transformer, rope_tables
+from echolm.model import Transformer
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -77,9 +77,10 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> Transformer:
     cfg = load_model_config(folder)
     path = folder / "model.safetensors"
     sd = read_weights(path, device)
-    with torch.device("meta"):
+    # built directly on the device (a meta-device build would import torch._dynamo: ~2 s
+    # at every CLI start), then overwritten by the saved weights
+    with torch.device(device):
         model = Transformer(cfg)
-    model = model.to_empty(device=device)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatch
@@ -89,8 +90,6 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> Transformer:
     if missing or unexpected:
         raise EchoError(f"{path}: does not match config.json (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
-    # RoPE tables are non-persistent buffers: recompute them (meta init left them empty)
-    model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(cfg, cfg.max_seq_len))
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model
