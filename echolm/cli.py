@@ -102,6 +102,34 @@ def cmd_dpo(a: argparse.Namespace) -> None:
     run_dpo(cfg, a.run, force=a.force)
 
 
+def cmd_eval(a: argparse.Namespace) -> None:
+    from echolm.pipeline import resolve_run_config
+    from echolm.scorecard import evaluate_run
+
+    if not (a.run / "config.json").exists():
+        raise EchoError(f"{a.run}: not a run directory (no config.json)")
+    cfg = resolve_run_config(a.run, a.preset, a.overrides)
+    stages = [a.stage] if a.stage else None
+    log = (lambda *_: None) if a.json else print
+    results = evaluate_run(cfg, a.run, stages, force=a.force, log=log,
+                           humaneval=cfg.data.humaneval, gold_prompts=cfg.data.gold_prompts)
+    if a.json:
+        print(json.dumps({s: {k: v for k, v in r.items() if k != "gold_scores"}
+                          for s, r in results.items()}, indent=2))
+        return
+    from echolm.report import summary_table
+
+    print("\n".join(summary_table(results, list(results))))
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from echolm.report import build_report
+
+    if not (a.run / "summary.json").exists():
+        raise EchoError(f"{a.run}: no summary.json (run some stages first)")
+    build_report(a.run)
+
+
 def cmd_run(a: argparse.Namespace) -> None:
     from echolm.pipeline import resolve_run_config, run_pipeline
 
@@ -341,6 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
             ("--max-batch", 64, "sequences decoded together (more wait their turn)")]:
         p.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("eval", help="the same measurements for every stage's model")
+    _run_args(p)
+    p.add_argument("--stage", choices=["base", "sft", "rl", "rlhf", "dpo"],
+                   help="evaluate one stage (default: every finished one)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("report", help="write DIR/report/report.md with figures")
+    p.add_argument("--run", "--out", dest="run", type=Path, required=True)
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("presets", help="print a preset's full configuration")
     p.add_argument("name", nargs="?", default="cpu", help=f"one of {', '.join(list_presets())}")

@@ -80,6 +80,8 @@ class DataConfig:
         "arithmetic:difficulty=2", "spelling", "letter_count", "identity"])
     task_examples: int = 2000  # training conversations per task family in the mixture
     eval_problems: int = 200  # held-out problems per task family for evaluation
+    humaneval: int = 164  # HumanEval problems in `echolm eval` (0 = skip)
+    gold_prompts: int = 100  # held-out RLHF prompts judged by the simulated annotator
 
 
 @dataclass
@@ -206,7 +208,7 @@ class PreferenceConfig:
 
 def _rm_train() -> TrainConfig:
     return TrainConfig(seq_len=256, micro_batch=8, max_steps=200, lr_matrix=0.004,
-                       lr_embed=0.004, lr_head=0.0, lr_scalar=0.004, warmup_steps=10,
+                       lr_embed=0.004, lr_head=0.004, lr_scalar=0.004, warmup_steps=10,
                        warmdown_frac=0.5, eval_every=25, ckpt_every=50)
 
 

@@ -23,7 +23,14 @@ def stages() -> list[tuple[str, StageFn]]:
     from echolm.train.tokenize import run_tokenizer
 
     return [("tokenizer", run_tokenizer), ("pretrain", run_pretrain), ("sft", run_sft),
-            ("rl", run_rl)]
+            ("rl", run_rl), ("eval", run_eval)]
+
+
+def run_eval(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
+    from echolm.scorecard import evaluate_run
+
+    return evaluate_run(cfg, run_dir, force=force, log=log, humaneval=cfg.data.humaneval,
+                        gold_prompts=cfg.data.gold_prompts)
 
 
 def resolve_run_config(run_dir: Path, preset: str | None, overrides: list[str]) -> Config:
@@ -41,16 +48,41 @@ def resolve_run_config(run_dir: Path, preset: str | None, overrides: list[str]) 
     return cfg
 
 
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def run_pipeline(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
-    t0 = time.time()
+    """Every stage in order. A stage that fails leaves the earlier ones intact; the report
+    is still written and says which stage failed and why, then the error propagates."""
+    from echolm.report import build_report
+
+    t_all = time.time()
+    timings_path = run_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    atomic_write_json(run_dir / "status.json", {"running": True})
     for name, fn in stages():
         log(f"== {name} ==")
-        fn(cfg, run_dir, force=force, log=log)
-    from echolm.plots import plot_all
-
-    for figure in plot_all(run_dir):
-        log(f"run: figure {figure}")
+        t0 = time.time()
+        try:
+            fn(cfg, run_dir, force=force, log=log)
+        except BaseException as e:
+            atomic_write_json(run_dir / "status.json", {
+                "failed_stage": name, "error": f"{type(e).__name__}: {e}"})
+            try:
+                build_report(run_dir, log=log)
+            except Exception as report_error:  # never hide the stage's own error
+                log(f"run: the report could not be written either: {report_error}")
+            raise
+        seconds = time.time() - t0
+        if seconds > 1 or name not in timings:  # a skipped (finished) stage keeps its time
+            timings[name] = {"seconds": round(seconds, 1), "peak_rss_mb": round(_peak_rss_mb())}
+            atomic_write_json(timings_path, timings)
+    atomic_write_json(run_dir / "status.json", {"failed_stage": None})
+    build_report(run_dir, log=log)
     summary = read_summary(run_dir)
-    log(f"run: all stages done in {(time.time() - t0) / 60:.1f} min; summary in "
-        f"{run_dir / 'summary.json'}")
+    log(f"run: all stages done in {(time.time() - t_all) / 60:.1f} min; report in "
+        f"{run_dir / 'report' / 'report.md'}")
     return summary

