@@ -82,14 +82,21 @@ class PreferenceStore:
             return db.execute("SELECT id FROM prompts WHERE text = ?", (text,)).fetchone()[0]
 
     def add_responses(self, prompt_id: int, texts: list[str], stage: str = "",
-                      checkpoint: str = "", sampling: dict | None = None) -> list[int]:
+                      checkpoint: str = "", sampling: dict | list[dict] | None = None
+                      ) -> list[int]:
+        """Store responses to one prompt in one transaction. `sampling`: one dict of settings
+        for all of them, or a list with one dict per response (e.g. its seed, whether it
+        finished)."""
+        per = sampling if isinstance(sampling, list) else [sampling or {}] * len(texts)
+        if len(per) != len(texts):
+            raise EchoError(f"{len(per)} sampling records for {len(texts)} responses")
         with self._write() as db:
             ids = []
-            for t in texts:
+            for t, meta in zip(texts, per, strict=True):
                 cur = db.execute(
                     "INSERT INTO responses(prompt_id, text, stage, checkpoint, sampling, created)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
-                    (prompt_id, t, stage, checkpoint, json.dumps(sampling or {}), time.time()))
+                    (prompt_id, t, stage, checkpoint, json.dumps(meta or {}), time.time()))
                 ids.append(cur.lastrowid)
             return ids
 
@@ -168,6 +175,8 @@ class PreferenceStore:
             else:
                 for i in range(len(r.responses)):
                     for j in range(i + 1, len(r.responses)):
+                        if r.responses[i] == r.responses[j]:
+                            continue  # two identical samples: no preference between them
                         lines.append({"prompt": r.prompt, "chosen": r.responses[i],
                                       "rejected": r.responses[j], "annotator": r.annotator})
         path = Path(path)
@@ -177,13 +186,17 @@ class PreferenceStore:
         return len(lines)
 
     def import_jsonl(self, path: str | Path, annotator: str = "import") -> int:
-        """Read pairs or rankings (the shape is per line); returns how many rankings."""
+        """Read pairs or rankings (the shape is per line); returns how many rankings were
+        stored. Every line is checked before anything is written."""
         path = Path(path)
         records = []
         for n, rec in read_jsonl(path):  # validate everything before writing anything
             where = f"{path}:{n}"
-            if not isinstance(rec.get("prompt"), str):
-                raise EchoError(f"{where}: field 'prompt' must be a string")
+            if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+                raise EchoError(f"{where}: field 'prompt' must be a non-empty string")
+            who = rec.get("annotator", annotator)
+            if not isinstance(who, str) or not who.strip():
+                raise EchoError(f"{where}: field 'annotator' must be a non-empty string")
             if "chosen" in rec or "rejected" in rec:
                 for f in ("chosen", "rejected"):
                     if not isinstance(rec.get(f), str):
@@ -194,15 +207,20 @@ class PreferenceStore:
                 if not (isinstance(responses, list) and all(isinstance(x, str)
                                                              for x in responses)):
                     raise EchoError(f"{where}: field 'responses' must be a list of strings")
-                if not (isinstance(order, list) and sorted(order) == list(range(len(responses)))
-                        and len(order) >= 2):
+                if not (isinstance(order, list) and len(order) >= 2
+                        and all(type(i) is int for i in order)
+                        and sorted(order) == list(range(len(responses)))):
                     raise EchoError(f"{where}: field 'ranking' must order all "
                                     f"{len(responses)} responses (indices, best first)")
-            records.append((rec["prompt"], responses, order, rec.get("annotator", annotator)))
-        for prompt, responses, order, who in records:
+            # the same text twice (two identical samples) keeps its best place; a record left
+            # with fewer than two different answers carries no preference and is skipped
+            ranked = list(dict.fromkeys(responses[i] for i in order))
+            if len(ranked) >= 2:
+                records.append((rec["prompt"], ranked, who))
+        for prompt, ranked, who in records:
             pid = self.add_prompt(prompt, source=str(path))
             known = {r["text"]: r["id"] for r in self.responses(pid)}  # pairs share answers
-            fresh = [t for t in dict.fromkeys(responses) if t not in known]
+            fresh = [t for t in ranked if t not in known]
             known.update(zip(fresh, self.add_responses(pid, fresh, stage="import"), strict=True))
-            self.add_ranking(pid, [known[responses[i]] for i in order], who)
+            self.add_ranking(pid, [known[t] for t in ranked], who)
         return len(records)

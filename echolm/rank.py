@@ -1,0 +1,437 @@
+"""`echolm rank`: people rank a few of the model's answers, best first (the data RLHF and DPO
+learn from), or the simulated annotator does (`--simulated`, for offline demos and tests).
+
+For each prompt the stage's model samples K answers (temperature 1 by default, a fixed seed
+per prompt, so the same prompt gets the same answers whatever order prompts come in). Only
+different answers are kept: when two samples are identical the model is asked again (a few
+rounds at most); a prompt with fewer than two different answers is skipped (nothing to
+compare). The prompt, the answers (with the stage, the checkpoint folder, the sampling
+settings, the weights' fingerprint and whether each answer ended its turn) and the ranking
+(with the annotator's name) go into `DIR/prefs.sqlite` (`echolm.prefs.PreferenceStore`).
+
+Resumable: prompts this annotator has already ranked (answers of the same model) are
+skipped, and a prompt whose answers were sampled but not yet ranked (quit, skip, crash)
+shows the stored answers again instead of sampling new ones.
+
+In the terminal the answers are numbered and the order is typed best first: "3142" or
+"3 1 4 2" (with 10+ answers, separated). `s` skips the prompt (asked again next time), `q`
+(or Ctrl-D) stops; anything else is explained and asked again.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import re
+import sys
+import time
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from echolm.annotator import SimulatedAnnotator, gold_score, pair_agreement
+from echolm.data.prompts import PromptItem, rlhf_prompts
+from echolm.data.text import read_jsonl
+from echolm.errors import EchoError
+from echolm.prefs import PreferenceStore
+from echolm.tasks import get_task
+from echolm.tasks.base import Problem, stable_hash
+from echolm.train.grpo import sample_responses
+
+STORE_NAME = "prefs.sqlite"
+DEFAULT_K = 4
+DEFAULT_N = 20
+TEMPERATURE = 1.0
+MAX_TOKENS = 128
+MAX_K = 16
+# extra sampling rounds (new seeds) when samples repeat each other
+RESAMPLE_ROUNDS = 3
+SKIP, QUIT = "skip", "quit"
+
+
+def store_path(run_dir: Path) -> Path:
+    return Path(run_dir) / STORE_NAME
+
+
+def default_annotator() -> str:
+    """The OS user name (a person ranking at this terminal)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "human"
+
+
+def prompt_seed(seed: int, text: str) -> int:
+    return stable_hash(f"rank:{seed}:{text}") % 2**31
+
+
+# ---- prompts from a file ------------------------------------------------------------------
+def read_prompt_file(path: Path) -> list[PromptItem]:
+    """Prompts from a text file (one per line, blank lines ignored) or, for a .jsonl file,
+    records with a "prompt" field; a record may add "task" (a family name) and "answer" to
+    make the prompt checkable. Duplicates are dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise EchoError(f"{path}: no such prompts file")
+    items: list[PromptItem] = []
+    if path.suffix == ".jsonl":
+        for n, rec in read_jsonl(path, "prompt"):
+            where = f"{path}:{n}"
+            if not rec["prompt"].strip():
+                raise EchoError(f"{where}: field 'prompt' is empty")
+            problem = None
+            if "task" in rec or "answer" in rec:
+                task, answer = rec.get("task"), rec.get("answer")
+                if not isinstance(task, str) or type(answer) not in (str, int):
+                    raise EchoError(f"{where}: a checkable prompt needs 'task' (a family "
+                                    "name) and 'answer' (a string)")
+                get_task(task)  # unknown family -> EchoError naming the known ones
+                problem = Problem(task, f"file:{n}", rec["prompt"], str(answer), "")
+            kind = f"task:{problem.task}" if problem else "file"
+            items.append(PromptItem(rec["prompt"].strip(), problem, kind, (), where))
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise EchoError(f"{path}: not valid UTF-8 text") from None
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                items.append(PromptItem(line.strip(), None, "file", (), f"{path}:{n}"))
+    seen: set[str] = set()
+    items = [i for i in items if not (i.text in seen or seen.add(i.text))]
+    if not items:
+        raise EchoError(f"{path}: no prompts in this file")
+    return items
+
+
+# ---- the model that answers ----------------------------------------------------------------
+def weights_fingerprint(folder: Path) -> str:
+    h = hashlib.sha256()
+    with open(folder / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+class Policy:
+    """A run's stage model, sampling K different answers to a prompt."""
+
+    def __init__(self, run_dir: Path, stage: str | None, device: str | None = None) -> None:
+        from echolm.checkpoint import stage_dir
+        from echolm.explain import load_run
+
+        self.tok, self.model, self.stage = load_run(run_dir, stage, device)
+        self.folder = stage_dir(Path(run_dir), self.stage)
+        self.checkpoint = str(self.folder.resolve())
+        self.weights = weights_fingerprint(self.folder)
+
+    @torch.inference_mode()
+    def sample(self, item: PromptItem, k: int, seed: int, temperature: float, max_tokens: int
+               ) -> tuple[list[str], list[dict]]:
+        """Up to `k` different answers and, for each, its sampling record: settings, seed,
+        row, the weights' fingerprint and "stopped" (it ended its turn; the key
+        echolm.train.reward_model reads)."""
+        tok = self.tok
+        ids = tok.render_prompt([{"role": "user", "content": item.text}])
+        room = self.model.cfg.max_seq_len - len(ids)
+        if room < 8:
+            raise EchoError(f"{item.source or 'prompt'}: the prompt is {len(ids)} tokens, too "
+                            f"long for the model's context ({self.model.cfg.max_seq_len})")
+        texts: list[str] = []
+        metas: list[dict] = []
+        for r in range(1 + RESAMPLE_ROUNDS):
+            s = seed + r * 1_000_003
+            sampled = sample_responses(self.model, tok, [ids], k, min(max_tokens, room),
+                                       temperature, s)
+            for i, (row, stopped) in enumerate(sampled):
+                text = tok.decode(row[:-1] if stopped else row).strip()
+                if text not in texts and len(texts) < k:
+                    texts.append(text)
+                    metas.append({"temperature": temperature, "top_k": 0,
+                                  "max_tokens": min(max_tokens, room), "seed": s, "row": i,
+                                  "stopped": stopped, "weights": self.weights})
+            if len(texts) >= k:
+                break
+        return texts, metas
+
+
+# ---- one prompt's question ------------------------------------------------------------------
+@dataclass
+class Question:
+    item: PromptItem
+    prompt_id: int
+    response_ids: list[int]
+    texts: list[str]
+    finished: list[bool]
+    reused: bool  # the answers were already in the store
+
+
+def already_ranked(store: PreferenceStore, prompt_id: int, annotator: str,
+                   response_ids: set[int]) -> bool:
+    rows = store.db.execute("SELECT response_ids FROM rankings WHERE prompt_id = ? AND "
+                            "annotator = ?", (prompt_id, annotator)).fetchall()
+    return any(set(json.loads(r[0])) <= response_ids for r in rows)
+
+
+def prepare(store: PreferenceStore, policy: Policy, item: PromptItem, k: int, seed: int,
+            temperature: float, max_tokens: int, annotator: str) -> Question | str:
+    """The question for one prompt, or why there is none ("ranked": this annotator already
+    ranked this model's answers; "identical": fewer than two different answers)."""
+    pid = store.add_prompt(item.text, source=item.source)
+    mine = [r for r in store.responses(pid)
+            if r["stage"] == policy.stage and r["sampling"].get("weights") == policy.weights]
+    if mine and already_ranked(store, pid, annotator, {r["id"] for r in mine}):
+        return "ranked"
+    if len(mine) >= 2:
+        mine = mine[:k]
+        return Question(item, pid, [r["id"] for r in mine], [r["text"] for r in mine],
+                        [bool(r["sampling"].get("stopped", True)) for r in mine], True)
+    if mine:
+        return "identical"
+    texts, metas = policy.sample(item, k, prompt_seed(seed, item.text), temperature, max_tokens)
+    ids = store.add_responses(pid, texts, stage=policy.stage, checkpoint=policy.checkpoint,
+                              sampling=metas)
+    if len(texts) < 2:
+        return "identical"
+    return Question(item, pid, ids, texts, [m["stopped"] for m in metas], False)
+
+
+Chooser = Callable[[Question, int, int], "list[int] | str"]
+
+
+def rank_prompts(store: PreferenceStore, policy: Policy, items: list[PromptItem], k: int,
+                 annotator: str, choose: Chooser, seed: int = 0,
+                 temperature: float = TEMPERATURE, max_tokens: int = MAX_TOKENS,
+                 on_question: Callable[[Question, list[int]], None] | None = None) -> dict:
+    """Ask `choose` (a person or the simulated annotator) to rank each prompt's answers;
+    store each ranking at once. Returns counts."""
+    counts = {"prompts": len(items), "ranked": 0, "already_ranked": 0, "skipped": 0,
+              "identical": 0, "sampled": 0, "reused": 0, "responses": 0, "quit": False}
+    for n, item in enumerate(items, 1):
+        q = prepare(store, policy, item, k, seed, temperature, max_tokens, annotator)
+        if isinstance(q, str):
+            counts["already_ranked" if q == "ranked" else "identical"] += 1
+            continue
+        counts["reused" if q.reused else "sampled"] += 1
+        order = choose(q, n, len(items))
+        if order == QUIT:
+            counts["quit"] = True
+            break
+        if order == SKIP:
+            counts["skipped"] += 1
+            continue
+        store.add_ranking(q.prompt_id, [q.response_ids[i] for i in order], annotator)
+        counts["ranked"] += 1
+        counts["responses"] += len(order)
+        if on_question is not None:
+            on_question(q, order)
+    return counts
+
+
+# ---- the person at the terminal -----------------------------------------------------------
+def example_order(k: int) -> str:
+    """An example order of k answers: '21', '312', '3142', '31425' ... ('3 1 4 2 5 ...' for
+    10 or more)."""
+    nums = {2: [2, 1], 3: [3, 1, 2]}.get(k, [3, 1, 4, 2] + list(range(5, k + 1)))
+    return "".join(map(str, nums)) if k <= 9 else "3 1 4 2 5 ..."
+
+
+def parse_order(text: str, k: int) -> list[int] | str:
+    """A typed order -> indices best first (0-based), SKIP or QUIT; ValueError with a message
+    that says what is wrong."""
+    t = text.strip().lower()
+    if t in ("s", "skip"):
+        return SKIP
+    if t in ("q", "quit", "exit"):
+        return QUIT
+    example = example_order(k)
+    if not t:
+        raise ValueError(f"type the answer numbers best first (e.g. {example}), s to skip, "
+                         "q to quit")
+    if re.search(r"[^\d\s,>]", t):
+        raise ValueError(f"'{text.strip()}' is not an order: type the answer numbers best "
+                         f"first (e.g. {example}), s to skip, q to quit")
+    parts = re.split(r"[\s,>]+", t.strip(" ,>"))
+    if len(parts) == 1 and k <= 9:
+        parts = list(parts[0])
+    elif len(parts) == 1 and len(parts[0]) > 1:
+        raise ValueError(f"with {k} answers, separate the numbers with spaces (e.g. 3 1 2 ...)")
+    nums = [int(p) for p in parts]
+    for x in nums:
+        if not 1 <= x <= k:
+            raise ValueError(f"there is no answer {x}: the answers are numbered 1-{k}")
+    twice = sorted({x for x in nums if nums.count(x) > 1})
+    if twice:
+        raise ValueError(f"answer {twice[0]} appears more than once: use each number once")
+    missing = [x for x in range(1, k + 1) if x not in nums]
+    if missing:
+        which = ", ".join(map(str, missing))
+        raise ValueError(f"rank all {k} answers, best first: {which} "
+                         f"{'is' if len(missing) == 1 else 'are'} missing")
+    return [x - 1 for x in nums]
+
+
+def printable(text: str) -> str:
+    """Control characters a model may emit (escape sequences, bells) shown as \\xNN, so an
+    answer cannot move the cursor or recolour the terminal."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf")
+                   else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+                   for c in text)
+
+
+def format_question(q: Question, n: int, total: int, stage: str) -> str:
+    lines = [f"--- prompt {n} of {total} ({stage} model, {len(q.texts)} answers"
+             + (", sampled earlier" if q.reused else "") + ") ---", q.item.text, ""]
+    for i, (text, fin) in enumerate(zip(q.texts, q.finished, strict=True), 1):
+        body = printable(text).split("\n") if text else ["(empty answer)"]
+        lines.append(f"[{i}] {body[0]}")
+        lines += [f"    {x}" for x in body[1:]]
+        if not fin:
+            lines.append("    [cut off: the model did not end its turn]")
+    return "\n".join(lines)
+
+
+def terminal_chooser(stage: str, out: TextIO, inp: TextIO) -> Chooser:
+    def choose(q: Question, n: int, total: int) -> list[int] | str:
+        out.write("\n" + format_question(q, n, total, stage) + "\n")
+        k = len(q.texts)
+        while True:
+            out.write(f"order, best first (e.g. {example_order(k)}), s = skip, q = quit: ")
+            out.flush()
+            line = inp.readline()
+            if not line:  # end of input (Ctrl-D)
+                out.write("\n")
+                return QUIT
+            try:
+                return parse_order(line, k)
+            except ValueError as e:
+                out.write(f"  {e}\n")
+
+    return choose
+
+
+# ---- entry points -------------------------------------------------------------------------
+def _check_k(k: int) -> None:
+    if not 2 <= k <= MAX_K:
+        raise EchoError(f"--k must be between 2 and {MAX_K}, got {k}")
+
+
+def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
+                     annotator: SimulatedAnnotator | None = None, *, stage: str = "sft",
+                     items: list[PromptItem] | None = None, split: str = "train",
+                     seed: int = 0, temperature: float = TEMPERATURE,
+                     max_tokens: int = MAX_TOKENS, device: str | None = None,
+                     log: Callable[[str], None] = print) -> dict:
+    """Rank `n_prompts` prompts (default: `rlhf_prompts(split, n_prompts, seed)`) with the
+    simulated annotator, end to end, into DIR/prefs.sqlite. Resumable like the terminal.
+
+    Returns counts (prompts, ranked, already_ranked, identical, sampled, reused, responses),
+    the annotator label, gold statistics of the answers ranked now (gold_mean: mean gold score
+    of all of them; gold_best_mean: of the best per prompt; gold_agreement: share of answer
+    pairs with different gold scores that the noisy rankings order as gold does), the store's
+    totals and the seconds it took."""
+    t0 = time.time()
+    _check_k(k)
+    annotator = annotator or SimulatedAnnotator()
+    if items is None:
+        items = rlhf_prompts(split, n_prompts, seed)
+    items = items[:n_prompts]
+    policy = Policy(run_dir, stage, device)
+    store = PreferenceStore(store_path(run_dir))
+    golds: list[float] = []
+    best: list[float] = []
+    agree = pairs = 0
+
+    def choose(q: Question, n: int, total: int) -> list[int]:
+        return annotator.rank(q.item, q.texts, q.finished)
+
+    def measure(q: Question, order: list[int]) -> None:
+        nonlocal agree, pairs
+        scores = [gold_score(q.item, t, f) for t, f in zip(q.texts, q.finished, strict=True)]
+        golds.extend(scores)
+        best.append(max(scores))
+        a, p = pair_agreement(order, scores)
+        agree, pairs = agree + a, pairs + p
+
+    try:
+        counts = rank_prompts(store, policy, items, k, annotator.label, choose, seed,
+                              temperature, max_tokens, on_question=measure)
+        totals = store.counts()
+    finally:
+        store.close()
+    counts.pop("quit")
+    counts.pop("skipped")
+    result = {**counts, "annotator": annotator.label, "stage": policy.stage, "k": k,
+              "gold_mean": round(sum(golds) / len(golds), 4) if golds else None,
+              "gold_best_mean": round(sum(best) / len(best), 4) if best else None,
+              "gold_agreement": round(agree / pairs, 4) if pairs else None,
+              "store": str(store_path(run_dir)), "store_counts": totals,
+              "seconds": round(time.time() - t0, 2)}
+    log(f"rank: {result['ranked']} prompts ranked by {annotator.label} "
+        f"({result['already_ranked']} already ranked, {result['identical']} with identical "
+        f"answers) in {result['seconds']:.1f}s; gold mean {result['gold_mean']}, "
+        f"agreement with gold {result['gold_agreement']}")
+    return result
+
+
+def run_rank(run_dir: Path, prompts: Path | None = None, k: int = DEFAULT_K,
+             stage: str = "sft", n: int | None = None, annotator: str | None = None,
+             simulated: bool = False, noise: float = 0.1, seed: int = 0,
+             temperature: float = TEMPERATURE, max_tokens: int = MAX_TOKENS,
+             out: TextIO | None = None, inp: TextIO | None = None) -> dict:
+    """`echolm rank`: a person ranks at the terminal, or the simulated annotator does."""
+    out, inp = out or sys.stdout, inp or sys.stdin
+    _check_k(k)
+    if n is not None and n < 1:
+        raise EchoError(f"--n must be at least 1, got {n}")
+    if temperature <= 0:
+        raise EchoError(f"--temperature must be > 0 to get different answers, got "
+                        f"{temperature}")
+    if max_tokens < 1:
+        raise EchoError(f"--max-tokens must be at least 1, got {max_tokens}")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EchoError(f"{run_dir}: no such run directory")
+    if prompts is not None:
+        items = read_prompt_file(prompts)
+        items = items[:n] if n else items
+    else:
+        items = rlhf_prompts("train", n or DEFAULT_N, seed)
+    if simulated:
+        if noise < 0:
+            raise EchoError(f"--noise must be >= 0, got {noise}")
+        return collect_rankings(run_dir, len(items), k, SimulatedAnnotator(noise, seed),
+                                stage=stage, items=items, seed=seed, temperature=temperature,
+                                max_tokens=max_tokens,
+                                log=lambda m: print(m, file=out, flush=True))
+    name = (annotator or default_annotator()).strip()
+    if not name:
+        raise EchoError("--annotator must not be empty")
+    if name.startswith("simulated"):
+        raise EchoError(f"annotator name '{name}' is reserved for the simulated annotator "
+                        "(use --simulated)")
+    out.write(f"loading the {stage} model from {run_dir} ...\n")
+    out.flush()
+    t0 = time.time()
+    policy = Policy(run_dir, stage)
+    store = PreferenceStore(store_path(run_dir))
+    try:
+        out.write(f"ranking as '{name}': {len(items)} prompts, {k} answers each; answers are "
+                  f"saved in {store.path}\n")
+        counts = rank_prompts(store, policy, items, k, name,
+                              terminal_chooser(policy.stage, out, inp), seed, temperature,
+                              max_tokens)
+    finally:
+        store.close()
+    left = len(items) - counts["ranked"] - counts["already_ranked"] - counts["identical"]
+    out.write(f"\nranked {counts['ranked']} this time ({counts['already_ranked']} done "
+              f"before, {counts['skipped']} skipped, {counts['identical']} with identical "
+              f"answers); {left} left" + (" - run the same command to continue" if left else "")
+              + "\n")
+    out.flush()
+    return {**counts, "annotator": name, "seconds": round(time.time() - t0, 2)}
