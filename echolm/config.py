@@ -186,6 +186,10 @@ class PreferenceConfig:
     (`echolm dpo`). Both split the rankings into train / held-out by prompt, the same way."""
 
     annotator: str = ""  # only this annotator's rankings ("" = everyone's)
+    # `echolm run` ranks with the simulated annotator (people use `echolm rank` or the page)
+    rank_prompts: int = 300  # prompts whose sampled answers get ranked
+    rank_k: int = 4  # answers per prompt (InstructGPT: 4 to 9)
+    annotator_noise: float = 0.1  # the simulated annotator's temperature (0 = always gold)
     heldout_fraction: float = 0.1  # of distinct prompts, never trained on by rm or dpo
     rm_loss: str = "bt"  # bt: Bradley-Terry on every pair a ranking implies | pl: Plackett-Luce
     margin: float = 0.0  # BT: ask for r_chosen - r_rejected >= margin (Llama 2 style)

@@ -143,3 +143,73 @@ def clipped_value_loss(values: Tensor, values_old: Tensor, returns: Tensor, mask
     clipped = values_old + (values - values_old).clamp(-clip, clip)
     loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---- preferences (reward models, DPO) --------------------------------------------------
+
+
+def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | float | None = None,
+                       reduction: str = "mean") -> Tensor:
+    """Bradley-Terry pairwise loss of a reward model: -log sigmoid(r_c - r_r - margin).
+
+    r_chosen, r_rejected: (N,) scores of the preferred and the other response of N pairs.
+    `margin` (a number or (N,)) asks for a gap of at least that much (Llama 2's margin); None
+    or 0 is plain BT. reduction "mean" (default) or "none" (per pair)."""
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff)
+    if reduction == "none":
+        return loss
+    if reduction != "mean":
+        raise ValueError(f"reduction must be mean or none, got {reduction!r}")
+    return loss.mean()
+
+
+def reward_centering_loss(r_chosen: Tensor, r_rejected: Tensor, coef: float) -> Tensor:
+    """Reward centering regulariser (Eisenstein et al. 2023, "Helping or Herding?"):
+    coef * mean((r_c + r_r)^2). BT only sees differences, so the scores' overall level drifts
+    freely; this pins each pair's mean near 0 so rewards from different runs are comparable."""
+    return coef * ((r_chosen + r_rejected) ** 2).mean()
+
+
+def plackett_luce_loss(scores: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Plackett-Luce negative log-likelihood of full rankings, mean over rankings.
+
+    scores (B, K): row b holds the scores of its responses in ranking order, best first;
+    mask (B, K) 0/1 marks real responses (rankings of different lengths; masked-out columns
+    take no part anywhere). Per ranking: -sum_i log(exp(s_i) / sum_{j >= i} exp(s_j)), i.e.
+    the best is chosen from all, the second from the rest, ... With K = 2 this is BT.
+    """
+    if mask is None:
+        mask = torch.ones_like(scores, dtype=torch.bool)
+    mask = mask.bool()
+    s = scores.float().masked_fill(~mask, -1e9)  # exp(-1e9 - s) == 0: out of every sum
+    # log sum_{j >= i} exp(s_j): a cumulative logsumexp from the right
+    tail = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)
+    nll = ((tail - s) * mask).sum(-1)
+    return nll.mean()
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+             ref_rejected: Tensor, beta: float, kind: str = "sigmoid"
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Direct preference optimisation on sequence log-probabilities (N,) of N pairs.
+
+    h = (pc - rc) - (pr - rr), the policy's log-ratio gain of chosen over rejected against
+    the reference.
+      "sigmoid" (DPO, Rafailov et al. 2023): -log sigmoid(beta * h)
+      "ipo"     (IPO, Azar et al. 2023):     (h - 1 / (2 * beta))^2
+    Returns (mean loss, chosen implicit rewards beta * (pc - rc), rejected implicit rewards
+    beta * (pr - rr)); the rewards are detached (for logging and accuracy).
+    """
+    chosen_logratio = policy_chosen - ref_chosen
+    rejected_logratio = policy_rejected - ref_rejected
+    h = chosen_logratio - rejected_logratio
+    if kind == "sigmoid":
+        loss = -F.logsigmoid(beta * h)
+    elif kind == "ipo":
+        loss = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"kind must be sigmoid or ipo, got {kind!r}")
+    return (loss.mean(), beta * chosen_logratio.detach(), beta * rejected_logratio.detach())

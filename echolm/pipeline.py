@@ -19,11 +19,49 @@ StageFn = Callable[..., dict]
 def stages() -> list[tuple[str, StageFn]]:
     from echolm.train.grpo import run_rl
     from echolm.train.pretrain import run_pretrain
+    from echolm.train.reward_model import run_rm
+    from echolm.train.rlhf import run_rlhf
     from echolm.train.sft import run_sft
     from echolm.train.tokenize import run_tokenizer
 
     return [("tokenizer", run_tokenizer), ("pretrain", run_pretrain), ("sft", run_sft),
-            ("rl", run_rl), ("eval", run_eval)]
+            ("rl", run_rl), ("rank", run_rank_stage), ("rm", run_rm), ("rlhf", run_rlhf),
+            ("dpo", run_dpo_stage), ("eval", run_eval)]
+
+
+def run_rank_stage(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
+    """Rankings for the reward model and DPO, from the simulated annotator (clearly labelled
+    as such in the store); a person's rankings from `echolm rank` or the web page count too."""
+    from echolm.annotator import SimulatedAnnotator
+    from echolm.rank import collect_rankings
+    from echolm.summary import update_summary
+
+    done = run_dir / "rank_done.json"
+    if done.exists() and not force:
+        log("rank: already done (use --force to redo)")
+        return json.loads(done.read_text())
+    p = cfg.pref
+    annotator = SimulatedAnnotator(temperature=p.annotator_noise, seed=cfg.sft.seed)
+    result = collect_rankings(run_dir, p.rank_prompts, p.rank_k, annotator, log=log)
+    keep = {k: result[k] for k in ("prompts", "ranked", "responses", "annotator",
+                                   "gold_agreement", "seconds") if k in result}
+    update_summary(run_dir, "rank", keep)
+    atomic_write_json(done, result)
+    return result
+
+
+def run_dpo_stage(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
+    """DPO, then its gold win rate against SFT on the same held-out prompts as RLHF."""
+    from echolm.summary import read_summary, update_summary
+    from echolm.train.dpo import run_dpo
+    from echolm.train.rlhf import gold_win_rate
+
+    result = run_dpo(cfg, run_dir, force=force, log=log)
+    summary = read_summary(run_dir).get("dpo", {})
+    if force or "gold_win_rate_vs_sft" not in summary:
+        summary.update(gold_win_rate(cfg, run_dir, "dpo", log=log))
+        update_summary(run_dir, "dpo", summary)
+    return result
 
 
 def run_eval(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:

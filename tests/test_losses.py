@@ -145,3 +145,71 @@ def test_per_token_advantages_in_policy_loss():
     logp = torch.zeros(1, 2)
     loss, _ = clipped_policy_loss(logp, logp, torch.tensor([[1.0, 3.0]]), torch.ones(1, 2))
     assert abs(loss.item() + 2.0) < 1e-6  # -(1 + 3) / 2
+
+
+# ---- preferences (reward models, DPO) ---------------------------------------------------
+from echolm.losses import (  # noqa: E402
+    bradley_terry_loss,
+    dpo_loss,
+    plackett_luce_loss,
+    reward_centering_loss,
+)
+
+
+def test_bradley_terry_loss_by_hand():
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # differences +1 and -1: -log sigmoid(1) = ln(1 + e^-1) = 0.3132617,
+    # -log sigmoid(-1) = ln(1 + e) = 1.3132617; mean 0.8132617
+    assert abs(bradley_terry_loss(rc, rr).item() - 0.8132617) < 1e-6
+    per_pair = bradley_terry_loss(rc, rr, reduction="none")
+    assert torch.allclose(per_pair, torch.tensor([0.3132617, 1.3132617]), atol=1e-6)
+    # margin 0.5 asks for more: ln(1 + e^-0.5) = 0.4740770, ln(1 + e^1.5) = 1.7014132
+    assert abs(bradley_terry_loss(rc, rr, margin=0.5).item() - (0.4740770 + 1.7014132) / 2) < 1e-6
+
+
+def test_reward_centering_by_hand():
+    # (2 + 1)^2 = 9 and (0 + 1)^2 = 1: mean 5, times coef 0.1 = 0.5
+    assert abs(reward_centering_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), 0.1)
+               .item() - 0.5) < 1e-6
+
+
+def test_plackett_luce_loss_by_hand():
+    # ranking scores 2, 1, 0 (best first):
+    #   -[2 - ln(e^2 + e + 1)] = 2.4076060 - 2 = 0.4076060  (best picked from all three)
+    #   -[1 - ln(e + 1)]       = 1.3132617 - 1 = 0.3132617  (second picked from the two left)
+    #   -[0 - ln(e^0)]         = 0                          (the last is forced)
+    s = torch.tensor([[2.0, 1.0, 0.0]])
+    assert abs(plackett_luce_loss(s).item() - 0.7208677) < 1e-6
+    # a second ranking of only two responses (third column masked out) is BT: ln(1 + e^-1)
+    s2 = torch.tensor([[2.0, 1.0, 0.0], [1.0, 0.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert abs(plackett_luce_loss(s2, mask).item() - (0.7208677 + 0.3132617) / 2) < 1e-6
+    # the masked score gets no gradient and the loss has no NaN
+    s2.requires_grad_()
+    plackett_luce_loss(s2, mask).backward()
+    assert s2.grad[1, 2] == 0 and torch.isfinite(s2.grad).all()
+
+
+def test_plackett_luce_with_two_responses_equals_bradley_terry():
+    s = torch.randn(5, 2)
+    assert torch.allclose(plackett_luce_loss(s), bradley_terry_loss(s[:, 0], s[:, 1]), atol=1e-6)
+
+
+def test_dpo_loss_by_hand():
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-1.0, -3.0, -2.0, -2.0))
+    # chosen log-ratio -1 - -2 = +1, rejected -3 - -2 = -1: h = 2; beta 0.5 -> beta*h = 1
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    assert abs(loss.item() - 0.3132617) < 1e-6  # -log sigmoid(1)
+    assert chosen.item() == 0.5 and rejected.item() == -0.5  # beta * log-ratios
+    # IPO: (h - 1 / (2 beta))^2 = (2 - 1)^2 = 1
+    loss, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, kind="ipo")
+    assert abs(loss.item() - 1.0) < 1e-6
+
+
+def test_dpo_loss_gradient_by_hand():
+    # at h = 0 (policy == reference): d/dpc of -log sigmoid(beta h) = -beta * sigmoid(0)
+    pc = torch.tensor([-2.0], requires_grad=True)
+    pr = torch.tensor([-3.0], requires_grad=True)
+    loss, _, _ = dpo_loss(pc, pr, torch.tensor([-2.0]), torch.tensor([-3.0]), beta=0.1)
+    loss.backward()
+    assert abs(pc.grad.item() + 0.05) < 1e-7 and abs(pr.grad.item() - 0.05) < 1e-7

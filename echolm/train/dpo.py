@@ -1,0 +1,323 @@
+"""Stage 5c, direct preference optimisation: tune the SFT model on the rankings directly, no
+reward model and no sampling. Every ranking gives pairs (better, worse); the loss raises the
+policy's log-probability ratio to the frozen SFT reference on the better answer over the
+worse one (DPO, sigmoid) or regresses that gap to 1 / (2 beta) (IPO).
+
+The reference never changes, so its log-probabilities are computed ONCE over the whole pair
+set before training, kept in memory and in DIR/dpo/ref_logps.pt (a resumed run reads them
+back instead of recomputing); no second model sits in memory during training. Log-probs are
+computed only where they are needed: the final hidden states of the answer tokens go through
+the output head, not those of the prompt. Train / held-out split by prompt, the same as the
+reward model's, so both stages leave the same prompts unseen.
+
+Writes DIR/dpo/model.safetensors (a plain model: `echolm chat --stage dpo`), metrics.jsonl
+(per step: implicit-reward accuracy and margins), and summary.json's `dpo`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from echolm.checkpoint import atomic_write_json, load_model, save_model
+from echolm.config import Config, PreferenceConfig
+from echolm.errors import EchoError
+from echolm.losses import dpo_loss
+from echolm.model import Transformer
+from echolm.summary import update_summary
+from echolm.tokenizer import Tokenizer
+from echolm.train.loop import Trainer, autocast, resolve_dtype, setup_distributed
+from echolm.train.reward_model import (
+    RankedExample,
+    encode_answer,
+    load_rankings,
+    split_by_prompt,
+    step_indices,
+)
+
+REF_FILE = "ref_logps.pt"
+
+
+@dataclass
+class PrefPair:
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_ended: bool = True
+    rejected_ended: bool = True
+
+
+def ranking_pairs(rankings: list[RankedExample]) -> list[PrefPair]:
+    """Every (better, worse) pair the rankings imply; identical answers make no pair."""
+    out = []
+    for r in rankings:
+        for i in range(len(r.responses)):
+            for j in range(i + 1, len(r.responses)):
+                if r.responses[i] != r.responses[j]:
+                    out.append(PrefPair(r.prompt, r.responses[i], r.responses[j], r.ended[i],
+                                        r.ended[j]))
+    return out
+
+
+@dataclass
+class EncodedPair:
+    chosen: list[int]  # prompt + answer ids, chat format
+    rejected: list[int]
+    chosen_prompt: int  # how many leading ids are the prompt (identical unless truncated)
+    rejected_prompt: int
+
+
+def encode_pairs(tok: Tokenizer, pairs: list[PrefPair], seq_len: int) -> list[EncodedPair]:
+    """Token ids of every pair, each sequence at most seq_len + 1 ids (seq_len inputs)."""
+    out = []
+    for p in pairs:
+        c, nc = encode_answer(tok, p.prompt, p.chosen, p.chosen_ended, seq_len + 1)
+        r, nr = encode_answer(tok, p.prompt, p.rejected, p.rejected_ended, seq_len + 1)
+        out.append(EncodedPair(c, r, nc, nr))
+    return out
+
+
+@dataclass
+class PairBatch:
+    """B pairs as 2B rows: the chosen answers, then the rejected ones (one forward pass)."""
+
+    x: Tensor  # (2B, T) inputs, right-padded
+    y: Tensor  # (2B, T) next-token targets
+    mask: Tensor  # (2B, T) bool: the target is an answer token
+    index: Tensor  # (B,) the pairs' positions in the dataset (for the reference cache)
+
+
+def make_pair_batch(encoded: list[EncodedPair], index: list[int], pad: int) -> PairBatch:
+    seqs = [encoded[i].chosen for i in index] + [encoded[i].rejected for i in index]
+    starts = ([encoded[i].chosen_prompt for i in index]
+              + [encoded[i].rejected_prompt for i in index])
+    T = max(len(s) for s in seqs) - 1
+    x = torch.full((len(seqs), T), pad, dtype=torch.long)
+    y = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for k, (s, n_prompt) in enumerate(zip(seqs, starts, strict=True)):
+        t = torch.tensor(s, dtype=torch.long)
+        x[k, :len(s) - 1] = t[:-1]
+        y[k, :len(s) - 1] = t[1:]
+        mask[k, n_prompt - 1:len(s) - 1] = True  # targets from the first answer token on
+    return PairBatch(x, y, mask, torch.tensor(index, dtype=torch.long))
+
+
+def sequence_logps(model: Transformer, x: Tensor, y: Tensor, mask: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """Summed log-probability (N,) float32 of each row's masked targets, and their count.
+
+    The output head (the largest matmul of a small model) runs only on the masked positions,
+    and the log-softmax + gather is one fused cross-entropy."""
+    h = model.hidden_states(x)
+    sel = mask.bool()
+    logits = model.lm_head(h[sel])  # (M, V): answer positions only
+    nll = F.cross_entropy(logits.float(), y[sel], reduction="none")
+    rows = sel.nonzero()[:, 0]  # the row of each selected position (row-major, like h[sel])
+    logp = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32).index_add(0, rows, -nll)
+    return logp, sel.sum(1)
+
+
+@torch.no_grad()
+def pair_logps(model: Transformer, encoded: list[EncodedPair], pad: int, ctx=None,
+               batch_pairs: int = 16) -> dict[str, Tensor]:
+    """`model`'s summed answer log-probs and answer lengths, (n, 2) each (column 0 the chosen
+    answer, 1 the rejected), in batches of pairs sorted by length so they pad little."""
+    import contextlib
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n = len(encoded)
+    logps = torch.zeros(n, 2)
+    counts = torch.zeros(n, 2, dtype=torch.long)
+    order = sorted(range(n), key=lambda i: max(len(encoded[i].chosen), len(encoded[i].rejected)))
+    for k in range(0, n, batch_pairs):
+        idx = order[k:k + batch_pairs]
+        b = make_pair_batch(encoded, idx, pad)
+        with ctx or contextlib.nullcontext():
+            lp, cnt = sequence_logps(model, b.x.to(device), b.y.to(device), b.mask.to(device))
+        B = len(idx)
+        logps[idx, 0], logps[idx, 1] = lp[:B].float().cpu(), lp[B:].float().cpu()
+        counts[idx, 0], counts[idx, 1] = cnt[:B].cpu(), cnt[B:].cpu()
+    model.train(was_training)
+    return {"logps": logps, "counts": counts}
+
+
+def compute_ref_logps(model: Transformer, encoded: list[EncodedPair], pad: int,
+                      ctx=None) -> dict[str, Tensor]:
+    """The reference's log-probs of every pair (`model` must hold the reference weights)."""
+    return pair_logps(model, encoded, pad, ctx)
+
+
+def ref_fingerprint(encoded: list[EncodedPair], sft_file: Path, dtype: torch.dtype) -> str:
+    """Identifies what a cached reference was computed from: the pairs' ids, the SFT model
+    file and the precision."""
+    h = hashlib.sha256()
+    st = sft_file.stat()
+    h.update(f"{st.st_size}:{st.st_mtime_ns}:{dtype}".encode())
+    for e in encoded:
+        h.update(json.dumps([e.chosen, e.rejected, e.chosen_prompt, e.rejected_prompt]
+                            ).encode())
+    return h.hexdigest()
+
+
+def load_or_compute_ref(path: Path, key: str, model: Transformer, encoded: list[EncodedPair],
+                        pad: int, ctx, log=print) -> dict[str, Tensor]:
+    """The cached reference log-probs at `path` if they were computed from the same pairs and
+    model; else compute them with `model` (which must hold the reference weights) and cache."""
+    if path.exists():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if cached.get("key") == key:
+                log(f"dpo: reference log-probs of {len(encoded):,} pairs read from {path}")
+                return cached
+            log(f"dpo: {path} was computed from other pairs or another model: recomputing")
+        except Exception as e:  # a cut or corrupt cache is only a cache
+            log(f"dpo: {path} unreadable ({' '.join(str(e).split())[:120]}): recomputing")
+    t0 = time.perf_counter()
+    ref = compute_ref_logps(model, encoded, pad, ctx)
+    ref["key"] = key
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ref, tmp)
+    tmp.replace(path)
+    log(f"dpo: reference log-probs of {len(encoded):,} pairs computed once in "
+        f"{time.perf_counter() - t0:.1f}s, cached in {path}")
+    return ref
+
+
+def pair_logratios(logps: Tensor, counts: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) log-probs as the objective uses them: sums for DPO, per-token means
+    for IPO (as TRL does: IPO's squared target 1/(2 beta) assumes no length scale)."""
+    if kind == "ipo":
+        logps = logps / counts.clamp(min=1).to(logps.dtype)
+    return logps[..., 0], logps[..., 1]
+
+
+def dpo_batch_loss(model: Transformer, batch: PairBatch, ref: dict[str, Tensor],
+                   pref: PreferenceConfig, stats: dict[str, float]) -> Tensor:
+    """The DPO/IPO loss of one batch of pairs against the cached reference; fills `stats`
+    (implicit-reward accuracy, margin, chosen and rejected rewards)."""
+    device = batch.x.device
+    lp, cnt = sequence_logps(model, batch.x, batch.y, batch.mask)
+    B = lp.shape[0] // 2
+    pol = torch.stack([lp[:B], lp[B:]], dim=1)
+    pc, pr = pair_logratios(pol, torch.stack([cnt[:B], cnt[B:]], dim=1), pref.dpo_loss)
+    idx = batch.index
+    rc, rr = pair_logratios(ref["logps"][idx].to(device), ref["counts"][idx].to(device),
+                            pref.dpo_loss)
+    loss, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, pref.dpo_beta, pref.dpo_loss)
+    m = chosen_r - rejected_r
+    stats.update(reward_acc=float((m > 0).float().mean()), margin=float(m.mean()),
+                 chosen_reward=float(chosen_r.mean()), rejected_reward=float(rejected_r.mean()))
+    return loss
+
+
+@torch.no_grad()
+def implicit_rewards(model: Transformer, encoded: list[EncodedPair], ref: dict[str, Tensor],
+                     offset: int, pad: int, pref: PreferenceConfig, ctx=None) -> dict:
+    """Implicit-reward accuracy and mean margin of `model` over pairs `encoded`, whose
+    reference log-probs sit at rows offset.. of `ref`."""
+    if not encoded:
+        return {"reward_accuracy": None, "margin": None, "n_pairs": 0}
+    pol = pair_logps(model, encoded, pad, ctx)
+    rows = slice(offset, offset + len(encoded))
+    pc, pr = pair_logratios(pol["logps"], pol["counts"], pref.dpo_loss)
+    rc, rr = pair_logratios(ref["logps"][rows], ref["counts"][rows], pref.dpo_loss)
+    _, cr, rj = dpo_loss(pc, pr, rc, rr, pref.dpo_beta, pref.dpo_loss)
+    m = cr - rj
+    return {"reward_accuracy": round(float((m > 0).float().mean()), 4),
+            "margin": round(float(m.mean()), 4), "n_pairs": len(encoded),
+            "chosen_reward": round(float(cr.mean()), 4),
+            "rejected_reward": round(float(rj.mean()), 4)}
+
+
+def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
+    out, done = run_dir / "dpo", run_dir / "dpo" / "done.json"
+    if done.exists() and not force:
+        log(f"dpo: already finished in {out} (use --force to redo)")
+        return json.loads(done.read_text())
+    if force and out.exists():
+        shutil.rmtree(out)
+    pref, tcfg = cfg.pref, cfg.dpo
+    pref.validate()
+    d = setup_distributed()
+    if d.world > 1:
+        raise EchoError("dpo runs in one process for now (run it without torchrun)")
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    policy = load_model(run_dir / "sft", d.device)
+    if tcfg.seq_len > policy.cfg.max_seq_len:
+        raise EchoError(f"dpo.seq_len={tcfg.seq_len} exceeds model.max_seq_len="
+                        f"{policy.cfg.max_seq_len}")
+    train_r, held_r = split_by_prompt(load_rankings(run_dir, pref), pref.heldout_fraction)
+    train_pairs, held_pairs = ranking_pairs(train_r), ranking_pairs(held_r)
+    if not train_pairs:
+        raise EchoError("dpo: the rankings give no pair of different answers to train on")
+    train_enc = encode_pairs(tok, train_pairs, tcfg.seq_len)
+    held_enc = encode_pairs(tok, held_pairs, tcfg.seq_len)
+    everything = train_enc + held_enc
+
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = resolve_dtype(tcfg.dtype, d.device)
+    ctx = autocast(d.device, dtype)
+    # the policy still holds the SFT weights here (a checkpoint is loaded only below): it is
+    # the reference, read once
+    key = ref_fingerprint(everything, run_dir / "sft" / "model.safetensors", dtype)
+    ref = load_or_compute_ref(out / REF_FILE, key, policy, everything, tok.pad, ctx, log)
+
+    trainer = Trainer(policy, tcfg, out, "dpo", run_dir, d)
+    if trainer.resume():
+        log(f"dpo: resuming from step {trainer.step_idx}")
+    else:
+        log(f"dpo: {len(train_pairs):,} pairs from {len(train_r)} rankings to train on, "
+            f"{len(held_pairs):,} held out by prompt; {pref.dpo_loss}, beta {pref.dpo_beta}")
+    model = trainer.model
+    stats: dict[str, float] = {}
+    per_step = tcfg.micro_batch * tcfg.grad_accum
+    avg_len = sum(len(e.chosen) + len(e.rejected) - 2 for e in train_enc) / len(train_enc)
+
+    def batches(step: int) -> list[PairBatch]:
+        idx = step_indices(len(train_enc), per_step, step, tcfg.seed)
+        return [make_pair_batch(train_enc, idx[k:k + tcfg.micro_batch], tok.pad)
+                for k in range(0, per_step, tcfg.micro_batch)]
+
+    def loss_fn(_m: torch.nn.Module, b: PairBatch) -> Tensor:
+        b = PairBatch(b.x.to(d.device), b.y.to(d.device), b.mask.to(d.device), b.index)
+        return dpo_batch_loss(model, b, ref, pref, stats)
+
+    def periodic(step: int) -> dict:
+        rec = {k: round(v, 5) for k, v in stats.items()}
+        if held_enc and tcfg.eval_every and step % tcfg.eval_every == 0:
+            h = implicit_rewards(model, held_enc, ref, len(train_enc), tok.pad, pref, ctx)
+            rec.update(val_reward_acc=h["reward_accuracy"], val_margin=h["margin"])
+        return rec
+
+    trainer.fit(batches, loss_fn, int(per_step * avg_len), periodic,
+                lambda s: s * per_step / len(train_enc))
+
+    log("dpo: measuring implicit rewards on every pair")
+    train_m = implicit_rewards(model, train_enc, ref, 0, tok.pad, pref, ctx)
+    held_m = implicit_rewards(model, held_enc, ref, len(train_enc), tok.pad, pref, ctx)
+    save_model(model, out)
+    result = {**train_m, "heldout_reward_accuracy": held_m["reward_accuracy"],
+              "heldout_margin": held_m["margin"], "heldout_n_pairs": held_m["n_pairs"],
+              "objective": pref.dpo_loss, "beta": pref.dpo_beta, "steps": trainer.step_idx,
+              "epochs": round(trainer.step_idx * per_step / len(train_enc), 3),
+              "minutes": round(trainer.elapsed / 60, 2),
+              "pref": {k: v for k, v in asdict(pref).items()
+                       if k in ("annotator", "heldout_fraction", "dpo_beta", "dpo_loss")}}
+    update_summary(run_dir, "dpo", result)
+    atomic_write_json(done, result)
+    held = held_m["reward_accuracy"]
+    log(f"dpo: implicit-reward accuracy {train_m['reward_accuracy']:.1%} on {len(train_enc):,} "
+        f"training pairs (margin {train_m['margin']:.3f}), "
+        f"{'n/a' if held is None else f'{held:.1%}'} on {len(held_enc):,} held-out pairs")
+    return result

@@ -1,0 +1,351 @@
+"""Stage 5b, RLHF: optimise the SFT policy against the reward model learned from rankings,
+with a KL penalty that keeps it near the SFT model, and a guard against reward hacking.
+
+Algorithms: PPO with a value head and GAE (InstructGPT: per-token reward -beta * KL, the
+reward model's score at the last token), or critic-free RLOO / GRPO that share the RL
+stage's machinery (one sequence-level reward: score - beta * KL). Reward-model scores are
+normalised with running statistics; an answer that never ends its turn is penalised.
+
+The guard: every `eval_every` steps, held-out prompts are answered and measured by the proxy
+(the reward model), the gold (the simulated annotator: what people actually want), the KL to
+the SFT model, length and repetition. The best model by gold is kept; when gold has fallen
+for `guard_patience` evaluations while proxy rose, training stops. Gao, Schulman & Hilton
+(2022) found exactly this shape: gold first rises then falls as KL grows, proxy keeps rising.
+An optional unguarded run (kl_beta = 0, `overopt_steps`) draws that curve.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from echolm.annotator import gold_score
+from echolm.checkpoint import atomic_write_json, load_model, save_model
+from echolm.config import Config, PPOConfig, TrainConfig
+from echolm.data.prompts import PromptItem, rlhf_prompts
+from echolm.errors import EchoError
+from echolm.losses import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    group_advantages,
+    rloo_advantages,
+)
+from echolm.model import Transformer
+from echolm.summary import update_summary
+from echolm.tokenizer import Tokenizer
+from echolm.train.grpo import sample_responses
+from echolm.train.loop import Trainer, autocast, setup_distributed
+from echolm.train.reward_model import load_reward_model
+
+
+class PolicyWithValue(nn.Module):
+    """The policy plus a scalar value head on its final hidden states (PPO's critic)."""
+
+    def __init__(self, policy: Transformer) -> None:
+        super().__init__()
+        self.policy = policy
+        self.cfg = policy.cfg
+        self.value_head = nn.Linear(policy.cfg.n_embd, 1, bias=False)
+        nn.init.zeros_(self.value_head.weight)
+
+    def forward(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        captured: list[Tensor] = []
+        hook = self.policy.norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            logits = self.policy(idx)
+        finally:
+            hook.remove()
+        return logits, self.value_head(captured[0]).squeeze(-1).float()
+
+
+def response_logprobs(logits: Tensor, y: Tensor) -> Tensor:
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1)
+
+
+def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad: int
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """(inputs, targets, mask over response targets), right-padded."""
+    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+    T = max(len(s) for s in seqs) - 1
+    x = torch.full((len(seqs), T), pad, dtype=torch.long)
+    y = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
+        x[i, :len(s) - 1] = torch.tensor(s[:-1])
+        y[i, :len(s) - 1] = torch.tensor(s[1:])
+        mask[i, len(p) - 1:len(s) - 1] = 1
+    return x, y, mask
+
+
+def repetition(text: str) -> float:
+    """Share of word 3-grams that repeat an earlier one (0 = none)."""
+    words = text.split()
+    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+class RunningMoments:
+    """Running mean/std of reward-model scores (reward normalisation)."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, xs: list[float]) -> None:
+        for x in xs:  # Welford
+            self.n += 1
+            d = x - self.mean
+            self.mean += d / self.n
+            self.m2 += d * (x - self.mean)
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / (self.n - 1)) ** 0.5 if self.n > 1 else 1.0
+
+
+@dataclass
+class EvalResult:
+    proxy: float
+    gold: float
+    kl: float
+    length: float
+    repetition: float
+    finished: float
+    win_rate: float | None = None
+
+
+@torch.inference_mode()
+def evaluate_policy(model: Transformer, reference: Transformer, rm, tok: Tokenizer,
+                    items: list[PromptItem], p: PPOConfig, seed: int = 0,
+                    baseline: list[float] | None = None) -> tuple[EvalResult, list[float],
+                                                                   list[str]]:
+    """Answer held-out prompts (fixed seed) and measure proxy, gold, KL, length, repetition;
+    win rate against `baseline` gold scores (ties count half)."""
+    prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
+    sampled = sample_responses(model, tok, prompts, 1, p.max_tokens, p.temperature, seed)
+    texts = [tok.decode(r[:-1] if done else r) for r, done in sampled]
+    finished = [done for _, done in sampled]
+    proxy = rm.score(tok, [it.text for it in items], texts, finished).float()
+    gold = [gold_score(it, t, f) for it, t, f in zip(items, texts, finished, strict=True)]
+    x, y, mask = pad_batch(prompts, [r for r, _ in sampled], tok.pad)
+    kl_seq = ((response_logprobs(model(x), y) - response_logprobs(reference(x), y))
+              * mask).sum(1)
+    win = None
+    if baseline is not None:
+        win = sum(1.0 if g > b else 0.5 if g == b else 0.0
+                  for g, b in zip(gold, baseline, strict=True)) / len(gold)
+    res = EvalResult(proxy=float(proxy.mean()), gold=sum(gold) / len(gold),
+                     kl=float(kl_seq.mean()),
+                     length=sum(len(r) for r, _ in sampled) / len(sampled),
+                     repetition=sum(map(repetition, texts)) / len(texts),
+                     finished=sum(finished) / len(finished), win_rate=win)
+    return res, gold, texts
+
+
+def _policy_loss(model: nn.Module, item: tuple, p: PPOConfig, stats: dict) -> Tensor:
+    """PPO (per-token advantages + value loss) or critic-free (per-sequence advantages)."""
+    batch, idx = item
+    x, y, mask = batch["x"][idx], batch["y"][idx], batch["mask"][idx]
+    if p.algorithm == "ppo":
+        logits, values = model(x)
+    else:
+        logits, values = model(x), None
+    logp = response_logprobs(logits, y)
+    loss, st = clipped_policy_loss(logp, batch["logp_old"][idx], batch["adv"][idx], mask,
+                                   p.clip, p.clip, "token")
+    if values is not None:
+        vloss = clipped_value_loss(values, batch["values_old"][idx], batch["returns"][idx],
+                                   mask, p.value_clip)
+        loss = loss + p.vf_coef * vloss
+        stats["value_loss"] = float(vloss)
+    stats["clip_frac"] = float(st["clip_frac"])
+    return loss
+
+
+def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainConfig,
+             stage: str, log=print) -> tuple[dict, Transformer]:
+    """One RLHF run into `out` (the guarded main run, or the unguarded curve run); returns
+    its state (evaluation history ...) and the trained policy."""
+    d = setup_distributed()
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    policy = load_model(run_dir / "sft")
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    rm = load_reward_model(run_dir / "rm")
+    model: nn.Module = PolicyWithValue(policy) if p.algorithm == "ppo" else policy
+    train_items = rlhf_prompts("train", p.train_prompts, tcfg.seed)
+    eval_items = rlhf_prompts("val", p.eval_prompts, 0)
+
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(model, tcfg, out, stage, run_dir, d)
+    if trainer.resume():
+        log(f"{stage}: resuming from step {trainer.step_idx}")
+    ex = trainer.extra
+    if "sft_gold" not in ex:
+        sft_eval, ex["sft_gold"], _ = evaluate_policy(policy, reference, rm, tok, eval_items, p)
+        ex["history"] = [{"step": 0, **sft_eval.__dict__, "win_rate": 0.5}]
+        ex["best_gold"], ex["moments"], ex["stopped_by_guard"] = sft_eval.gold, (0, 0.0, 0.0), False
+        log(f"{stage}: SFT model: proxy {sft_eval.proxy:.3f}, gold {sft_eval.gold:.3f}")
+    moments = RunningMoments()
+    moments.n, moments.mean, moments.m2 = ex["moments"]
+    ctx = autocast(d.device, trainer.dtype)
+    bar = trainer.progress(stage)
+    k = max(1, p.samples_per_prompt)
+    while (trainer.step_idx < tcfg.max_steps and not trainer.out_of_time()
+           and not ex["stopped_by_guard"]):
+        step = trainer.step_idx
+        rng = random.Random(f"{tcfg.seed}:{step}")
+        items = rng.sample(train_items, min(p.prompts_per_step, len(train_items)))
+        prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
+        sampled = sample_responses(policy, tok, prompts, k, p.max_tokens, p.temperature,
+                                   seed=tcfg.seed * 7919 + step)
+        flat_prompts = [pr for pr in prompts for _ in range(k)]
+        flat_items = [it for it in items for _ in range(k)]
+        texts = [tok.decode(r[:-1] if done else r) for r, done in sampled]
+        finished = torch.tensor([done for _, done in sampled], dtype=torch.float32)
+        with torch.no_grad():
+            raw = rm.score(tok, [it.text for it in flat_items], texts,
+                           [bool(f) for f in finished.tolist()]).float()
+        moments.update(raw.tolist())
+        score = (raw - moments.mean) / (moments.std + 1e-6) if p.normalize_reward else raw
+        score = score - p.unfinished_penalty * (1 - finished)
+        x, y, mask = pad_batch(flat_prompts, [r for r, _ in sampled], tok.pad)
+        with torch.no_grad(), ctx:
+            if p.algorithm == "ppo":
+                logits, values_old = model(x)
+            else:
+                logits, values_old = model(x), None
+            logp_old = response_logprobs(logits, y)
+            logp_ref = response_logprobs(reference(x), y)
+        kl_tok = (logp_old - logp_ref) * mask
+        batch = {"x": x, "y": y, "mask": mask, "logp_old": logp_old}
+        if p.algorithm == "ppo":
+            last = mask.cumsum(1).argmax(1)  # position of each row's last response token
+            rewards = -p.kl_beta * kl_tok
+            rewards[torch.arange(len(sampled)), last] += score
+            adv, returns = gae(rewards, values_old * mask, mask, p.gamma, p.lam)
+            m = mask.bool()
+            adv = (adv - adv[m].mean()) / (adv[m].std() + 1e-8) * mask  # whitened
+            batch.update(adv=adv, returns=returns, values_old=values_old)
+        else:
+            seq_reward = (score - p.kl_beta * kl_tok.sum(1)).view(-1, k)
+            if k < 2:
+                raise EchoError(f"ppo.algorithm={p.algorithm} needs samples_per_prompt >= 2")
+            adv = rloo_advantages(seq_reward) if p.algorithm == "rloo" else group_advantages(
+                seq_reward)
+            batch["adv"] = adv.flatten()
+        stats: dict = {}
+        loss_fn = partial(_policy_loss, p=p, stats=stats)
+        order = torch.randperm(len(sampled), generator=torch.Generator().manual_seed(step))
+        for _ in range(p.epochs):
+            for idx in order.chunk(p.minibatches):
+                trainer.step([(batch, idx)], loss_fn, int(mask[idx].sum()))
+        trainer.step_idx = step + 1  # one RLHF step = one batch of samples
+        ex["moments"] = (moments.n, moments.mean, moments.m2)
+        rec = {"step": trainer.step_idx, "proxy_train": round(float(raw.mean()), 4),
+               "kl_train": round(float(kl_tok.sum(1).mean()), 4),
+               "finished_train": round(float(finished.mean()), 4),
+               "length_train": round(float(mask.sum(1).float().mean()), 2), **{
+                   s: round(v, 5) for s, v in stats.items()}}
+        if trainer.step_idx % p.eval_every == 0 or trainer.step_idx == tcfg.max_steps:
+            ev, _, _ = evaluate_policy(policy, reference, rm, tok, eval_items, p,
+                                       baseline=ex["sft_gold"])
+            ex["history"].append({"step": trainer.step_idx, **ev.__dict__})
+            rec.update({f"eval_{k2}": round(v, 4) for k2, v in ev.__dict__.items()})
+            if ev.gold > ex["best_gold"]:
+                ex["best_gold"] = ev.gold
+                save_model(policy, out / "best")
+            if p.guard and guard_should_stop([h["gold"] for h in ex["history"]],
+                                             [h["proxy"] for h in ex["history"]],
+                                             p.guard_patience):
+                ex["stopped_by_guard"] = True
+                log(f"{stage}: guard: gold fell for {p.guard_patience} evaluations while proxy "
+                    f"rose: stopping at step {trainer.step_idx}")
+        trainer.metrics.write(**rec)
+        bar.update(trainer.step_idx - bar.n)
+        bar.set_postfix(proxy=f"{rec['proxy_train']:.2f}", kl=f"{rec['kl_train']:.2f}")
+        if trainer.step_idx % tcfg.ckpt_every == 0 or ex["stopped_by_guard"]:
+            trainer.save()
+    bar.close()
+    trainer.save()
+    return ex, policy
+
+
+def guard_should_stop(gold: list[float], proxy: list[float], patience: int) -> bool:
+    """True when the last `patience` evaluations each lowered gold below the best so far
+    while proxy rose over the same stretch: the policy is learning to please the reward
+    model, not people."""
+    if len(gold) <= patience:
+        return False
+    recent = gold[-patience:]
+    best_before = max(gold[:-patience])
+    falling = all(b < a for a, b in zip([gold[-patience - 1]] + recent[:-1], recent,
+                                        strict=True))
+    return falling and recent[-1] < best_before and proxy[-1] > proxy[-patience - 1]
+
+
+def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
+    out, done = run_dir / "rlhf", run_dir / "rlhf" / "done.json"
+    if done.exists() and not force:
+        log(f"rlhf: already finished in {out} (use --force to redo)")
+        return json.loads(done.read_text())
+    if force:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(run_dir / "rlhf_unguarded", ignore_errors=True)
+    p, tcfg = cfg.ppo, cfg.rlhf
+    if p.algorithm not in ("ppo", "rloo", "grpo"):
+        raise EchoError(f"ppo.algorithm must be ppo, rloo or grpo, got {p.algorithm!r}")
+    ex, policy = optimise(cfg, run_dir, out, p, tcfg, "rlhf", log)
+    curve = None
+    if p.overopt_steps > 0:  # the over-optimisation curve: no KL penalty, no guard, longer
+        log(f"rlhf: unguarded run (kl_beta=0, {p.overopt_steps} steps) for the "
+            "over-optimisation curve")
+        free = replace(p, kl_beta=0.0, guard=False)
+        curve, _ = optimise(cfg, run_dir, run_dir / "rlhf_unguarded", free,
+                         replace(tcfg, max_steps=p.overopt_steps), "rlhf_unguarded", log)
+    # the model the stage hands on: the best by gold when the guard is on
+    best_dir = out / "best"
+    if p.guard and (best_dir / "model.safetensors").exists():
+        policy = load_model(best_dir)
+    save_model(policy, out)
+    best = max(ex["history"], key=lambda h: h["gold"]) if p.guard else ex["history"][-1]
+    result = {"gold_win_rate_vs_sft": round(best["win_rate"], 4),
+              "gold_reward": round(best["gold"], 4), "proxy_reward": round(best["proxy"], 4),
+              "kl": round(best["kl"], 4), "guard_stopped": ex["stopped_by_guard"],
+              "n": p.eval_prompts, "best_step": best["step"], "algorithm": p.algorithm,
+              "kl_beta": p.kl_beta, "sft_gold": round(ex["history"][0]["gold"], 4),
+              "history": ex["history"],
+              "unguarded_history": curve["history"] if curve else None}
+    update_summary(run_dir, "rlhf", {k: v for k, v in result.items()
+                                     if k not in ("history", "unguarded_history")})
+    atomic_write_json(done, result)
+    log(f"rlhf: gold {result['sft_gold']:.3f} (SFT) -> {result['gold_reward']:.3f} at step "
+        f"{best['step']}, win rate vs SFT {result['gold_win_rate_vs_sft']:.1%} "
+        f"(n={p.eval_prompts}), proxy {result['proxy_reward']:.3f}, KL {result['kl']:.2f}, "
+        f"guard stopped: {result['guard_stopped']}")
+    return result
+
+
+def gold_win_rate(cfg: Config, run_dir: Path, stage: str, log=print) -> dict:
+    """Gold reward of `stage`'s answers to the held-out RLHF prompts and its win rate
+    against SFT's answers (same prompts, same sampling seed; ties count half)."""
+    p = cfg.ppo
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    sft = load_model(run_dir / "sft")
+    rm = load_reward_model(run_dir / "rm")
+    items = rlhf_prompts("val", p.eval_prompts, 0)
+    _, sft_gold, _ = evaluate_policy(sft, sft, rm, tok, items, p)
+    ev, _, _ = evaluate_policy(load_model(run_dir / stage), sft, rm, tok, items, p,
+                               baseline=sft_gold)
+    log(f"{stage}: gold {sum(sft_gold) / len(sft_gold):.3f} (SFT) -> {ev.gold:.3f}, win rate "
+        f"vs SFT {ev.win_rate:.1%} (n={len(items)}), proxy {ev.proxy:.3f}, KL {ev.kl:.2f}")
+    return {"gold_win_rate_vs_sft": round(ev.win_rate, 4), "gold_reward": round(ev.gold, 4),
+            "proxy_reward": round(ev.proxy, 4), "kl": round(ev.kl, 4), "n": len(items)}
