@@ -1,0 +1,139 @@
+"""Shared helpers for the benchmarks in bench/: peak memory, a matmul peak to measure
+MFU against, medians, running one side of a comparison in its own process, and the
+one-JSON-object last line every benchmark prints.
+
+The benchmarks are run as scripts (``python bench/NAME.py``), so they import this module
+as ``common`` (the script's folder is first on sys.path).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / (1024 * 1024) if sys.platform == "darwin" else kib / 1024
+
+
+def current_rss_mb() -> float:
+    """Resident set size right now, in MiB (0 where /proc is unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+    except KeyError:
+        raise SystemExit(f"dtype '{name}': expected fp32 or bf16") from None
+
+
+def matmul_peak_tflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best observed rate of one large square matmul (n x n @ n x n) in `dtype`, in TFLOP/s:
+    the practical peak this machine reaches right now, the denominator for MFU."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm up (thread pool, kernel selection)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def run_json_child(argv: list[str], timeout: float | None = None) -> dict[str, Any]:
+    """Run a Python child (`argv` after the interpreter) and parse the JSON object on the
+    last line of its stdout; its stderr passes through. Raises with the child's output on
+    failure so a broken side is never silently reported as a number."""
+    proc = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, text=True,
+                          timeout=timeout, check=False)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"child {argv} failed (exit {proc.returncode}):\n{proc.stdout}")
+    return json.loads(lines[-1])
+
+
+class LockstepChild:
+    """One side of a comparison in its own process, driven one command at a time.
+
+    The child prints one JSON object per line on stdout: one when it is ready, then one reply
+    per command line it reads on stdin; ``close`` sends "done" and returns its last object.
+    Two of these stepped in alternation see the same machine load (paired samples) while
+    each keeps its own peak RSS; an idle child blocks on stdin and uses no CPU.
+    """
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.ready = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        skipped = []
+        for line in self.proc.stdout:
+            line = line.strip()
+            if line.startswith("{"):
+                return json.loads(line)
+            skipped.append(line)  # stray prints from libraries: not part of the protocol
+        self.proc.wait()
+        raise RuntimeError(f"child {self.argv} ended (exit {self.proc.returncode}) "
+                           f"without a reply; its other output: {skipped}")
+
+    def request(self, command: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> dict[str, Any]:
+        last = self.request("done")
+        self.proc.wait(timeout=60)
+        return last
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def serve_lockstep(handlers: dict[str, Any], ready: dict[str, Any]) -> None:
+    """The child side of LockstepChild: print `ready`, then answer each stdin line with
+    ``handlers[line]()`` (a dict) until "done", answered by ``handlers["done"]()``."""
+    print(json.dumps(ready), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command not in handlers:
+            raise SystemExit(f"unknown command {command!r} (known: {sorted(handlers)})")
+        print(json.dumps(handlers[command]()), flush=True)
+        if command == "done":
+            return
+
+
+def emit_json(record: dict[str, Any]) -> None:
+    """Print `record` as the single-line JSON object that ends a benchmark's stdout."""
+    sys.stdout.flush()
+    print(json.dumps(record), flush=True)
