@@ -27,6 +27,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_CPU)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	@# headless Chromium (Debian's) for the web page's browser tests; never a downloaded one
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+	  >/dev/null; } || echo "chromium missing: the browser tests will skip (and say so)"
 	@touch $@
 
 demo: setup
