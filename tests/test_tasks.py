@@ -102,7 +102,8 @@ def test_solutions_verify(task_and_problems):
     task, train, val = task_and_problems
     for p in train + val:
         assert p.task == task.name
-        assert p.solution.splitlines()[-1] == f"Answer: {p.answer}"
+        if task.name != "identity":  # identity replies are plain conversation
+            assert p.solution.splitlines()[-1] == f"Answer: {p.answer}"
         assert task.extract(p.solution) == p.answer, p
         assert task.score(p, p.solution) == 1.0, p
         # Also when the model wraps it differently.

@@ -26,7 +26,7 @@ class Problem:
     id: str  # stable id, unique within the family
     prompt: str  # the user's message
     answer: str  # canonical final answer, e.g. "42"
-    solution: str  # worked assistant reply for SFT; its last line is "Answer: <answer>"
+    solution: str  # worked assistant reply for SFT; ends "Answer: <answer>" (not identity)
 
 
 class Task(ABC):

@@ -14,7 +14,6 @@ import re
 from echolm.tasks.base import (
     Problem,
     Task,
-    answer_line,
     check_split,
     sample_unique,
     short_hash,
@@ -104,7 +103,8 @@ class IdentityTask(Task):
             id=f"identity:{short_hash(prompt)}",
             prompt=prompt,
             answer=NAME,
-            solution=f"{rng.choice(REPLIES)}\n{answer_line(NAME)}",
+            # a plain reply (no "Answer:" line): this is conversation, not an exercise
+            solution=rng.choice(REPLIES),
         )
 
     def problems(self, split: str, n: int, seed: int = 0) -> list[Problem]:
