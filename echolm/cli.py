@@ -102,6 +102,14 @@ def cmd_dpo(a: argparse.Namespace) -> None:
     run_dpo(cfg, a.run, force=a.force)
 
 
+def cmd_rlhf(a: argparse.Namespace) -> None:
+    from echolm.pipeline import resolve_run_config
+    from echolm.train.rlhf import run_rlhf
+
+    cfg = resolve_run_config(a.run, a.preset, a.overrides)
+    run_rlhf(cfg, a.run, force=a.force)
+
+
 def cmd_eval(a: argparse.Namespace) -> None:
     from echolm.pipeline import resolve_run_config
     from echolm.scorecard import evaluate_run
@@ -221,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="echolm", description="Echo: build a chat language model end to end and see what "
-        "each step did. Stages: data -> tokenizer -> pretrain -> sft -> rl (more to come).")
+        "each step did. Stages: data -> tokenizer -> pretrain -> sft -> rl -> rank -> rm -> "
+        "rlhf / dpo -> eval -> report.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run every stage into one run directory (resumable)")
@@ -369,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
             ("--max-batch", 64, "sequences decoded together (more wait their turn)")]:
         p.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("rlhf", help="optimise the SFT model against the reward model (PPO, "
+                       "RLOO or GRPO) with a KL penalty and a reward-hacking guard")
+    _run_args(p)
+    p.set_defaults(fn=cmd_rlhf)
 
     p = sub.add_parser("eval", help="the same measurements for every stage's model")
     _run_args(p)
