@@ -2,7 +2,8 @@
 
 RMSNorm, rotary position embeddings (RoPE, the "rotate half" layout HF uses), grouped-query
 attention through `scaled_dot_product_attention`, optional per-head QK-norm (Qwen3), SwiGLU MLP,
-optional tied embeddings, no biases. Parameter names match Hugging Face's Llama/Qwen3 modules
+optional tied embeddings, no biases except optional q/k/v ones (Qwen2's `attention_bias`).
+Parameter names match Hugging Face's Llama/Qwen3 modules
 (minus the leading ``model.``) so export and import are a rename, not a conversion.
 """
 
@@ -24,7 +25,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # weight in the input's dtype: under bf16 autocast this keeps the fused kernel
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 def rope_tables(cfg: ModelConfig, length: int) -> tuple[Tensor, Tensor]:
@@ -47,7 +49,9 @@ class KVCache:
     """Preallocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim).
 
     All rows share one write position (prompts are left-padded); `valid` marks which cached
-    positions hold real tokens so padding is never attended to.
+    positions hold real tokens so padding is never attended to. `padded` (a Python bool) says
+    whether any row has padding at all: without it, a decode step needs no mask and every row's
+    position is `len`, so the step builds no index or mask tensors.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int,
@@ -57,22 +61,30 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # next position id per row
+        self.padded = False
         self.len = 0
         self.max_len = max_len
+        self._split()
+
+    def _split(self) -> None:
+        self.layers = [(self.k[i], self.v[i]) for i in range(self.k.shape[0])]  # views
 
     def reorder(self, index: Tensor) -> None:
         """Keep only rows `index` (e.g. drop finished sequences)."""
         self.k, self.v = self.k[:, index], self.v[:, index]
         self.valid, self.pos = self.valid[index], self.pos[index]
+        self.padded = not bool(self.valid[:, :self.len].all())
+        self._split()
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer, self.n_head, self.n_kv, self.d = layer, cfg.n_head, cfg.n_kv_head, cfg.d_head
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.d_head, bias=False)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.d_head, bias=False)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.d_head, bias=False)
+        bias = cfg.attention_bias  # q/k/v biases (Qwen2); off for Echo's own models
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.d_head, bias=bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.d_head, bias=bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.d_head, bias=bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.d_head, cfg.n_embd, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.d_head, cfg.norm_eps)
@@ -91,9 +103,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # write this step's keys/values, attend over everything so far
             start, end = cache.len, cache.len + T
-            cache.k[self.layer, :, :, start:end] = k
-            cache.v[self.layer, :, :, start:end] = v
-            k, v = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
+            k_cache, v_cache = cache.layers[self.layer]
+            k_cache[:, :, start:end] = k
+            v_cache[:, :, start:end] = v
+            k, v = k_cache[:, :, :end], v_cache[:, :, :end]
         causal = mask is None and k.shape[2] == T and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv != self.n_head)
@@ -147,6 +160,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
                 p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.zero_()  # residual branches start as identity: stable early training
             elif name == "embed_tokens.weight":
@@ -171,22 +186,7 @@ class Transformer(nn.Module):
         if cache is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
-            start, end = cache.len, cache.len + T
-            if end > cache.max_len:
-                raise ValueError(f"KV cache full: {start} + {T} > {cache.max_len}")
-            real = valid if valid is not None else torch.ones_like(idx, dtype=torch.bool)
-            cache.valid[:, start:end] = real
-            positions = (cache.pos[:, None] + real.long().cumsum(1) - 1).clamp_(min=0)
-            cache.pos += real.sum(1)
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-            padded = not bool(cache.valid[:, :end].all())
-            if padded or (start > 0 and T > 1):
-                # causal within the chunk, real keys only; a query always sees itself so that
-                # a padding row never has an empty softmax (which would give NaN)
-                causal = torch.ones(T, end, dtype=torch.bool, device=idx.device).tril(start)
-                self_pos = torch.zeros_like(causal)
-                self_pos[torch.arange(T), torch.arange(start, end)] = True
-                mask = ((causal[None] & cache.valid[:, None, :end]) | self_pos[None])[:, None]
+            cos, sin, mask = self.cache_inputs(cache, T, valid, idx.device)
         x = self.embed_tokens(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for block in self.layers:
@@ -194,6 +194,53 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.len += T
         return self.lm_head(self.norm(x))
+
+    def cache_inputs(self, cache: KVCache, T: int, valid: Tensor | None,
+                     device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Record which of the next T cached positions are real; return the RoPE rows and the
+        attention mask (None when plain attention is right) for this chunk."""
+        start, end = cache.len, cache.len + T
+        if end > cache.max_len:
+            raise ValueError(f"KV cache full: {start} + {T} > {cache.max_len}")
+        if valid is None:
+            cache.valid[:, start:end] = True
+        else:
+            cache.valid[:, start:end] = valid
+            cache.padded = cache.padded or not bool(valid.all())
+        if not cache.padded:  # every row is at position `start`: slices, no mask for a step
+            cache.pos += T
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+            if start == 0 or T == 1:
+                return cos, sin, None  # plain causal (prefill) / attend to everything (step)
+            causal = torch.ones(T, end, dtype=torch.bool, device=device).tril(start)
+            return cos, sin, causal
+        if valid is None and T == 1:  # decode step with padding: each row at its own position
+            positions = cache.pos[:, None].clone()
+            cache.pos += 1
+            mask = cache.valid[:, None, None, :end]  # real keys only (the new one is real)
+        else:
+            real = valid if valid is not None else torch.ones(cache.valid.shape[0], T,
+                                                              dtype=torch.bool, device=device)
+            positions = (cache.pos[:, None] + real.long().cumsum(1) - 1).clamp_(min=0)
+            cache.pos += real.sum(1)
+            # causal within the chunk, real keys only; a query always sees itself so that
+            # a padding row never has an empty softmax (which would give NaN)
+            causal = torch.ones(T, end, dtype=torch.bool, device=device).tril(start)
+            self_pos = torch.zeros_like(causal)
+            self_pos[torch.arange(T), torch.arange(start, end)] = True
+            mask = ((causal[None] & cache.valid[:, None, :end]) | self_pos[None])[:, None]
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None], mask
+
+    def hidden_states(self, idx: Tensor) -> Tensor:
+        """Final normalised hidden states (B, T, n_embd) of token ids (B, T): `forward` without a
+        cache and without `lm_head`. For other heads (a reward model's score) and for logits
+        at a few positions only (DPO's response tokens)."""
+        T = idx.shape[1]
+        x = self.embed_tokens(idx)
+        cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, None, None)
+        return self.norm(x)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -4,6 +4,10 @@ Training and the saved file (`tokenizer.json`) are Hugging Face's, so any tool c
 Encoding large text goes through a `tiktoken` encoding built from the same merge ranks, which
 gives the same ids (tested) several times faster. The chat format lives here too: special
 tokens and `render_conversation`, which marks the tokens the assistant is trained on.
+
+A tokenizer imported with a Hugging Face model (`echolm import hf`, see echolm/hf.py) cuts text
+its own way (another split pattern, or SentencePiece-style pieces): it is not "native", and
+encodes through `tokenizers` itself; Echo's special tokens were added to it on import.
 """
 
 from __future__ import annotations
@@ -58,6 +62,26 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     ])
 
 
+def _is_native(hf: HFTokenizer) -> bool:
+    """Whether `hf` cuts text as Echo's own tokenizers do (byte-level BPE with Echo's split
+    pattern, no normalizer), so that the tiktoken path gives its ids."""
+    ref = HFTokenizer(models.BPE())
+    ref.pre_tokenizer = _pre_tokenizer()
+    return (isinstance(hf.model, models.BPE) and hf.normalizer is None
+            and hf.pre_tokenizer is not None
+            and hf.pre_tokenizer.__getstate__() == ref.pre_tokenizer.__getstate__())
+
+
+def _piece_bytes(piece: str, dec: dict[str, int], byte_level: bool) -> bytes:
+    """The bytes a vocabulary entry spells: byte-level BPE (GPT-2 alphabet), SentencePiece
+    byte fallback (`<0x0A>`), or a SentencePiece piece (`▁` is a space)."""
+    if byte_level and all(c in dec for c in piece):
+        return bytes(dec[c] for c in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train byte-level BPE with every byte in the base alphabet and the chat special tokens."""
     minimum = 256 + len(SPECIAL_TOKENS) + 1
@@ -85,6 +109,9 @@ class Tokenizer:
         self.bos = self.special[BOS]
         self.pad = self.special["<|pad|>"]
         self.assistant_end = self.special["<|assistant_end|>"]
+        self.native = _is_native(hf)
+        if not self.native:  # imported: encode with `tokenizers`, special-token text stays text
+            hf.encode_special_tokens = True
 
     # ---- persistence -------------------------------------------------------------------
     @classmethod
@@ -123,9 +150,13 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids (special-token strings in the text are treated as text)."""
+        if not self.native:
+            return self.hf.encode(text, add_special_tokens=False).ids
         return self.tiktoken.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]:
+        if not self.native:
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
         return self.tiktoken.encode_ordinary_batch(texts, num_threads=threads)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -138,11 +169,14 @@ class Tokenizer:
     @cached_property
     def token_bytes(self) -> list[bytes]:
         dec = _byte_decoder()
-        out = [b""] * self.vocab_size
-        specials = set(self.special.values())
-        for tok, i in self.hf.get_vocab().items():
+        vocab = self.hf.get_vocab()
+        out = [b""] * max(self.vocab_size, max(vocab.values()) + 1)
+        specials = set(self.special.values()) | {
+            i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        byte_level = isinstance(self.hf.decoder, decoders.ByteLevel)
+        for tok, i in vocab.items():
             if i not in specials:
-                out[i] = bytes(dec[c] for c in tok)
+                out[i] = _piece_bytes(tok, dec, byte_level)
         return out
 
     def pieces(self, text: str) -> list[tuple[int, str]]:

@@ -107,15 +107,21 @@ def test_micro_pipeline_end_to_end_writes_the_summary_contract(tmp_path, corpus,
     for key in ("val_bpb", "params", "tokens", "minutes"):
         assert s["base"][key] > 0
     assert set(s["sft"]["tasks"]) == {"arithmetic", "spelling", "identity"}
+    for stage in ("rl", "rm", "rlhf", "dpo"):  # every later stage reports too
+        assert stage in s, stage
+    assert 0 <= s["rlhf"]["gold_win_rate_vs_sft"] <= 1 and s["rm"]["n"] > 0
+    assert (run / "report" / "report.md").exists()
     for t in s["sft"]["tasks"].values():
         assert 0 <= t["base"] <= 1 and 0 <= t["sft"] <= 1 and t["n"] > 0
     assert json.loads((run / "report" / "summary.json").read_text()) == s
     assert (run / "report" / "pretrain.png").stat().st_size > 10_000
     for stage in ("base", "sft"):
         assert (run / stage / "model.safetensors").exists()
-    # a second run is a no-op: every stage is already finished
+    # a second run is a no-op: every stage is already finished, nothing trains again
+    metrics = (run / "metrics.jsonl").read_text()
     r = echolm_cli(*_run_args(run, corpus), timeout=120)
-    assert r.returncode == 0 and r.stdout.count("already finished") == 2, r.stdout
+    assert r.returncode == 0 and r.stdout.count("already finished") >= 2, r.stdout
+    assert (run / "metrics.jsonl").read_text() == metrics
 
 
 @pytest.mark.slow

@@ -66,31 +66,30 @@ def builtin_mixture(specs: list[str], per_task: int, seed: int) -> list[list[dic
     return convs
 
 
+def check_messages(msgs: Any, where: str) -> list[dict]:
+    """A conversation's messages, checked: a non-empty list of {role, content} objects with at
+    least one assistant message. `where` names the file and line (or dataset and row)."""
+    if not isinstance(msgs, list) or not msgs:
+        raise EchoError(f"{where}: field 'messages' must be a non-empty list")
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise EchoError(f"{where}: messages[{k}].role must be system, user or assistant")
+        if not isinstance(m.get("content"), str):
+            raise EchoError(f"{where}: messages[{k}].content must be a string")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise EchoError(f"{where}: no assistant message (nothing to learn from)")
+    return msgs
+
+
 def read_chat_file(path: Path) -> list[list[dict]]:
-    convs = []
-    for n, rec in read_jsonl(path):
-        msgs = rec.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise EchoError(f"{path}:{n}: field 'messages' must be a non-empty list")
-        for k, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise EchoError(f"{path}:{n}: messages[{k}].role must be system, user or "
-                                "assistant")
-            if not isinstance(m.get("content"), str):
-                raise EchoError(f"{path}:{n}: messages[{k}].content must be a string")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise EchoError(f"{path}:{n}: no assistant message (nothing to learn from)")
-        convs.append(msgs)
-    return convs
+    return [check_messages(rec.get("messages"), f"{path}:{n}") for n, rec in read_jsonl(path)]
 
 
 def _hf_chats(spec: str) -> list[list[dict]]:
-    from echolm.data.text import _hf_dataset
+    from echolm.data.text import hf_column
 
-    ds = _hf_dataset(spec)
-    if "messages" not in ds.column_names:
-        raise EchoError(f"data source '{spec}': no 'messages' column (has {ds.column_names})")
-    return [list(r["messages"]) for r in ds]
+    return [check_messages(msgs, f"data source '{spec}': row {row}")
+            for row, msgs in hf_column(spec, "messages")]
 
 
 def load_conversations(sources: list[str], specs: list[str], per_task: int, seed: int

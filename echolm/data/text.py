@@ -10,6 +10,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from echolm.errors import EchoError
 
@@ -69,8 +70,12 @@ def _file_docs(path: Path) -> Iterator[str]:
 
 
 def _hf_dataset(spec: str):  # noqa: ANN202 - a datasets.Dataset, imported lazily
-    """``hf:NAME[:CONFIG][:SPLIT]``: a hub dataset, or a folder saved with save_to_disk."""
+    """``hf:NAME[:CONFIG][:SPLIT]``: a hub dataset, or a local folder (one written by
+    ``save_to_disk``, else any folder of data files ``load_dataset`` reads). SPLIT defaults to
+    train."""
     parts = spec.split(":")[1:]
+    if len(parts) > 3:
+        raise EchoError(f"data source '{spec}': expected hf:NAME[:CONFIG][:SPLIT]")
     name, config, split = (parts + [None, None, None])[:3]
     if not name:
         raise EchoError(f"data source '{spec}': expected hf:NAME[:CONFIG][:SPLIT]")
@@ -79,20 +84,45 @@ def _hf_dataset(spec: str):  # noqa: ANN202 - a datasets.Dataset, imported lazil
     except ImportError:
         raise EchoError(f"data source '{spec}' needs the optional `datasets` package: "
                         "pip install 'echolm[hf]'") from None
-    if Path(name).is_dir():
-        ds = datasets.load_from_disk(name)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split or "train"]
-        return ds
-    return datasets.load_dataset(name, config or None, split=split or "train")
+    split = split or "train"
+    folder = Path(name).expanduser()
+    saved = folder.is_dir() and any((folder / f).exists()
+                                    for f in ("state.json", "dataset_dict.json"))
+    try:
+        if saved:
+            ds = datasets.load_from_disk(str(folder))
+        else:
+            ds = datasets.load_dataset(str(folder) if folder.is_dir() else name,
+                                       config or None, split=split)
+    except Exception as e:  # datasets raises many types (offline, missing, bad split ...)
+        msg = " ".join(str(e).split())[:300]
+        raise EchoError(f"data source '{spec}': cannot load it ({type(e).__name__}: {msg})"
+                        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise EchoError(f"data source '{spec}': no split '{split}' (has {sorted(ds)})")
+        ds = ds[split]
+    return ds
+
+
+def hf_column(spec: str, column: str, batch_size: int = 1024) -> Iterator[tuple[int, Any]]:
+    """(row, value) of one column of a hub / saved dataset; a missing column is an error."""
+    ds = _hf_dataset(spec)
+    if column not in ds.column_names:
+        raise EchoError(f"data source '{spec}': no '{column}' column (has {ds.column_names})")
+    row = 0
+    for batch in ds.select_columns([column]).iter(batch_size=batch_size):
+        for value in batch[column]:
+            yield row, value
+            row += 1
 
 
 def _hf_docs(spec: str) -> Iterator[str]:
-    ds = _hf_dataset(spec)
-    if "text" not in ds.column_names:
-        raise EchoError(f"data source '{spec}': no 'text' column (has {ds.column_names})")
-    for rec in ds:
-        yield rec["text"]
+    for row, text in hf_column(spec, "text"):
+        if not isinstance(text, str):
+            raise EchoError(f"data source '{spec}': row {row}: 'text' must be a string, "
+                            f"got {text!r:.40}")
+        yield text
 
 
 def source_files(source: str) -> list[Path]:

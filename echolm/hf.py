@@ -1,0 +1,446 @@
+"""Hugging Face interop: `echolm export hf` and `echolm import hf`.
+
+Echo's model has Hugging Face's parameter names (minus the leading ``model.``), so both
+directions are a rename plus a config translation; no tensor is ever transformed.
+
+Export writes a folder that `transformers` loads with ``AutoModelForCausalLM`` and
+``AutoTokenizer``: ``LlamaForCausalLM`` when QK-norm is off (``Qwen2ForCausalLM`` when the model
+also has q/k/v biases), ``Qwen3ForCausalLM`` when it is on. Weights are fp32 safetensors; the
+tokenizer is the run's own ``tokenizer.json`` with a Jinja chat template that renders exactly
+Echo's chat format (``<|bos|>`` comes from the template, the tokenizer adds nothing), and
+``generation_config.json`` stops at ``<|assistant_end|>`` (a base model also at ``<|bos|>``,
+its end of document). The folder is written under a temporary name and renamed.
+
+Import takes a local Llama / Qwen2 / Qwen3 checkpoint folder (config.json, safetensors, a fast
+tokenizer's tokenizer.json) and makes a run directory whose ``tokenizer`` and ``base`` stages
+are finished, so SFT (or any later stage) starts from it. What Echo's model cannot compute is
+refused with the config field named: rope scaling other than the default, sliding-window
+attention, activations other than SiLU, MLP biases, an o_proj bias that is not zero.
+
+Foreign tokenizers. An imported model keeps its own tokenizer, ids and merges unchanged: its
+pretrained embeddings only mean anything for those ids. Echo's chat format needs Echo's special
+tokens (``<|bos|>``, ``<|user_start|>`` ...), so import *adds* the missing ones to the
+tokenizer as special tokens (ids after the last existing one; an Echo export already has them
+and nothing changes, which makes export -> import bit-exact). The embedding (and an untied
+head) gets rows for them: a new token's row is the mean of the existing tokens' rows, except
+``<|bos|>``, which copies the source model's BOS row when it has one (Echo starts every
+document and conversation with ``<|bos|>``, so the model keeps its usual first token). New rows
+beyond the source's vocabulary extend the matrices. The model's own chat template (ChatML,
+Llama 3's headers, ...) is not used: SFT then teaches the model Echo's format, and an export
+of the result carries Echo's template. Echo's `Tokenizer` encodes such a tokenizer through
+`tokenizers` itself (not tiktoken), since its split pattern differs from Echo's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as HFTokenizer
+
+from echolm.checkpoint import atomic_write_json, load_model, read_weights, stage_dir
+from echolm.config import ModelConfig
+from echolm.errors import EchoError
+from echolm.model import Transformer
+from echolm.tokenizer import BOS, SPECIAL_TOKENS, Tokenizer
+
+# Echo's chat format (Tokenizer.render_conversation / render_prompt) as a Jinja template. The
+# {% generation %} block marks what Echo trains on (assistant text and its end token), so
+# `return_assistant_tokens_mask=True` gives Echo's loss mask.
+CHAT_TEMPLATE = (
+    "{{- '<|bos|>' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('role must be system, user or assistant, got ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'system' and not loop.first -%}"
+    "{{- raise_exception('a system message must come first') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|assistant_start|>' -}}"
+    "{%- generation -%}{{- message['content'] + '<|assistant_end|>' -}}{%- endgeneration -%}"
+    "{%- else -%}"
+    "{{- '<|' + message['role'] + '_start|>' + message['content'] + '<|' + message['role']"
+    " + '_end|>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
+)
+SUPPORTED = ("llama", "qwen2", "qwen3")
+
+
+def _atomic_dir(out: Path, force: bool) -> Path:
+    """A fresh temporary sibling of `out` to fill, after checking `out` may be (re)placed."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise EchoError(f"{out}: already exists and is not empty (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    os.replace(tmp, out)
+
+
+# ---- export ---------------------------------------------------------------------------------
+
+def hf_architecture(cfg: ModelConfig) -> tuple[str, str]:
+    """(model_type, architecture class) that computes exactly what Echo's model does."""
+    if cfg.qk_norm:
+        return "qwen3", "Qwen3ForCausalLM"
+    if cfg.attention_bias:
+        return "qwen2", "Qwen2ForCausalLM"
+    return "llama", "LlamaForCausalLM"
+
+
+def hf_config(cfg: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
+    """config.json for `transformers` (both the 4.x `rope_theta` and 5.x `rope_parameters`)."""
+    model_type, arch = hf_architecture(cfg)
+    if model_type == "llama" and cfg.n_embd % cfg.n_head:
+        raise EchoError(f"model.n_embd={cfg.n_embd} is not a multiple of model.n_head="
+                        f"{cfg.n_head}: transformers' Llama refuses that (head_dim is fine "
+                        "for Qwen3, i.e. with model.qk_norm=true)")
+    out: dict[str, Any] = {
+        "architectures": [arch], "model_type": model_type,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.d_mlp, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.d_head, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0,
+        "use_cache": True, "bos_token_id": tok.bos, "eos_token_id": tok.assistant_end,
+        "pad_token_id": tok.pad, "torch_dtype": "float32",
+    }
+    if model_type == "llama":
+        out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    else:
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
+                   layer_types=["full_attention"] * cfg.n_layer)
+        if model_type == "qwen3":
+            out["attention_bias"] = cfg.attention_bias
+    return out
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Echo's tensors under HF names (``model.`` prefix; a tied head is not stored)."""
+    cfg = model.cfg
+    sd = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            if not cfg.tie_embeddings:
+                sd[name] = t.detach().float().contiguous()
+            continue
+        sd[f"model.{name}"] = t.detach().float().contiguous()
+    if cfg.attention_bias and cfg.qk_norm:  # Qwen3's attention_bias includes o_proj: zero it
+        for i in range(cfg.n_layer):
+            sd[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(cfg.n_embd)
+    return sd
+
+
+def tokenizer_files(tok: Tokenizer, cfg: ModelConfig) -> dict[str, dict]:
+    """tokenizer_config.json and special_tokens_map.json for `AutoTokenizer`."""
+    specials = {"bos_token": BOS, "eos_token": "<|assistant_end|>", "pad_token": "<|pad|>"}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
+              "add_bos_token": False, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False, "model_max_length": cfg.max_seq_len,
+              "chat_template": CHAT_TEMPLATE}
+    return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
+
+
+def export_hf(run_dir: Path, out: Path, stage: str | None = None, force: bool = False,
+              log=print) -> dict[str, Any]:
+    """Write `stage`'s model (default: the latest) and the run's tokenizer as a folder that
+    `transformers` loads. Returns what was written."""
+    folder = stage_dir(run_dir, stage)
+    tok_file = run_dir / "tokenizer" / "tokenizer.json"
+    tok = Tokenizer.load(tok_file)
+    model = load_model(folder)
+    cfg = model.cfg
+    if tok.vocab_size > cfg.vocab_size:
+        raise EchoError(f"{tok_file}: the tokenizer has {tok.vocab_size} tokens, more than the "
+                        f"model's vocab_size {cfg.vocab_size}")
+    config = hf_config(cfg, tok)
+    tmp = _atomic_dir(out, force)
+    save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    atomic_write_json(tmp / "config.json", config)
+    eos: int | list[int] = tok.assistant_end
+    if folder.name == "base":  # a base model ends a document with <|bos|>, never a turn
+        eos = [tok.assistant_end, tok.bos]
+    atomic_write_json(tmp / "generation_config.json", {
+        "bos_token_id": tok.bos, "eos_token_id": eos, "pad_token_id": tok.pad})
+    shutil.copyfile(tok_file, tmp / "tokenizer.json")  # byte for byte: same ids everywhere
+    for name, obj in tokenizer_files(tok, cfg).items():
+        atomic_write_json(tmp / name, obj)
+    atomic_write_json(tmp / "echolm.json", {
+        "run": str(run_dir.resolve()), "stage": folder.name, "echo_model_config": vars(cfg),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    _publish(tmp, out)
+    result = {"out": str(out), "stage": folder.name, "architecture": config["architectures"][0],
+              "params": model.num_params()}
+    log(f"export: {folder.name} model ({model.num_params():,} parameters) -> {out} as "
+        f"{config['architectures'][0]}")
+    return result
+
+
+# ---- import ---------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EchoError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EchoError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise EchoError(f"{path}: expected a JSON object")
+    return data
+
+
+def _rope_theta(hf: dict[str, Any], where: str) -> float:
+    """rope_theta from a 4.x (`rope_theta` + `rope_scaling`) or 5.x (`rope_parameters`) config;
+    anything but plain RoPE is refused."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise EchoError(f"{where}: rope_parameters must be an object")
+    if any(isinstance(v, dict) for v in params.values()):
+        raise EchoError(f"{where}: rope_parameters per layer type are not supported")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise EchoError(f"{where}: rope scaling '{kind}' (rope_parameters.rope_type) is not "
+                        "supported: Echo's model implements plain RoPE only")
+    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if factor not in (None, 1, 1.0):
+        raise EchoError(f"{where}: partial_rotary_factor={factor} is not supported")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+
+
+def echo_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+    """Translate an HF config.json to Echo's ModelConfig, or refuse naming the field."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED:
+        raise EchoError(f"{where}: model_type={model_type!r} is not supported (Echo imports "
+                        f"{', '.join(SUPPORTED)})")
+
+    def need(key: str) -> int:
+        v = hf.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise EchoError(f"{where}: {key} must be a positive integer, got {v!r}")
+        return v
+
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise EchoError(f"{where}: hidden_act={act!r} is not supported (Echo's MLP is SwiGLU)")
+    if hf.get("mlp_bias"):
+        raise EchoError(f"{where}: mlp_bias=true is not supported (Echo's MLP has no biases)")
+    if hf.get("use_sliding_window"):
+        raise EchoError(f"{where}: use_sliding_window=true is not supported (Echo's attention "
+                        "is full causal attention)")
+    if model_type == "llama" and hf.get("sliding_window"):
+        raise EchoError(f"{where}: sliding_window is not supported")
+    layer_types = hf.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        odd = sorted({t for t in layer_types if t != "full_attention"})
+        raise EchoError(f"{where}: layer_types {odd} are not supported (only full_attention)")
+    n_embd, n_head = need("hidden_size"), need("num_attention_heads")
+    n_kv = hf.get("num_key_value_heads") or n_head
+    if model_type == "qwen3":
+        head_dim = hf.get("head_dim") or 128  # Qwen3Config's default
+    else:
+        head_dim = hf.get("head_dim") or n_embd // n_head
+    intermediate = need("intermediate_size")
+    cfg = ModelConfig(
+        vocab_size=need("vocab_size"), n_layer=need("num_hidden_layers"), n_embd=n_embd,
+        n_head=n_head, n_kv_head=n_kv, head_dim=head_dim, mlp_hidden=intermediate,
+        max_seq_len=hf.get("max_position_embeddings") or (2048 if model_type == "llama"
+                                                          else 32768),
+        rope_theta=_rope_theta(hf, where), qk_norm=model_type == "qwen3",
+        attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias")),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        init_std=float(hf.get("initializer_range", 0.02)))
+    # Echo's defaults where they give the same numbers, so an Echo export round-trips exactly
+    if n_embd % n_head == 0 and head_dim == n_embd // n_head:
+        cfg.head_dim = 0
+    if intermediate == ModelConfig(n_embd=n_embd).d_mlp:
+        cfg.mlp_hidden = 0
+    try:
+        cfg.validate()
+    except EchoError as e:
+        raise EchoError(f"{where}: {e}") from None
+    return cfg
+
+
+def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.exists():
+        files = [single]
+    elif index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise EchoError(f"{index}: no weight_map")
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+    elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise EchoError(f"{folder}: only PyTorch .bin weights; Echo reads safetensors (re-save "
+                        "with save_pretrained(..., safe_serialization=True))")
+    else:
+        raise EchoError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(read_weights(f))
+    return tensors
+
+
+def _echo_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, has_o_bias: bool,
+                  where: str) -> dict[str, torch.Tensor]:
+    """Rename HF tensors to Echo's (fp32) and check them against the model's shapes."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # older checkpoints store RoPE frequencies; Echo recomputes them
+        key = name.removeprefix("model.")
+        if key.endswith("self_attn.o_proj.bias") and has_o_bias:
+            if bool(t.any()):
+                raise EchoError(f"{where}: {name} is not zero: Echo's attention has biases on "
+                                "q/k/v only (attention_bias with a nonzero o_proj bias)")
+            continue
+        if key == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # tied: the embedding is the head
+        out[key] = t.to(torch.float32).contiguous()
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    if cfg.tie_embeddings:
+        shapes.pop("lm_head.weight")
+    missing = [k for k in shapes if k not in out]
+    unexpected = [k for k in out if k not in shapes]
+    if missing or unexpected:
+        raise EchoError(f"{where}: weights do not match config.json (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    for k, shape in shapes.items():
+        if out[k].shape != shape:
+            raise EchoError(f"{where}: {k} has shape {tuple(out[k].shape)}, config.json implies "
+                            f"{tuple(shape)}")
+    return out
+
+
+def _source_bos(folder: Path, hf: dict[str, Any], tok: HFTokenizer) -> int | None:
+    """The source model's BOS id: tokenizer_config.json's bos_token, else config.json's."""
+    tc = folder / "tokenizer_config.json"
+    if tc.exists():
+        bos = _read_json(tc).get("bos_token")
+        if isinstance(bos, dict):
+            bos = bos.get("content")
+        if isinstance(bos, str) and tok.token_to_id(bos) is not None:
+            return tok.token_to_id(bos)
+    bos_id = hf.get("bos_token_id")
+    return bos_id if isinstance(bos_id, int) and not isinstance(bos_id, bool) else None
+
+
+def import_tokenizer(folder: Path) -> tuple[HFTokenizer, list[str]]:
+    """The source's tokenizer with Echo's missing special tokens added (ids after the last)."""
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise EchoError(f"{path}: missing; Echo imports fast tokenizers (tokenizer.json). "
+                        "Save one with AutoTokenizer.from_pretrained(...).save_pretrained(...)")
+    try:
+        hf = HFTokenizer.from_file(str(path))
+    except Exception as e:  # the library raises plain Exceptions for bad files
+        raise EchoError(f"{path}: not a valid tokenizer.json ({e})") from None
+    missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+    if missing:
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    return hf, missing
+
+
+def import_hf(src: Path, run_dir: Path, force: bool = False, log=print) -> dict[str, Any]:
+    """Make `run_dir` (tokenizer + finished base stage) from an HF checkpoint folder."""
+    if not src.is_dir():
+        raise EchoError(f"{src}: not a folder (expected a checkpoint with config.json, "
+                        "safetensors and tokenizer.json)")
+    where = str(src / "config.json")
+    hf = _read_json(src / "config.json")
+    cfg = echo_config_from_hf(hf, where)
+    hf_tok, added = import_tokenizer(src)
+    tensors = _read_hf_tensors(src)
+    src_dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    has_o_bias = bool(hf.get("attention_bias")) and hf["model_type"] != "qwen2"
+    sd = _echo_tensors(tensors, cfg, has_o_bias, where)
+    del tensors
+
+    # Echo's special tokens: rows for the new ids (mean of the source's token rows; <|bos|>
+    # copies the source's BOS row); ids beyond the source's vocabulary extend the matrices
+    src_vocab = cfg.vocab_size
+    vocab = hf_tok.get_vocab()
+    new_ids = sorted(vocab[t] for t in added)
+    old_ids = sorted(i for t, i in vocab.items() if t not in added and i < src_vocab)
+    size = max(src_vocab, max(vocab.values()) + 1)
+    bos_src = _source_bos(src, hf, hf_tok) if BOS in added else None
+    if bos_src is not None and not 0 <= bos_src < src_vocab:
+        bos_src = None
+    grown = list(range(src_vocab, size))
+    fill = sorted(set(new_ids) | set(grown))
+    for key in ("embed_tokens.weight", "lm_head.weight"):
+        if key not in sd or not fill:
+            continue
+        w = sd[key]
+        mean = w[old_ids].mean(0) if old_ids else w.mean(0)
+        if size > src_vocab:
+            w = torch.cat([w, w.new_zeros(size - src_vocab, w.shape[1])])
+        w[fill] = mean
+        if bos_src is not None:
+            w[vocab[BOS]] = w[bos_src]
+        sd[key] = w
+    cfg.vocab_size = size
+    tok = Tokenizer(HFTokenizer.from_str(hf_tok.to_str()))  # checks Echo's special tokens
+
+    tmp = _atomic_dir(run_dir, force)
+    (tmp / "tokenizer").mkdir()
+    if added:
+        tok.save(tmp / "tokenizer")
+    else:  # already Echo's chat tokens (e.g. an Echo export): keep the file byte for byte
+        shutil.copyfile(src / "tokenizer.json", tmp / "tokenizer" / "tokenizer.json")
+    base = tmp / "base"
+    base.mkdir()
+    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    atomic_write_json(base / "config.json", vars(cfg))
+    n_params = sum(t.numel() for t in sd.values())
+    info = {
+        "source": str(src.resolve()), "model_type": hf["model_type"],
+        "architectures": hf.get("architectures"), "source_dtypes": src_dtypes,
+        "added_special_tokens": {t: vocab[t] for t in added},
+        "vocab_size": {"source": src_vocab, "echo": size},
+        "bos_row_from": bos_src, "native_tokenizer": tok.native,
+        "source_chat_template": _has_chat_template(src), "params": n_params,
+        "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(tmp / "import.json", info)
+    atomic_write_json(tmp / "tokenizer" / "done.json", {
+        "vocab_size": tok.vocab_size, "imported_from": info["source"]})
+    atomic_write_json(base / "done.json", {
+        "imported_from": info["source"], "model_type": hf["model_type"], "params": n_params})
+    _publish(tmp, run_dir)
+    log(f"import: {hf['model_type']} model ({n_params:,} parameters) from {src} -> {run_dir}"
+        + (f"; added {len(added)} Echo special tokens (vocab {src_vocab} -> {size})"
+           if added else ""))
+    return info
+
+
+def _has_chat_template(src: Path) -> bool:
+    if (src / "chat_template.jinja").exists() or (src / "chat_template.json").exists():
+        return True
+    tc = src / "tokenizer_config.json"
+    return tc.exists() and bool(_read_json(tc).get("chat_template"))
