@@ -15,6 +15,15 @@ from pathlib import Path
 
 import pytest
 
+# One intra-op thread for the test process and every subprocess it starts: tests run many
+# tiny models side by side, and OpenMP with more threads than free cores is up to 1000x
+# slower on small matmuls (measured here when another job holds a core).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 SUBJECTS = ["the farmer", "a small dog", "my old teacher", "the river", "every student",
             "the quiet engineer", "a red bird", "the city council", "our neighbour",
             "the last train", "a curious child", "the ship's captain", "this machine",
