@@ -196,6 +196,11 @@ class PreferenceConfig:
     center_coef: float = 0.01  # reward centering: coef * (r_c + r_r)^2 (Eisenstein et al.)
     dpo_beta: float = 0.1  # strength of the implicit KL to the reference (DPO's beta)
     dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo (IPO, on per-token mean log-probs)
+    # passes over the training rankings / pairs, capping rm.max_steps / dpo.max_steps (0 = no
+    # cap). A reward model trained for many epochs on a few hundred rankings memorises them
+    # and grows over-confident (InstructGPT trained its reward model for a single epoch).
+    rm_epochs: float = 2.0
+    dpo_epochs: float = 2.0
 
     def validate(self) -> None:
         if self.rm_loss not in ("bt", "pl"):
@@ -208,6 +213,8 @@ class PreferenceConfig:
             raise EchoError(f"pref.dpo_beta={self.dpo_beta} must be positive")
         if self.center_coef < 0 or self.margin < 0:
             raise EchoError("pref.center_coef and pref.margin must be >= 0")
+        if self.rm_epochs < 0 or self.dpo_epochs < 0:
+            raise EchoError("pref.rm_epochs and pref.dpo_epochs must be >= 0 (0 = no cap)")
 
 
 def _rm_train() -> TrainConfig:
@@ -333,6 +340,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
         section = getattr(cfg, f.name)
         if isinstance(section, TrainConfig):
             section.validate(f.name)
+    cfg.pref.validate()
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

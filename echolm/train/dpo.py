@@ -37,6 +37,7 @@ from echolm.tokenizer import Tokenizer
 from echolm.train.loop import Trainer, autocast, resolve_dtype, setup_distributed
 from echolm.train.reward_model import (
     RankedExample,
+    capped_steps,
     encode_answer,
     load_rankings,
     split_by_prompt,
@@ -262,6 +263,7 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     if not train_pairs:
         raise EchoError("dpo: the rankings give no pair of different answers to train on")
     train_enc = encode_pairs(tok, train_pairs, tcfg.seq_len)
+    tcfg = capped_steps(tcfg, pref.dpo_epochs, len(train_enc))
     held_enc = encode_pairs(tok, held_pairs, tcfg.seq_len)
     everything = train_enc + held_enc
 
@@ -273,15 +275,17 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     key = ref_fingerprint(everything, run_dir / "sft" / "model.safetensors", dtype)
     ref = load_or_compute_ref(out / REF_FILE, key, policy, everything, tok.pad, ctx, log)
 
+    per_step = tcfg.micro_batch * tcfg.grad_accum
     trainer = Trainer(policy, tcfg, out, "dpo", run_dir, d)
     if trainer.resume():
         log(f"dpo: resuming from step {trainer.step_idx}")
     else:
         log(f"dpo: {len(train_pairs):,} pairs from {len(train_r)} rankings to train on, "
-            f"{len(held_pairs):,} held out by prompt; {pref.dpo_loss}, beta {pref.dpo_beta}")
+            f"{len(held_pairs):,} held out by prompt; {pref.dpo_loss}, beta {pref.dpo_beta}, "
+            f"{tcfg.max_steps} steps ({tcfg.max_steps * per_step / len(train_enc):.1f} "
+            "epochs)")
     model = trainer.model
     stats: dict[str, float] = {}
-    per_step = tcfg.micro_batch * tcfg.grad_accum
     avg_len = sum(len(e.chosen) + len(e.rejected) - 2 for e in train_enc) / len(train_enc)
 
     def batches(step: int) -> list[PairBatch]:

@@ -26,7 +26,7 @@ import json
 import math
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ from echolm.checkpoint import (
     read_weights,
     save_model,
 )
-from echolm.config import Config, ModelConfig, PreferenceConfig
+from echolm.config import Config, ModelConfig, PreferenceConfig, TrainConfig
 from echolm.errors import EchoError
 from echolm.losses import (
     bradley_terry_loss,
@@ -425,6 +425,15 @@ class RMData:
     heldout_ids: list[list[list[int]]] = field(default_factory=list)
 
 
+def capped_steps(tcfg: TrainConfig, epochs: float, n_examples: int) -> TrainConfig:
+    """`tcfg` with max_steps capped at `epochs` passes over n_examples (0 = no cap)."""
+    if epochs <= 0 or n_examples <= 0:
+        return tcfg
+    per_step = tcfg.micro_batch * tcfg.grad_accum
+    return replace(tcfg, max_steps=min(tcfg.max_steps,
+                                       max(1, math.ceil(epochs * n_examples / per_step))))
+
+
 def prepare_rm_data(cfg: Config, run_dir: Path, tok: Tokenizer, max_len: int) -> RMData:
     ranks = load_rankings(run_dir, cfg.pref)
     train, held = split_by_prompt(ranks, cfg.pref.heldout_fraction)
@@ -455,6 +464,7 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                         f"{rm.cfg.max_seq_len}")
     rm.max_len = tcfg.seq_len
     data = prepare_rm_data(cfg, run_dir, tok, tcfg.seq_len)
+    tcfg = capped_steps(tcfg, pref.rm_epochs, len(data.train))
     sampler = RankingSampler(data.train_ids, tok.pad, tcfg.micro_batch, tcfg.grad_accum,
                              tcfg.seed)
     n_answers = sum(len(r) for r in data.train_ids)
@@ -466,7 +476,8 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         log(f"rm: resuming from step {trainer.step_idx}")
     else:
         log(f"rm: {len(data.train)} rankings ({n_answers} answers) to train on, "
-            f"{len(data.heldout)} held out by prompt; loss {pref.rm_loss}")
+            f"{len(data.heldout)} held out by prompt; loss {pref.rm_loss}, {tcfg.max_steps} "
+            f"steps ({sampler.epoch(tcfg.max_steps):.1f} epochs)")
     rm = trainer.model
     stats: dict[str, float] = {}
     ctx = autocast(d.device, trainer.dtype)

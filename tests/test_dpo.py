@@ -1,0 +1,113 @@
+"""DPO / IPO: answer log-probs computed right, the implicit reward learns the rankings, the
+reference is computed once and read back on resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_reward_model import pref_run, pref_template, quiet  # noqa: F401  (fixtures)
+
+from echolm.checkpoint import load_model, stage_dir
+from echolm.config import load_config
+
+
+def _cfg(*overrides: str):
+    return load_config("micro", ["dpo.eval_every=5", *overrides])
+
+
+def test_sequence_logps_equal_the_full_softmax(pref_run):  # noqa: F811
+    from echolm.tokenizer import Tokenizer
+    from echolm.train.dpo import PrefPair, encode_pairs, make_pair_batch, sequence_logps
+
+    tok = Tokenizer.load(pref_run / "tokenizer")
+    model = load_model(pref_run / "sft")
+    pairs = [PrefPair("What is 2 + 3?", "2 + 3 = 5.", "The owl is quiet tonight."),
+             PrefPair("What is 1 + 1?", "Well, well, 2 2 2, the sea the sea.", "1 + 1 is",
+                      rejected_ended=False)]
+    enc = encode_pairs(tok, pairs, 128)
+    b = make_pair_batch(enc, [0, 1], tok.pad)
+    # rows: chosen 0, chosen 1, rejected 0, rejected 1; the mask covers exactly the answer
+    # tokens (and <|assistant_end|> only where the answer ended its turn)
+    answer = tok.encode("2 + 3 = 5.") + [tok.assistant_end]
+    assert b.y[0][b.mask[0]].tolist() == answer
+    assert b.y[3][b.mask[3]].tolist() == tok.encode("1 + 1 is")
+    with torch.no_grad():
+        lp, n = sequence_logps(model, b.x, b.y, b.mask)
+        full = F.log_softmax(model(b.x).float(), -1).gather(-1, b.y[..., None])[..., 0]
+    assert torch.allclose(lp, (full * b.mask).sum(1), atol=1e-4)
+    assert n.tolist() == b.mask.sum(1).tolist()
+
+
+def _metrics(run) -> list[dict]:
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["stage"] == "dpo"]
+
+
+def test_dpo_learns_the_rankings_and_never_recomputes_the_reference(pref_run,  # noqa: F811
+                                                                    monkeypatch):
+    from echolm.train import dpo
+
+    logs: list[str] = []
+    dpo.run_dpo(_cfg("dpo.max_steps=10"), pref_run, log=logs.append)
+    cache = pref_run / "dpo" / "ref_logps.pt"
+    assert any("computed once" in m for m in logs)
+    stamp = cache.stat().st_mtime_ns
+    first = _metrics(pref_run)[0]
+    assert abs(first["margin"]) < 1e-2  # policy == reference at the start
+
+    (pref_run / "dpo" / "done.json").unlink()  # cut off: resume to 20 steps
+
+    def never(*_a, **_k):
+        raise AssertionError("reference log-probs recomputed on resume")
+
+    monkeypatch.setattr(dpo, "compute_ref_logps", never)
+    res = dpo.run_dpo(_cfg("dpo.max_steps=20"), pref_run, log=logs.append)
+    assert any("resuming from step 10" in m for m in logs)
+    assert any("read from" in m for m in logs) and cache.stat().st_mtime_ns == stamp
+    recs = _metrics(pref_run)
+    assert [r["step"] for r in recs] == list(range(1, 21))
+    assert res["reward_accuracy"] >= 0.8 and res["margin"] > 0.5, res
+    assert res["margin"] > first["margin"] + 0.5
+    assert res["heldout_reward_accuracy"] >= 0.75 and res["n_pairs"] > 100
+    assert "val_reward_acc" in recs[4] and "reward_acc" in recs[-1]
+    summary = json.loads((pref_run / "summary.json").read_text())["dpo"]
+    assert summary["reward_accuracy"] == res["reward_accuracy"]
+    assert summary["n_pairs"] == res["n_pairs"]
+    assert stage_dir(pref_run, "dpo") == pref_run / "dpo"
+    load_model(pref_run / "dpo")  # a plain model, loadable by chat / export
+
+
+def test_reference_cache_is_recomputed_when_the_pairs_change(pref_run):  # noqa: F811
+    from echolm.prefs import PreferenceStore
+    from echolm.train import dpo
+
+    logs: list[str] = []
+    dpo.run_dpo(_cfg("dpo.max_steps=1"), pref_run, log=logs.append)
+    store = PreferenceStore(pref_run / "prefs.sqlite")
+    pid = store.add_prompt("What is 9 + 9?")
+    ids = store.add_responses(pid, ["9 + 9 = 18.", "The moon is quiet tonight."])
+    store.add_ranking(pid, ids, "synthetic")
+    store.close()
+    dpo.run_dpo(_cfg("dpo.max_steps=1"), pref_run, force=True, log=logs.append)
+    assert sum("computed once" in m for m in logs) == 2
+
+
+def test_ipo_runs_and_learns(pref_run):  # noqa: F811
+    from echolm.train.dpo import run_dpo
+
+    res = run_dpo(_cfg("pref.dpo_loss=ipo", "pref.dpo_beta=0.5", "dpo.max_steps=12"),
+                  pref_run, log=quiet)
+    assert res["objective"] == "ipo" and res["margin"] > 0 and res["reward_accuracy"] >= 0.75, res
+
+
+def test_bad_dpo_settings_are_clear_errors(pref_run):  # noqa: F811
+    from echolm.errors import EchoError
+    from echolm.train.dpo import run_dpo
+
+    with pytest.raises(EchoError, match="dpo_loss"):
+        run_dpo(_cfg("pref.dpo_loss=kto"), pref_run, log=quiet)
+    with pytest.raises(EchoError, match="dpo_beta"):
+        run_dpo(_cfg("pref.dpo_beta=0"), pref_run, log=quiet)
