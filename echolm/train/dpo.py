@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from echolm.losses import dpo_loss
 from echolm.model import Transformer
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
-from echolm.train.loop import Trainer, autocast, resolve_dtype, setup_distributed
+from echolm.train.loop import Trainer, autocast, finished_stage, resolve_dtype, setup_distributed
 from echolm.train.reward_model import (
     RankedExample,
     capped_steps,
@@ -243,11 +242,8 @@ def implicit_rewards(model: Transformer, encoded: list[EncodedPair], ref: dict[s
 
 def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     out, done = run_dir / "dpo", run_dir / "dpo" / "done.json"
-    if done.exists() and not force:
-        log(f"dpo: already finished in {out} (use --force to redo)")
-        return json.loads(done.read_text())
-    if force and out.exists():
-        shutil.rmtree(out)
+    if (finished := finished_stage(out, "dpo", force, log)) is not None:
+        return finished
     pref, tcfg = cfg.pref, cfg.dpo
     pref.validate()
     d = setup_distributed()

@@ -11,9 +11,7 @@ several optimisation epochs per batch with importance ratios. pass@k before and 
 from __future__ import annotations
 
 import copy
-import json
 import random
-import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,7 +31,7 @@ from echolm.model import Transformer
 from echolm.summary import update_summary
 from echolm.tasks import Problem, Task
 from echolm.tokenizer import Tokenizer
-from echolm.train.loop import Trainer, autocast, setup_distributed
+from echolm.train.loop import Trainer, autocast, finished_stage, setup_distributed
 
 
 @dataclass
@@ -91,17 +89,18 @@ def sample_groups(model: Transformer, tok: Tokenizer, items: list[tuple[Task, Pr
     return groups
 
 
-def batch_tensors(rollouts: list[Rollout], pad: int) -> tuple[Tensor, Tensor, Tensor]:
+def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad: int
+              ) -> tuple[Tensor, Tensor, Tensor]:
     """(inputs, targets, mask) right-padded; mask is 1 where the target is a response token."""
-    seqs = [r.prompt + r.response for r in rollouts]
+    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
     T = max(len(s) for s in seqs) - 1
     x = torch.full((len(seqs), T), pad, dtype=torch.long)
     y = torch.full((len(seqs), T), pad, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, (r, s) in enumerate(zip(rollouts, seqs, strict=True)):
+    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
         x[i, :len(s) - 1] = torch.tensor(s[:-1])
         y[i, :len(s) - 1] = torch.tensor(s[1:])
-        mask[i, len(r.prompt) - 1:len(s) - 1] = 1
+        mask[i, len(p) - 1:len(s) - 1] = 1
     return x, y, mask
 
 
@@ -161,11 +160,8 @@ def evaluate_rl(model: Transformer, tok: Tokenizer, specs: list[str], g: GRPOCon
 
 def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     out, done = run_dir / "rl", run_dir / "rl" / "done.json"
-    if done.exists() and not force:
-        log(f"rl: already finished in {out} (use --force to redo)")
-        return json.loads(done.read_text())
-    if force and out.exists():
-        shutil.rmtree(out)
+    if (finished := finished_stage(out, "rl", force, log)) is not None:
+        return finished
     d = setup_distributed()
     if d.world > 1:
         raise EchoError("rl runs in one process for now (generation is not sharded)")
@@ -215,7 +211,8 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         if groups:
             rewards = torch.tensor([[r.reward for r in grp] for grp in groups])
             adv = group_advantages(rewards, g.scale_by_std).flatten()
-            x, y, mask = batch_tensors(rollouts, tok.pad)
+            x, y, mask = pad_batch([r.prompt for r in rollouts], [r.response for r in rollouts],
+                                    tok.pad)
             with torch.no_grad(), ctx:
                 old = token_logprobs(model, x, y)[0] if g.epochs * g.minibatches > 1 else None
                 ref = token_logprobs(reference, x, y)[0] if reference is not None else None

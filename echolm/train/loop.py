@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -172,6 +173,20 @@ def read_metrics(path: Path, stage: str | None = None) -> list[dict]:
         if stage is None or rec.get("stage") == stage:
             out.append(rec)
     return out
+
+
+def finished_stage(out: Path, name: str, force: bool, log: Callable[[str], Any] = print,
+                   also: tuple[Path, ...] = ()) -> dict | None:
+    """A stage's results if it already finished (its done.json) and `force` is off; else
+    None, after clearing the stage's folder (and `also`) when forced to start over."""
+    done = out / "done.json"
+    if done.exists() and not force:
+        log(f"{name}: already finished in {out} (use --force to redo)")
+        return json.loads(done.read_text())
+    if force:
+        for folder in (out, *also):  # ignore_errors: under torchrun every rank does this
+            shutil.rmtree(folder, ignore_errors=True)
+    return None
 
 
 LossFn = Callable[[nn.Module, Any], Tensor]

@@ -4,7 +4,6 @@ the shared loop; writes `base/model.safetensors` and the `base` entry of summary
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from echolm.losses import masked_cross_entropy
 from echolm.model import Transformer
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
-from echolm.train.loop import Trainer, autocast, setup_distributed
+from echolm.train.loop import Trainer, autocast, finished_stage, setup_distributed
 
 SAMPLE_PROMPTS = ["The", "Once upon a time", "To be, or not to be", "In the beginning",
                   "The meaning of life is"]
@@ -56,15 +55,9 @@ def sample_texts(model: Transformer, tok: Tokenizer, prompts: list[str], max_tok
 
 
 def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
-    out = run_dir / "base"
-    done = out / "done.json"
-    if done.exists() and not force:
-        log(f"pretrain: already finished in {out} (use --force to redo)")
-        return json.loads(done.read_text())
-    if force and out.exists():
-        import shutil
-
-        shutil.rmtree(out, ignore_errors=True)  # under torchrun every rank does this
+    out, done = run_dir / "base", run_dir / "base" / "done.json"
+    if (finished := finished_stage(out, "pretrain", force, log)) is not None:
+        return finished
     d = setup_distributed()
     tcfg, mcfg = cfg.pretrain, cfg.model
     tok = Tokenizer.load(run_dir / "tokenizer")

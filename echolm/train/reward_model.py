@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from echolm.model import Transformer, rope_tables
 from echolm.prefs import PreferenceStore
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
-from echolm.train.loop import Trainer, autocast, setup_distributed
+from echolm.train.loop import Trainer, autocast, finished_stage, setup_distributed
 
 META_FILE = "reward_model.json"
 
@@ -447,11 +446,8 @@ def prepare_rm_data(cfg: Config, run_dir: Path, tok: Tokenizer, max_len: int) ->
 
 def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     out, done = run_dir / "rm", run_dir / "rm" / "done.json"
-    if done.exists() and not force:
-        log(f"rm: already finished in {out} (use --force to redo)")
-        return json.loads(done.read_text())
-    if force and out.exists():
-        shutil.rmtree(out)
+    if (finished := finished_stage(out, "rm", force, log)) is not None:
+        return finished
     pref, tcfg = cfg.pref, cfg.rm
     pref.validate()
     d = setup_distributed()

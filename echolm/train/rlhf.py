@@ -17,9 +17,7 @@ An optional unguarded run (kl_beta = 0, `overopt_steps`) draws that curve.
 from __future__ import annotations
 
 import copy
-import json
 import random
-import shutil
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -43,8 +41,8 @@ from echolm.losses import (
 from echolm.model import Transformer
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
-from echolm.train.grpo import sample_responses
-from echolm.train.loop import Trainer, autocast, setup_distributed
+from echolm.train.grpo import pad_batch, sample_responses
+from echolm.train.loop import Trainer, autocast, finished_stage, setup_distributed
 from echolm.train.reward_model import load_reward_model
 
 
@@ -70,21 +68,6 @@ class PolicyWithValue(nn.Module):
 
 def response_logprobs(logits: Tensor, y: Tensor) -> Tensor:
     return F.log_softmax(logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1)
-
-
-def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad: int
-              ) -> tuple[Tensor, Tensor, Tensor]:
-    """(inputs, targets, mask over response targets), right-padded."""
-    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-    T = max(len(s) for s in seqs) - 1
-    x = torch.full((len(seqs), T), pad, dtype=torch.long)
-    y = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
-        x[i, :len(s) - 1] = torch.tensor(s[:-1])
-        y[i, :len(s) - 1] = torch.tensor(s[1:])
-        mask[i, len(p) - 1:len(s) - 1] = 1
-    return x, y, mask
 
 
 def repetition(text: str) -> float:
@@ -294,12 +277,9 @@ def guard_should_stop(gold: list[float], proxy: list[float], patience: int) -> b
 
 def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     out, done = run_dir / "rlhf", run_dir / "rlhf" / "done.json"
-    if done.exists() and not force:
-        log(f"rlhf: already finished in {out} (use --force to redo)")
-        return json.loads(done.read_text())
-    if force:
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(run_dir / "rlhf_unguarded", ignore_errors=True)
+    if (finished := finished_stage(out, "rlhf", force, log,
+                                   also=(run_dir / "rlhf_unguarded",))) is not None:
+        return finished
     p, tcfg = cfg.ppo, cfg.rlhf
     if p.algorithm not in ("ppo", "rloo", "grpo"):
         raise EchoError(f"ppo.algorithm must be ppo, rloo or grpo, got {p.algorithm!r}")

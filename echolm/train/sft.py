@@ -4,8 +4,6 @@ Held-out accuracy per task family is measured before and after, greedy and sampl
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ from echolm.losses import masked_cross_entropy
 from echolm.model import Transformer
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
-from echolm.train.loop import Trainer, autocast, setup_distributed
+from echolm.train.loop import Trainer, autocast, finished_stage, setup_distributed
 
 SAMPLED_TEMPERATURE = 0.7
 
@@ -52,11 +50,8 @@ def evaluate_tasks(model: Transformer, tok: Tokenizer, specs: list[str], n: int,
 
 def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     out, done = run_dir / "sft", run_dir / "sft" / "done.json"
-    if done.exists() and not force:
-        log(f"sft: already finished in {out} (use --force to redo)")
-        return json.loads(done.read_text())
-    if force and out.exists():
-        shutil.rmtree(out)
+    if (finished := finished_stage(out, "sft", force, log)) is not None:
+        return finished
     d = setup_distributed()
     tcfg, data = cfg.sft, cfg.data
     tok = Tokenizer.load(run_dir / "tokenizer")
