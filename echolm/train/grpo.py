@@ -104,13 +104,24 @@ def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad: int
     return x, y, mask
 
 
-def token_logprobs(model: torch.nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """log p(y_t | x_<=t) per position, and the policy's entropy per position."""
-    logits = model(x).float()
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, y[..., None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+def token_logprobs(model: torch.nn.Module, x: Tensor, y: Tensor, start: int = 0
+                   ) -> tuple[Tensor, Tensor]:
+    """log p(y_t | x_<=t) per position, and the policy's entropy per position (no gradient:
+    it is only logged). Positions before `start` (prompt tokens, never trained on) skip the
+    output head and the vocabulary-wide softmax, the costliest part of a small model's step;
+    they come back as 0."""
+    h = model.hidden_states(x)[:, start:]
+    logp_all = F.log_softmax(model.lm_head(h).float(), dim=-1)
+    logp = logp_all.gather(-1, y[:, start:, None]).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    pad = (start, 0)  # put back the skipped prompt positions, in front
+    return F.pad(logp, pad), F.pad(entropy, pad)
+
+
+def first_response_position(mask: Tensor) -> int:
+    """The earliest position any row trains on (mask (B, T) of 0/1)."""
+    return int(mask.float().argmax(1).min()) if mask.any() else 0
 
 
 @dataclass
@@ -129,9 +140,9 @@ def policy_loss(model: torch.nn.Module, item: tuple[PolicyBatch, Tensor], g: GRP
                 stats: dict[str, float]) -> Tensor:
     """The GRPO objective on rows `idx` of the batch (+ beta * KL); fills `stats`."""
     b, idx = item
-    logp, entropy = token_logprobs(model, b.x[idx], b.y[idx])
-    logp_old = b.logp_old[idx] if b.logp_old is not None else logp.detach()
     mask = b.mask[idx]
+    logp, entropy = token_logprobs(model, b.x[idx], b.y[idx], first_response_position(mask))
+    logp_old = b.logp_old[idx] if b.logp_old is not None else logp.detach()
     loss, st = clipped_policy_loss(logp, logp_old, b.advantages[idx], mask, g.clip_low,
                                    g.clip_high, g.aggregation, g.max_tokens)
     mk = mask.float()
@@ -214,8 +225,10 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             x, y, mask = pad_batch([r.prompt for r in rollouts], [r.response for r in rollouts],
                                     tok.pad)
             with torch.no_grad(), ctx:
-                old = token_logprobs(model, x, y)[0] if g.epochs * g.minibatches > 1 else None
-                ref = token_logprobs(reference, x, y)[0] if reference is not None else None
+                start = first_response_position(mask)
+                old = (token_logprobs(model, x, y, start)[0] if g.epochs * g.minibatches > 1
+                       else None)
+                ref = token_logprobs(reference, x, y, start)[0] if reference is not None else None
             batch = PolicyBatch(x, y, mask, adv, old, ref)
             stats: dict[str, float] = {}
             loss_fn = partial(policy_loss, g=g, stats=stats)

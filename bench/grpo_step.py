@@ -1,0 +1,289 @@
+"""Seconds per GRPO training step: Echo's GRPO stage (``echolm.train.grpo``) vs TRL's
+``GRPOTrainer`` on the same model shape, prompts, group size, completion length and reward.
+
+Model: the 7M shape of ``bench/dpo_step.py`` (hidden 256, 4 layers, 4 heads / 2 KV heads,
+vocab 8192, SwiGLU width = Echo's ``d_mlp``, untied, no QK-norm), fp32, the same random
+weights on both sides (the peer is ``transformers.LlamaForCausalLM`` with Echo's weights
+copied in, and the word-level ``PreTrainedTokenizerFast`` whose "w17" is id 17, so both
+sides see the same prompt ids; no hub access: ``HF_HUB_OFFLINE=1``).
+
+One step = one optimizer update from fresh samples: 8 prompts (16-32 random tokens each)
+x a group of 8 sampled completions of exactly 32 tokens (temperature 1, no top-k/top-p;
+Echo: the stop ids are ids outside the vocabulary, so nothing stops early; TRL:
+``min_new_tokens = max_new_tokens = 32``), scoring, group-relative advantages (mean / std
+within each group), one forward/backward of the clipped policy loss over all 64 sequences
+(token-averaged, clip 0.2 / 0.28, no KL on either side, one iteration, so the old
+log-probs are the detached current ones), gradient clipping 1.0, optimizer step.
+Echo's step is what ``run_rl`` does per step with ``dynamic_sampling=False`` and
+``epochs = minibatches = 1``: ``sample_responses`` (the engine), ``group_advantages``,
+``pad_batch``, ``policy_loss`` (``clipped_policy_loss``) through ``Trainer.step``.
+The peer: ``trl.GRPOTrainer`` with generation by ``transformers`` ``generate`` (no vLLM),
+``num_generations = 8``, ``per_device_train_batch_size = 64``, ``loss_type = "dapo"``
+(token-averaged), ``epsilon = 0.2``, ``epsilon_high = 0.28``, ``beta = 0``.
+
+Reward, the same function on both sides, on the completion's token ids: 1.0 if the
+completion holds an even number of even token ids, else 0.0 (cheap, deterministic, and
+not constant within a group, so advantages are not all zero).
+
+Optimizers are each side's own defaults: Echo's Muon (hidden matrices) + AdamW; TRL's
+AdamW. ``--ours-adamw`` adds Echo with AdamW for everything.
+
+Each side runs in its own subprocess (``--side``), one torch thread by default (the machine
+may be shared); rounds alternate the order. Within a child: ``--warmup`` untimed steps, then
+``--steps`` timed ones, timed from the end of one step to the end of the next (median).
+The result is the median over rounds.
+
+    python bench/grpo_step.py                        # 2 rounds, 2 + 6 steps per side
+    python bench/grpo_step.py --side echo --profile  # where Echo's step time goes
+
+The last line of stdout is one JSON object (see ``emit_json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+from common import current_rss_mb, emit_json, median, peak_rss_mb, run_json_child  # noqa: E402
+from dpo_step import PAD_ID, VOCAB, echo_model, hf_model, hf_tokenizer  # noqa: E402
+
+CLIP_LOW, CLIP_HIGH = 0.2, 0.28
+
+
+def make_prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(PAD_ID) for _ in range(rng.randint(16, 32))] for _ in range(n)]
+
+
+def reward_ids(ids: list[int]) -> float:
+    """The shared reward: 1.0 if the completion holds an even number of even token ids."""
+    return 1.0 if sum(1 for t in ids if t % 2 == 0) % 2 == 0 else 0.0
+
+
+# ---- one side, in its own process ----------------------------------------------------------
+
+def echo_side(args: argparse.Namespace) -> dict[str, Any]:
+    from echolm.config import GRPOConfig, TrainConfig
+    from echolm.losses import group_advantages
+    from echolm.train.grpo import PolicyBatch, pad_batch, policy_loss, sample_responses
+    from echolm.train.loop import Dist, Trainer
+
+    model = echo_model(args.seed)
+    prompts = make_prompts(args.prompts, args.seed + 1)
+    # stop ids outside the vocabulary: never sampled, so every response is max_tokens long
+    tok = SimpleNamespace(assistant_end=VOCAB + 1, bos=VOCAB + 2, pad=PAD_ID)
+    g = GRPOConfig(prompts_per_step=args.batch, group_size=args.group, max_tokens=args.tokens,
+                   temperature=1.0, scale_by_std=True, aggregation="token", clip_low=CLIP_LOW,
+                   clip_high=CLIP_HIGH, kl_beta=0.0, epochs=1, minibatches=1,
+                   dynamic_sampling=False)
+    tcfg = TrainConfig(seq_len=128, micro_batch=args.batch * args.group, max_steps=10**6,
+                       warmup_steps=0, warmdown_frac=0.0, dtype="fp32", grad_clip=1.0,
+                       optimizer="adamw" if args.side == "echo_adamw" else "muon")
+    rss_model = current_rss_mb()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
+    trainer = Trainer(model, tcfg, tmp, "rl", tmp, Dist())
+    stats: dict[str, float] = {}
+    info: dict[str, Any] = {"lengths": set(), "reward_mean": []}
+
+    def one_step(step: int) -> None:
+        start = (step * args.batch) % len(prompts)
+        batch_prompts = [prompts[(start + i) % len(prompts)] for i in range(args.batch)]
+        sampled = sample_responses(trainer.model, tok, batch_prompts, g.group_size,
+                                   g.max_tokens, g.temperature, seed=args.seed * 97 + step)
+        rewards = torch.tensor([reward_ids(r) for r, _ in sampled]).view(args.batch, g.group_size)
+        adv = group_advantages(rewards, g.scale_by_std).flatten()
+        flat_prompts = [p for p in batch_prompts for _ in range(g.group_size)]
+        x, y, mask = pad_batch(flat_prompts, [r for r, _ in sampled], tok.pad)
+        batch = PolicyBatch(x, y, mask, adv, None, None)
+        idx = torch.arange(len(sampled))
+        trainer.step([(batch, idx)], lambda m, item: policy_loss(m, item, g, stats),
+                     int(mask.sum()))
+        info["lengths"].update(len(r) for r, _ in sampled)
+        info["reward_mean"].append(float(rewards.mean()))
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for s in range(args.warmup):
+            one_step(s)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            one_step(args.warmup)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    times, last = [], time.perf_counter()
+    for s in range(args.warmup + args.steps):
+        one_step(s)
+        now = time.perf_counter()
+        if s >= args.warmup:
+            times.append(now - last)
+        last = now
+    return {"side": args.side, "step_s": median(times), "steps_s": times,
+            "completion_lengths": sorted(info["lengths"]),
+            "reward_mean": round(sum(info["reward_mean"]) / len(info["reward_mean"]), 4),
+            "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb(),
+            "threads": torch.get_num_threads()}
+
+
+def trl_side(args: argparse.Namespace) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    prompts = make_prompts(args.prompts, args.seed + 1)
+    ds = Dataset.from_dict({"prompt": [" ".join(f"w{i}" for i in p) for p in prompts]})
+    tok = hf_tokenizer()
+    if tok(ds[0]["prompt"], add_special_tokens=False)["input_ids"] != prompts[0]:
+        raise SystemExit("trl: tokenisation differs from Echo's ids")
+    model = hf_model(args.seed)
+    rss_model = current_rss_mb()
+    info: dict[str, Any] = {"lengths": set(), "reward_mean": []}
+
+    def parity_reward(prompts, completions, completion_ids, **_kw):
+        out = [reward_ids(list(ids)) for ids in completion_ids]
+        info["lengths"].update(len(ids) for ids in completion_ids)
+        info["reward_mean"].append(sum(out) / len(out))
+        return out
+
+    out = tempfile.mkdtemp(prefix="bench_trl_grpo_")
+    cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=args.batch * args.group,
+                     gradient_accumulation_steps=1, num_generations=args.group,
+                     max_completion_length=args.tokens,
+                     generation_kwargs={"min_new_tokens": args.tokens},
+                     temperature=1.0, top_p=1.0, top_k=0, use_vllm=False,
+                     beta=0.0, num_iterations=1, epsilon=CLIP_LOW, epsilon_high=CLIP_HIGH,
+                     loss_type="dapo", scale_rewards="group",
+                     max_steps=args.warmup + args.steps, learning_rate=1e-5,
+                     max_grad_norm=1.0, report_to="none", save_strategy="no",
+                     logging_strategy="no", log_completions=False, use_cpu=True, bf16=False,
+                     fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=args.seed)
+    t0 = time.perf_counter()
+    trainer = GRPOTrainer(model=model, reward_funcs=parity_reward, args=cfg, train_dataset=ds,
+                          processing_class=tok)
+    setup_s = time.perf_counter() - t0
+    ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *_a, **_k):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, *_a, **_k):
+            ends.append(time.perf_counter())
+
+    trainer.add_callback(Clock())
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainer.train()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    else:
+        trainer.train()
+    steps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    times = steps[args.warmup:]
+    return {"side": "trl", "step_s": median(times), "steps_s": times, "setup_s": setup_s,
+            "completion_lengths": sorted(info["lengths"]),
+            "reward_mean": round(sum(info["reward_mean"]) / max(len(info["reward_mean"]), 1), 4),
+            "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb(),
+            "threads": torch.get_num_threads()}
+
+
+def run_side(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return trl_side(args) if args.side == "trl" else echo_side(args)
+
+
+# ---- the comparison (parent) ---------------------------------------------------------------
+
+def child_argv(args: argparse.Namespace, side: str) -> list[str]:
+    argv = [__file__, "--side", side]
+    for name in ("batch", "group", "tokens", "prompts", "warmup", "steps", "threads", "seed"):
+        argv += [f"--{name}", str(getattr(args, name))]
+    return argv
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    import transformers
+    import trl
+
+    sides = ["echo", "trl"] + (["echo_adamw"] if args.ours_adamw else [])
+    step_s: dict[str, list[float]] = {s: [] for s in sides}
+    rss: dict[str, list[float]] = {s: [] for s in sides}
+    last: dict[str, dict[str, Any]] = {}
+    for r in range(args.rounds):
+        order = sides if r % 2 == 0 else sides[::-1]
+        for side in order:
+            res = run_json_child(child_argv(args, side))
+            step_s[side].append(res["step_s"])
+            rss[side].append(res["peak_rss_mb"])
+            last[side] = res
+            print(f"round {r + 1}/{args.rounds} {side:10s}: {res['step_s']:.4f} s/step  peak RSS "
+                  f"{res['peak_rss_mb']:.0f} MiB  lengths {res['completion_lengths']}",
+                  flush=True)
+    ours, peer = median(step_s["echo"]), median(step_s["trl"])
+    detail: dict[str, Any] = {
+        "rounds_ours": [round(v, 4) for v in step_s["echo"]],
+        "rounds_peer": [round(v, 4) for v in step_s["trl"]],
+        "steps_ours_last_round": [round(v, 4) for v in last["echo"]["steps_s"]],
+        "steps_peer_last_round": [round(v, 4) for v in last["trl"]["steps_s"]],
+        "peak_rss_mb_ours": round(max(rss["echo"]), 1),
+        "peak_rss_mb_peer": round(max(rss["trl"]), 1),
+        "completion_lengths_ours": last["echo"]["completion_lengths"],
+        "completion_lengths_peer": last["trl"]["completion_lengths"],
+        "reward_mean_ours": last["echo"]["reward_mean"],
+        "reward_mean_peer": last["trl"]["reward_mean"],
+        "peer_setup_s": round(last["trl"]["setup_s"], 3),
+        "prompts_per_step": args.batch, "group_size": args.group,
+        "completion_tokens": args.tokens, "prompt_tokens": "16-32", "dtype": "fp32",
+        "kl_beta": 0.0, "clip": [CLIP_LOW, CLIP_HIGH], "aggregation": "token (dapo)",
+        "reward": "1.0 if the completion holds an even number of even token ids, else 0.0",
+        "warmup_steps": args.warmup, "timed_steps": args.steps, "rounds": args.rounds,
+        "threads": last["echo"]["threads"],
+        "model": "7M: hidden 256, 4 layers, 4 heads / 2 KV, vocab 8192, d_mlp 768, untied",
+        "optimizers": {"ours": "Muon (hidden matrices) + AdamW", "peer": "AdamW"},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "trl": trl.__version__},
+        "peer": "trl.GRPOTrainer(LlamaForCausalLM sdpa, transformers generate, no vLLM)",
+    }
+    if "echo_adamw" in step_s:
+        adamw = median(step_s["echo_adamw"])
+        detail.update(ours_adamw=round(adamw, 4), ratio_ours_adamw=round(adamw / peer, 3),
+                      peak_rss_mb_ours_adamw=round(max(rss["echo_adamw"]), 1))
+    return {"bench": "grpo_step", "ours": round(ours, 4), "peer": round(peer, 4),
+            "ratio": round(ours / peer, 3), "unit": "s/step", "detail": detail}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8, help="prompts per step")
+    p.add_argument("--group", type=int, default=8, help="samples per prompt")
+    p.add_argument("--tokens", type=int, default=32, help="completion tokens (exactly)")
+    p.add_argument("--prompts", type=int, default=64, help="prompts in the dataset")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=6, help="timed steps (median)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (median taken)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per side (default 1; 0: torch's default)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--ours-adamw", action="store_true",
+                   help="also time Echo with AdamW instead of Muon + AdamW")
+    p.add_argument("--side", choices=["echo", "echo_adamw", "trl"],
+                   help="run one side only (child mode)")
+    p.add_argument("--profile", action="store_true", help="with --side: torch.profiler table")
+    args = p.parse_args()
+    emit_json(run_side(args) if args.side else compare(args))
+
+
+if __name__ == "__main__":
+    main()

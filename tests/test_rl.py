@@ -1,0 +1,33 @@
+"""GRPO pieces that are not pure objectives: response-only log-probs and batch assembly."""
+
+import torch
+import torch.nn.functional as F
+
+from echolm.config import ModelConfig
+from echolm.model import Transformer
+from echolm.train.grpo import first_response_position, pad_batch, token_logprobs
+
+
+def test_pad_batch_masks_exactly_the_response_targets():
+    x, y, mask = pad_batch([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad=0)
+    # row 0: tokens 1 2 3 5 6 -> inputs 1 2 3 5, targets 2 3 5 6; responses 5, 6 are targets 2, 3
+    assert x[0].tolist() == [1, 2, 3, 5] and y[0].tolist() == [2, 3, 5, 6]
+    assert mask[0].tolist() == [0, 0, 1, 1]
+    # row 1: tokens 4 7 8 9 -> every target is a response token
+    assert y[1].tolist() == [7, 8, 9, 0] and mask[1].tolist() == [1, 1, 1, 0]
+    assert first_response_position(mask) == 0
+    assert first_response_position(mask[:1]) == 2
+
+
+def test_response_only_logprobs_equal_the_full_computation():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, n_kv_head=2))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    x, y = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
+    full = F.log_softmax(m(x), -1).gather(-1, y[..., None]).squeeze(-1)
+    logp, entropy = token_logprobs(m, x, y, start=5)
+    assert torch.allclose(logp[:, 5:], full[:, 5:], atol=1e-5)
+    assert torch.all(logp[:, :5] == 0) and torch.all(entropy[:, :5] == 0)
+    assert torch.all(entropy[:, 5:] > 0)
