@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -200,7 +201,7 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     ctx = autocast(d.device, trainer.dtype)
     bar = trainer.progress("rl")
     while trainer.step_idx < tcfg.max_steps and not trainer.out_of_time():
-        step = trainer.step_idx
+        step, t_iter, elapsed = trainer.step_idx, time.perf_counter(), trainer.elapsed
         rng = random.Random(f"{tcfg.seed}:{step}")  # the batch is a function of (seed, step)
         groups: list[list[Rollout]] = []
         n_sampled = n_flat = 0
@@ -248,6 +249,8 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                                   / max(len(rollouts), 1), 2),
             "stopped_frac": round(sum(r.stopped for r in rollouts) / max(len(rollouts), 1), 4),
             "tokens": trainer.tokens})
+        # the clock (max_minutes) counts sampling and scoring too, not only optimizer steps
+        trainer.elapsed = elapsed + time.perf_counter() - t_iter
         trainer.metrics.write(**rec)
         bar.update(trainer.step_idx - bar.n)
         bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", len=f"{rec['response_len']:.0f}",

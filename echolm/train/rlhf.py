@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import random
+import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -184,7 +185,7 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
     k = max(1, p.samples_per_prompt)
     while (trainer.step_idx < tcfg.max_steps and not trainer.out_of_time()
            and not ex["stopped_by_guard"]):
-        step = trainer.step_idx
+        step, t_iter, elapsed = trainer.step_idx, time.perf_counter(), trainer.elapsed
         rng = random.Random(f"{tcfg.seed}:{step}")
         items = rng.sample(train_items, min(p.prompts_per_step, len(train_items)))
         prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
@@ -252,6 +253,7 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
                 ex["stopped_by_guard"] = True
                 log(f"{stage}: guard: gold fell for {p.guard_patience} evaluations while proxy "
                     f"rose: stopping at step {trainer.step_idx}")
+        trainer.elapsed = elapsed + time.perf_counter() - t_iter  # sampling counts too
         trainer.metrics.write(**rec)
         bar.update(trainer.step_idx - bar.n)
         bar.set_postfix(proxy=f"{rec['proxy_train']:.2f}", kl=f"{rec['kl_train']:.2f}")
