@@ -49,7 +49,7 @@ def parse_dtype(name: str) -> torch.dtype:
         raise SystemExit(f"dtype '{name}': expected fp32 or bf16") from None
 
 
-def matmul_peak_tflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_tflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     """Best observed rate of one large square matmul (n x n @ n x n) in `dtype`, in TFLOP/s:
     the practical peak this machine reaches right now, the denominator for MFU."""
     a = torch.randn(n, n).to(dtype)
