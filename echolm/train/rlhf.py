@@ -294,11 +294,13 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
         curve, _ = optimise(cfg, run_dir, run_dir / "rlhf_unguarded", free,
                          replace(tcfg, max_steps=p.overopt_steps), "rlhf_unguarded", log)
     # the model the stage hands on: the best by gold when the guard is on
-    best_dir = out / "best"
-    if p.guard and (best_dir / "model.safetensors").exists():
-        policy = load_model(best_dir)
-    save_model(policy, out)
     best = max(ex["history"], key=lambda h: h["gold"]) if p.guard else ex["history"][-1]
+    if p.guard and best["step"] == 0:  # nothing beat SFT by gold: hand on SFT itself
+        log("rlhf: no step beat the SFT model on gold reward; the stage keeps the SFT model")
+        policy = load_model(run_dir / "sft")
+    elif p.guard and (out / "best" / "model.safetensors").exists():
+        policy = load_model(out / "best")
+    save_model(policy, out)
     result = {"gold_win_rate_vs_sft": round(best["win_rate"], 4),
               "gold_reward": round(best["gold"], 4), "proxy_reward": round(best["proxy"], 4),
               "kl": round(best["kl"], 4), "guard_stopped": ex["stopped_by_guard"],
