@@ -70,44 +70,15 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     run_pretrain(cfg, a.run, force=a.force)
 
 
-def cmd_sft(a: argparse.Namespace) -> None:
+def cmd_stage(a: argparse.Namespace) -> None:
+    """One training stage: the run's config (+ overrides), then its `run_*` function."""
+    import importlib
+
     from echolm.pipeline import resolve_run_config
-    from echolm.train.sft import run_sft
 
-    cfg = resolve_run_config(a.run, a.preset, a.overrides)
-    run_sft(cfg, a.run, force=a.force)
-
-
-def cmd_rl(a: argparse.Namespace) -> None:
-    from echolm.pipeline import resolve_run_config
-    from echolm.train.grpo import run_rl
-
-    cfg = resolve_run_config(a.run, a.preset, a.overrides)
-    run_rl(cfg, a.run, force=a.force)
-
-
-def cmd_rm(a: argparse.Namespace) -> None:
-    from echolm.pipeline import resolve_run_config
-    from echolm.train.reward_model import run_rm
-
-    cfg = resolve_run_config(a.run, a.preset, a.overrides)
-    run_rm(cfg, a.run, force=a.force)
-
-
-def cmd_dpo(a: argparse.Namespace) -> None:
-    from echolm.pipeline import resolve_run_config
-    from echolm.train.dpo import run_dpo
-
-    cfg = resolve_run_config(a.run, a.preset, a.overrides)
-    run_dpo(cfg, a.run, force=a.force)
-
-
-def cmd_rlhf(a: argparse.Namespace) -> None:
-    from echolm.pipeline import resolve_run_config
-    from echolm.train.rlhf import run_rlhf
-
-    cfg = resolve_run_config(a.run, a.preset, a.overrides)
-    run_rlhf(cfg, a.run, force=a.force)
+    module, name = a.runner.split(":")
+    run = getattr(importlib.import_module(module), name)
+    run(resolve_run_config(a.run, a.preset, a.overrides), a.run, force=a.force)
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -290,22 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning on conversations (resumes "
                        "automatically)")
     _run_args(p)
-    p.set_defaults(fn=cmd_sft)
+    p.set_defaults(fn=cmd_stage, runner="echolm.train.sft:run_sft")
 
     p = sub.add_parser("rl", help="reinforcement learning on checkable tasks (GRPO family; "
                        "resumes automatically)")
     _run_args(p)
-    p.set_defaults(fn=cmd_rl)
+    p.set_defaults(fn=cmd_stage, runner="echolm.train.grpo:run_rl")
 
     p = sub.add_parser("rm", help="train a reward model on the rankings in DIR/prefs.sqlite "
                        "(Bradley-Terry or Plackett-Luce; resumes automatically)")
     _run_args(p)
-    p.set_defaults(fn=cmd_rm)
+    p.set_defaults(fn=cmd_stage, runner="echolm.train.reward_model:run_rm")
 
     p = sub.add_parser("dpo", help="direct preference optimisation (DPO or IPO) of the SFT "
                        "model on the rankings in DIR/prefs.sqlite (resumes automatically)")
     _run_args(p)
-    p.set_defaults(fn=cmd_dpo)
+    p.set_defaults(fn=cmd_stage, runner="echolm.train.dpo:run_dpo")
 
     p = sub.add_parser("rank", help="rank K sampled answers per prompt, best first, into "
                        "DIR/prefs.sqlite (you at the terminal, or --simulated); resumable")
@@ -382,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rlhf", help="optimise the SFT model against the reward model (PPO, "
                        "RLOO or GRPO) with a KL penalty and a reward-hacking guard")
     _run_args(p)
-    p.set_defaults(fn=cmd_rlhf)
+    p.set_defaults(fn=cmd_stage, runner="echolm.train.rlhf:run_rlhf")
 
     p = sub.add_parser("eval", help="the same measurements for every stage's model")
     _run_args(p)
