@@ -2,7 +2,7 @@
 
 Ours: ``echolm.model.Transformer`` trained by ``echolm.train.loop.Trainer`` (Muon for the
 hidden matrices + AdamW for the rest, LR schedule, grad clipping, autocast) with
-``masked_cross_entropy``: the code path ``echolm pretrain`` runs.
+the fused head + cross-entropy (``m(x, targets=y)``): the code path ``echolm pretrain`` runs.
 Peer: ``transformers.LlamaForCausalLM`` (attn_implementation="sdpa", use_cache=False) with
 ``torch.optim.AdamW``: forward with labels, ``loss.backward()``, ``clip_grad_norm_``, step,
 zero_grad -- the loop most users would otherwise write.
@@ -80,7 +80,6 @@ def autocast_ctx(dtype: torch.dtype) -> contextlib.AbstractContextManager:
 # ---- one side, in its own process ----------------------------------------------------------
 
 def echo_stepper(args: argparse.Namespace, tmp: Path):
-    from echolm.losses import masked_cross_entropy
     from echolm.model import Transformer
     from echolm.train.loop import Dist, Trainer
 
@@ -96,7 +95,7 @@ def echo_stepper(args: argparse.Namespace, tmp: Path):
 
     def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
-        return masked_cross_entropy(m(x), y)
+        return m(x, targets=y)  # exactly what echolm pretrain does
 
     def step(rows: torch.Tensor) -> float:
         return trainer.step([(rows[:, :-1], rows[:, 1:])], loss_fn, n_tokens)

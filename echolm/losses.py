@@ -213,3 +213,65 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     else:
         raise ValueError(f"kind must be sigmoid or ipo, got {kind!r}")
     return (loss.mean(), beta * chosen_logratio.detach(), beta * rejected_logratio.detach())
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i weights[i] * CE(h[i] @ w.T, targets[i]), `chunk` rows at a time.
+
+    The (N, vocab) logits, their fp32 copy, the log-probs and their gradient are never
+    materialised for the whole batch: each chunk's softmax gradient is turned into its
+    share of dh and dw right away (in the forward pass, while the logits are in cache), so
+    backward is only a scale. Matmuls run in the autocast dtype when autocast is on.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, targets: Tensor, weights: Tensor,
+                chunk: int) -> Tensor:
+        dev = h.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.h_dtype, ctx.w_dtype = h.dtype, w.dtype
+        with torch.autocast(dev, enabled=False):
+            hc, wc = h.to(dtype), w.to(dtype)
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            dh = torch.empty_like(hc) if need_grad else None
+            dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
+            for s in range(0, hc.shape[0], chunk):
+                hs, t, ws = hc[s:s + chunk], targets[s:s + chunk, None], weights[s:s + chunk]
+                z = (hs @ wc.T).float()
+                picked = z.gather(1, t)
+                top = z.amax(dim=-1, keepdim=True)
+                e = z.sub_(top).exp_()  # in place: z is not needed any more
+                total = e.sum(dim=-1, keepdim=True)
+                loss += ((top + total.log() - picked).squeeze(1) * ws).sum()
+                if need_grad:  # d loss / d z = weight * (softmax - onehot)
+                    g = e.mul_(ws[:, None] / total)
+                    g.scatter_add_(1, t, -ws[:, None])
+                    g = g.to(dtype)
+                    dh[s:s + chunk] = g @ wc
+                    dw += (g.T @ hs).float()
+        ctx.save_for_backward(dh, dw)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        dh, dw = ctx.saved_tensors
+        return (dh * grad).to(ctx.h_dtype), (dw * grad).to(ctx.w_dtype), None, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
+                         mask: Tensor | None = None, chunk: int = 512) -> Tensor:
+    """`masked_cross_entropy(hidden @ weight.T, targets, mask)` without the full logits.
+
+    hidden (B, T, C), weight (vocab, C) (the output head), targets (B, T), mask (B, T) of
+    0/1 or None. Same value and gradients (up to float rounding); peak memory and time drop
+    by the (B*T, vocab) fp32 tensors the plain path allocates.
+    """
+    n = targets.numel()
+    if mask is None:
+        weights = torch.full((n,), 1.0 / max(n, 1), device=hidden.device)
+    else:
+        m = mask.flatten().float()
+        weights = m / m.sum().clamp(min=1.0)
+    return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten(),
+                                     weights, chunk)

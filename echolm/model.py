@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from echolm.config import ModelConfig
+from echolm.losses import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -174,8 +175,10 @@ class Transformer(nn.Module):
                 p.uniform_(-bound, bound)
 
     def forward(self, idx: Tensor, cache: KVCache | None = None,
-                valid: Tensor | None = None) -> Tensor:
-        """Logits (B, T, vocab) for token ids (B, T).
+                valid: Tensor | None = None, targets: Tensor | None = None,
+                loss_mask: Tensor | None = None) -> Tensor:
+        """Logits (B, T, vocab) for token ids (B, T); with `targets` (B, T) (training, no
+        cache) the mean cross-entropy over `loss_mask` instead, computed without the logits.
 
         Training: no cache, positions 0..T-1, plain causal attention. Generation: with a cache;
         `valid` (B, T) marks real tokens (False = left padding), which are never attended to
@@ -193,6 +196,8 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache, mask)
         if cache is not None:
             cache.len += T
+        if targets is not None:
+            return linear_cross_entropy(self.norm(x), self.lm_head.weight, targets, loss_mask)
         return self.lm_head(self.norm(x))
 
     def cache_inputs(self, cache: KVCache, T: int, valid: Tensor | None,

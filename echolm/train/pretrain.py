@@ -17,7 +17,6 @@ from echolm.data.text import iter_documents
 from echolm.engine import SamplingParams, generate
 from echolm.errors import EchoError
 from echolm.evaluate import eval_bpb
-from echolm.losses import masked_cross_entropy
 from echolm.model import Transformer
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
@@ -91,7 +90,7 @@ def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
 
     def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
-        return masked_cross_entropy(m(x.to(d.device)), y.to(d.device))
+        return m(x.to(d.device), targets=y.to(d.device))
 
     def evaluate() -> dict:
         return eval_bpb(model, tok, val_tokens, tcfg.seq_len, tcfg.eval_tokens, autocast_ctx=ctx)

@@ -22,7 +22,6 @@ from echolm.data.chat import (
 )
 from echolm.errors import EchoError
 from echolm.evaluate import task_accuracy, wilson_interval
-from echolm.losses import masked_cross_entropy
 from echolm.model import Transformer
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
@@ -82,7 +81,7 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
 
     def loss_fn(m: torch.nn.Module, batch: tuple) -> torch.Tensor:
         x, y, mask = (t.to(d.device) for t in batch)
-        return masked_cross_entropy(m(x), y, mask)
+        return m(x, targets=y, loss_mask=mask)
 
     @torch.no_grad()
     def val_loss() -> float:
