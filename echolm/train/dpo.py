@@ -33,7 +33,14 @@ from echolm.losses import dpo_loss
 from echolm.model import Transformer
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
-from echolm.train.loop import Trainer, autocast, finished_stage, resolve_dtype, setup_distributed
+from echolm.train.loop import (
+    Trainer,
+    autocast,
+    check_seq_len,
+    finished_stage,
+    resolve_dtype,
+    single_process,
+)
 from echolm.train.reward_model import (
     RankedExample,
     capped_steps,
@@ -246,14 +253,10 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         return finished
     pref, tcfg = cfg.pref, cfg.dpo
     pref.validate()
-    d = setup_distributed()
-    if d.world > 1:
-        raise EchoError("dpo runs in one process for now (run it without torchrun)")
+    d = single_process("dpo")
     tok = Tokenizer.load(run_dir / "tokenizer")
     policy = load_model(run_dir / "sft", d.device)
-    if tcfg.seq_len > policy.cfg.max_seq_len:
-        raise EchoError(f"dpo.seq_len={tcfg.seq_len} exceeds model.max_seq_len="
-                        f"{policy.cfg.max_seq_len}")
+    check_seq_len("dpo", tcfg.seq_len, policy.cfg.max_seq_len)
     train_r, held_r = split_by_prompt(load_rankings(run_dir, pref), pref.heldout_fraction)
     train_pairs, held_pairs = ranking_pairs(train_r), ranking_pairs(held_r)
     if not train_pairs:

@@ -32,7 +32,12 @@ from echolm.model import Transformer
 from echolm.summary import update_summary
 from echolm.tasks import Problem, Task
 from echolm.tokenizer import Tokenizer
-from echolm.train.loop import Trainer, autocast, finished_stage, setup_distributed
+from echolm.train.loop import (
+    Trainer,
+    autocast,
+    finished_stage,
+    single_process,
+)
 
 
 @dataclass
@@ -174,9 +179,7 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     out, done = run_dir / "rl", run_dir / "rl" / "done.json"
     if (finished := finished_stage(out, "rl", force, log)) is not None:
         return finished
-    d = setup_distributed()
-    if d.world > 1:
-        raise EchoError("rl runs in one process for now (generation is not sharded)")
+    d = single_process("rl", "generation is not sharded")
     g, tcfg = cfg.grpo, cfg.rl
     if g.init not in ("sft", "base"):
         raise EchoError(f"grpo.init must be 'sft' or 'base', got {g.init!r}")

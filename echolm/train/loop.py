@@ -189,6 +189,19 @@ def finished_stage(out: Path, name: str, force: bool, log: Callable[[str], Any] 
     return None
 
 
+def single_process(stage: str, why: str = "run it without torchrun") -> Dist:
+    """The process set-up for stages that do not shard their work across processes yet."""
+    d = setup_distributed()
+    if d.world > 1:
+        raise EchoError(f"{stage} runs in one process for now ({why})")
+    return d
+
+
+def check_seq_len(section: str, seq_len: int, max_seq_len: int) -> None:
+    if seq_len > max_seq_len:
+        raise EchoError(f"{section}.seq_len={seq_len} exceeds model.max_seq_len={max_seq_len}")
+
+
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 

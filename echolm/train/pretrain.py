@@ -20,7 +20,13 @@ from echolm.evaluate import eval_bpb
 from echolm.model import Transformer
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
-from echolm.train.loop import Trainer, autocast, finished_stage, setup_distributed
+from echolm.train.loop import (
+    Trainer,
+    autocast,
+    check_seq_len,
+    finished_stage,
+    setup_distributed,
+)
 
 SAMPLE_PROMPTS = ["The", "Once upon a time", "To be, or not to be", "In the beginning",
                   "The meaning of life is"]
@@ -63,9 +69,7 @@ def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
     if tok.vocab_size > mcfg.vocab_size:
         raise EchoError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
                         f"{tok.vocab_size}")
-    if tcfg.seq_len > mcfg.max_seq_len:
-        raise EchoError(f"pretrain.seq_len={tcfg.seq_len} exceeds model.max_seq_len="
-                        f"{mcfg.max_seq_len}")
+    check_seq_len("pretrain", tcfg.seq_len, mcfg.max_seq_len)
     if d.main:
         prepare_tokens(cfg, run_dir, tok, log)
     if d.world > 1:

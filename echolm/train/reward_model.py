@@ -49,7 +49,13 @@ from echolm.model import Transformer, rope_tables
 from echolm.prefs import PreferenceStore
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
-from echolm.train.loop import Trainer, autocast, finished_stage, setup_distributed
+from echolm.train.loop import (
+    Trainer,
+    autocast,
+    check_seq_len,
+    finished_stage,
+    single_process,
+)
 
 META_FILE = "reward_model.json"
 
@@ -450,14 +456,10 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         return finished
     pref, tcfg = cfg.pref, cfg.rm
     pref.validate()
-    d = setup_distributed()
-    if d.world > 1:
-        raise EchoError("rm runs in one process for now (run it without torchrun)")
+    d = single_process("rm")
     tok = Tokenizer.load(run_dir / "tokenizer")
     rm = reward_model_from_backbone(run_dir / "sft")
-    if tcfg.seq_len > rm.cfg.max_seq_len:
-        raise EchoError(f"rm.seq_len={tcfg.seq_len} exceeds model.max_seq_len="
-                        f"{rm.cfg.max_seq_len}")
+    check_seq_len("rm", tcfg.seq_len, rm.cfg.max_seq_len)
     rm.max_len = tcfg.seq_len
     data = prepare_rm_data(cfg, run_dir, tok, tcfg.seq_len)
     tcfg = capped_steps(tcfg, pref.rm_epochs, len(data.train))

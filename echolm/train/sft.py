@@ -20,12 +20,17 @@ from echolm.data.chat import (
     task_from_spec,
     task_label,
 )
-from echolm.errors import EchoError
 from echolm.evaluate import task_accuracy, wilson_interval
 from echolm.model import Transformer
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
-from echolm.train.loop import Trainer, autocast, finished_stage, setup_distributed
+from echolm.train.loop import (
+    Trainer,
+    autocast,
+    check_seq_len,
+    finished_stage,
+    setup_distributed,
+)
 
 SAMPLED_TEMPERATURE = 0.7
 
@@ -55,9 +60,7 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     tcfg, data = cfg.sft, cfg.data
     tok = Tokenizer.load(run_dir / "tokenizer")
     model = load_model(run_dir / "base")
-    if tcfg.seq_len > model.cfg.max_seq_len:
-        raise EchoError(f"sft.seq_len={tcfg.seq_len} exceeds model.max_seq_len="
-                        f"{model.cfg.max_seq_len}")
+    check_seq_len("sft", tcfg.seq_len, model.cfg.max_seq_len)
 
     convs = load_conversations(data.sft, data.tasks, data.task_examples, tcfg.seed)
     examples = encode_conversations(tok, convs, tcfg.seq_len + 1)
