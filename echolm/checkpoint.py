@@ -33,20 +33,21 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; it is the embedding
-    return sd
-
-
 def save_model(model: Transformer, folder: Path) -> None:
     """Write model.safetensors and config.json into `folder` (each atomically)."""
+    save_weights(model.state_dict(), model.cfg, folder)
+
+
+def save_weights(sd: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path) -> None:
+    """`save_model` from a state dict (e.g. one gathered from a sharded model)."""
     folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in sd.items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; it is the embedding
     tmp = folder / "model.safetensors.tmp"
-    save_file(_state_dict(model), str(tmp), metadata={"format": "pt"})
+    save_file(sd, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / "model.safetensors")
-    atomic_write_json(folder / "config.json", asdict(model.cfg))
+    atomic_write_json(folder / "config.json", asdict(cfg))
 
 
 def load_model_config(folder: Path) -> ModelConfig:
@@ -105,6 +106,13 @@ def save_training_state(folder: Path, step: int, model: Transformer, state: dict
     tmp.mkdir()
     save_model(model, tmp)
     torch.save(state, tmp / "state.pt")
+    publish_checkpoint(tmp, final)
+
+
+def publish_checkpoint(tmp: Path, final: Path) -> None:
+    """Make the complete folder `tmp` the checkpoint `final` (one rename), point ckpt/latest
+    at it and keep the last two."""
+    root = final.parent
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

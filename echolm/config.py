@@ -106,6 +106,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "auto"  # auto | fp32 | bf16 (autocast); auto = bf16 where it is faster
     compile: bool = False
+    # under torchrun: "ddp" (every process holds the whole model) or "fsdp" (FSDP2: parameters,
+    # gradients and optimizer state sharded; checkpoints through torch.distributed.checkpoint)
+    parallel: str = "ddp"
+    # experiment trackers beside metrics.jsonl: "tensorboard" (DIR/tb/<stage>/), "wandb"
+    trackers: list[str] = field(default_factory=list)
     eval_every: int = 100
     eval_tokens: int = 65_536
     sample_every: int = 0  # 0 = only at the end
@@ -126,6 +131,12 @@ class TrainConfig:
             raise EchoError(f"{section}.dtype='{self.dtype}': expected auto, fp32 or bf16")
         if self.optimizer not in ("muon", "adamw"):
             raise EchoError(f"{section}.optimizer='{self.optimizer}': expected muon or adamw")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise EchoError(f"{section}.parallel='{self.parallel}': expected ddp or fsdp")
+        for name in self.trackers:
+            if name not in ("tensorboard", "wandb"):
+                raise EchoError(f"{section}.trackers: unknown tracker '{name}' "
+                                "(expected tensorboard or wandb)")
 
 
 @dataclass

@@ -106,11 +106,13 @@ def row_starts(tokens: np.ndarray, bos: int, seq_len: int) -> np.ndarray:
 class BatchSampler:
     """Rows for global step `step`: world_size * grad_accum * micro_batch rows per step, each
     rank taking its own micro-batches. One process with 2 accumulation steps sees exactly the
-    rows that 2 processes with 1 step each see together."""
+    rows that 2 processes with 1 step each see together. `pin_memory` (GPUs): batches in
+    page-locked memory, so that `.to(device, non_blocking=True)` copies asynchronously."""
 
     def __init__(self, tokens: np.ndarray, bos: int, seq_len: int, micro_batch: int,
-                 grad_accum: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.tokens, self.seq_len = tokens, seq_len
+                 grad_accum: int, seed: int, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False) -> None:
+        self.tokens, self.seq_len, self.pin_memory = tokens, seq_len, pin_memory
         self.starts = row_starts(tokens, bos, seq_len)
         self.micro, self.accum, self.seed = micro_batch, grad_accum, seed
         self.rank, self.world = rank, world_size
@@ -145,6 +147,8 @@ class BatchSampler:
             ids = self._row_ids(index * self.micro, self.micro)
             rows = np.stack([self.tokens[s: s + self.seq_len + 1] for s in self.starts[ids]])
             t = torch.from_numpy(rows.astype(np.int64))
+            if self.pin_memory:
+                t = t.pin_memory()
             out.append((t[:, :-1], t[:, 1:]))
         return out
 

@@ -98,9 +98,11 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-def build_optimizers(model: Transformer, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: Transformer, cfg: TrainConfig,
+                     sharded: bool = False) -> list[torch.optim.Optimizer]:
     """Muon for the hidden 2-D matrices (attention and MLP); AdamW for the embedding, the
-    output head and the norm weights, each group with its own learning rate."""
+    output head and the norm weights, each group with its own learning rate. `sharded`:
+    the parameters are FSDP2 DTensors (Muon then orthogonalises whole matrices)."""
     hidden, embed, head, scalars = [], [], [], []
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -131,18 +133,32 @@ def build_optimizers(model: Transformer, cfg: TrainConfig) -> list[torch.optim.O
     adam = torch.optim.AdamW(groups, betas=cfg.adam_betas, eps=1e-10, fused=fused)
     # Muon orthogonalises each matrix's momentum (Newton-Schulz): one well-scaled update
     # per matrix, the reason it trains small transformers faster than AdamW per step
-    muon = torch.optim.Muon(hidden, lr=cfg.lr_matrix, weight_decay=cfg.weight_decay)
+    muon_class = torch.optim.Muon
+    if sharded:
+        from echolm.train.fsdp import ShardedMuon as muon_class
+    muon = muon_class(hidden, lr=cfg.lr_matrix, weight_decay=cfg.weight_decay)
     return [adam, muon]
 
 
 class MetricsLog:
-    """Appends one JSON object per line to the run's metrics.jsonl (tagged with the stage)."""
+    """Appends one JSON object per line to the run's metrics.jsonl (tagged with the stage),
+    and sends its numbers to the experiment trackers named in `trackers` (train/trackers.py:
+    "tensorboard" into DIR/tb/<stage>/, "wandb")."""
 
-    def __init__(self, path: Path, stage: str, enabled: bool = True) -> None:
+    def __init__(self, path: Path, stage: str, enabled: bool = True,
+                 trackers: list[str] | tuple[str, ...] = (),
+                 config: dict[str, Any] | None = None) -> None:
         self.path, self.stage, self.enabled = path, stage, enabled
+        self.trackers: list = []
+        if enabled and trackers:
+            from echolm.train.trackers import open_trackers
+
+            self.trackers = open_trackers(list(trackers), path.parent, stage, config)
 
     def truncate_after(self, step: int) -> None:
         """Drop this stage's records past `step` (they are replayed after a resume)."""
+        for tracker in self.trackers:
+            tracker.restart(step)
         if not (self.enabled and self.path.exists()):
             return
         keep = []
@@ -159,6 +175,15 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"stage": self.stage, **record}) + "\n")
+            if self.trackers and "step" in record:
+                from echolm.train.trackers import scalars_of
+
+                for tracker in self.trackers:
+                    tracker.log(int(record["step"]), scalars_of(record))
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def read_metrics(path: Path, stage: str | None = None) -> list[dict]:
@@ -206,27 +231,40 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 class Trainer:
-    """Owns the model's optimisation: call `step(micro_batches, loss_fn)` once per step."""
+    """Owns the model's optimisation: call `step(micro_batches, loss_fn)` once per step.
+
+    Under torchrun the model is replicated (DDP) or, with `parallel = "fsdp"` in a stage that
+    allows it (`shardable`), sharded in place (FSDP2, train/fsdp.py): `model` is then a
+    sharded module that every process must call together; `unsharded()` gives whole weights."""
 
     def __init__(self, model: Transformer, cfg: TrainConfig, out: Path, stage: str,
-                 run_dir: Path, d: Dist) -> None:
+                 run_dir: Path, d: Dist, shardable: bool = False) -> None:
         self.cfg, self.out, self.stage, self.d = cfg, out, stage, d
         self.model = model.to(d.device)
         self.dtype = resolve_dtype(cfg.dtype, d.device)
-        self.optimizers = build_optimizers(self.model, cfg)
+        self.sharded = d.world > 1 and cfg.parallel == "fsdp"
+        if self.sharded:
+            if not shardable:
+                raise EchoError(f"{stage}: parallel='fsdp' is implemented for pretraining; "
+                                "use parallel='ddp' (the default) for this stage")
+            from echolm.train.fsdp import shard_model
+
+            shard_model(self.model, d.device, d.world, compile_blocks=cfg.compile)
+        self.optimizers = build_optimizers(self.model, cfg, sharded=self.sharded)
         for opt in self.optimizers:
             for g in opt.param_groups:
                 g["base_lr"] = g["lr"]
         self.ddp = None
-        if d.world > 1:
+        if d.world > 1 and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.ddp = DDP(self.model, device_ids=[d.local_rank] if d.device.type == "cuda"
                            else None)
         self.forward_model: nn.Module = self.ddp or self.model
-        if cfg.compile:
+        if cfg.compile and not self.sharded:  # sharded: compiled block by block
             self.forward_model = torch.compile(self.forward_model)
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl", stage, enabled=d.main)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", stage, enabled=d.main,
+                                  trackers=cfg.trackers, config=asdict(cfg))
         self.step_idx, self.tokens, self.elapsed = 0, 0, 0.0
         self.extra: dict[str, Any] = {}  # stage-specific state saved with checkpoints
 
@@ -238,6 +276,36 @@ class Trainer:
             self.metrics.truncate_after(0)  # records of an earlier start are replayed
             return False
         state = load_training_state(path)
+        if (path / "dcp").is_dir():  # written with parallel="fsdp": any world size loads it
+            self._load_sharded(path)
+        else:
+            self._load_whole(path, state)
+        self.step_idx, self.tokens = state["step"], state["tokens"]
+        self.elapsed, self.extra = state["elapsed"], state.get("extra", {})
+        torch.set_rng_state(state["rng_torch"])
+        np.random.set_state(state["rng_numpy"])
+        random.setstate(state["rng_python"])
+        self.metrics.truncate_after(self.step_idx)
+        return True
+
+    def _load_sharded(self, path: Path) -> None:
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from echolm.train.fsdp import load_checkpoint
+
+        try:
+            load_checkpoint(path, self.model, self.optimizers)
+        except (CheckpointException, RuntimeError, ValueError, KeyError) as e:
+            failures = getattr(e, "failures", None)  # DCP: {rank: (exception, traceback)}
+            cause = next(iter(failures.values()))[0] if failures else e
+            msg = " ".join(str(cause).split())[:300]
+            raise EchoError(f"{path}: checkpoint does not match the current config ({msg})"
+                            ) from None
+
+    def _load_whole(self, path: Path, state: dict) -> None:
+        if self.sharded:
+            raise EchoError(f"{path}: written without parallel='fsdp' (no dcp/ folder); "
+                            "resume it with parallel='ddp' or in one process")
         weights = read_weights(path / "model.safetensors")
         try:
             missing, unexpected = self.model.load_state_dict(weights, strict=False)
@@ -251,26 +319,36 @@ class Trainer:
             msg = " ".join(str(e).split())[:300]
             raise EchoError(f"{path}: checkpoint does not match the current config ({msg})"
                             ) from None
-        self.step_idx, self.tokens = state["step"], state["tokens"]
-        self.elapsed, self.extra = state["elapsed"], state.get("extra", {})
-        torch.set_rng_state(state["rng_torch"])
-        np.random.set_state(state["rng_numpy"])
-        random.setstate(state["rng_python"])
-        self.metrics.truncate_after(self.step_idx)
-        return True
 
     def save(self) -> None:
+        """A checkpoint of everything needed to resume exactly. With parallel="fsdp" (any
+        world size) model and optimizer states go through torch.distributed.checkpoint."""
+        state = {
+            "step": self.step_idx, "tokens": self.tokens, "elapsed": self.elapsed,
+            "rng_torch": torch.get_rng_state(), "rng_numpy": np.random.get_state(),
+            "rng_python": random.getstate(), "extra": self.extra,
+            "train_config": asdict(self.cfg),
+        }
+        if self.cfg.parallel == "fsdp":
+            from echolm.train.fsdp import save_checkpoint
+
+            save_checkpoint(self.out, self.step_idx, self.model, self.optimizers, state,
+                            self.d.main, self.d.world)
+            return
         if self.d.main:
-            state = {
-                "step": self.step_idx, "tokens": self.tokens, "elapsed": self.elapsed,
-                "optimizers": [o.state_dict() for o in self.optimizers],
-                "rng_torch": torch.get_rng_state(), "rng_numpy": np.random.get_state(),
-                "rng_python": random.getstate(), "extra": self.extra,
-                "train_config": asdict(self.cfg),
-            }
+            state["optimizers"] = [o.state_dict() for o in self.optimizers]
             save_training_state(self.out, self.step_idx, self.model, state)
         if self.d.world > 1:
             dist.barrier()
+
+    def unsharded(self) -> Transformer | None:
+        """The model with whole weights, for one process to sample from or save: the model
+        itself, or (FSDP) a gathered copy on rank 0 and None elsewhere. Collective then."""
+        if not self.sharded:
+            return self.model
+        from echolm.train.fsdp import unsharded_copy
+
+        return unsharded_copy(self.model, self.d.device, self.d.main)
 
     # ---- one optimisation step -----------------------------------------------------------
     def step(self, micro_batches: list[Any], loss_fn: LossFn, n_tokens: int) -> float:
@@ -294,9 +372,9 @@ class Trainer:
         if self.d.world > 1:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         grad_norm = 0.0
-        if self.cfg.grad_clip > 0:
-            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                       self.cfg.grad_clip))
+        if self.cfg.grad_clip > 0:  # over the whole model also when sharded (a DTensor then)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            grad_norm = float(norm.full_tensor() if self.sharded else norm)
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
@@ -343,3 +421,4 @@ class Trainer:
         bar.close()
         if self.step_idx % self.cfg.ckpt_every and self.step_idx != self.cfg.max_steps:
             self.save()  # stopped by the clock: keep what was trained
+        self.metrics.close()

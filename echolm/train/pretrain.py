@@ -77,12 +77,13 @@ def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
     folder = run_dir / "tokens"
     train_tokens, val_tokens = load_tokens(folder, "train"), load_tokens(folder, "val")
     sampler = BatchSampler(train_tokens, tok.bos, tcfg.seq_len, tcfg.micro_batch,
-                           tcfg.grad_accum, tcfg.seed, d.rank, d.world)
+                           tcfg.grad_accum, tcfg.seed, d.rank, d.world,
+                           pin_memory=d.device.type == "cuda")
 
     torch.manual_seed(tcfg.seed)
     model = Transformer(mcfg)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, tcfg, out, "base", run_dir, d)
+    trainer = Trainer(model, tcfg, out, "base", run_dir, d, shardable=True)
     if trainer.resume():
         log(f"pretrain: resuming from step {trainer.step_idx}")
     elif d.main:
@@ -93,30 +94,37 @@ def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
     ctx = autocast(d.device, trainer.dtype)
 
     def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        return m(x.to(d.device), targets=y.to(d.device))
+        x, y = batch  # pinned on GPUs: the copies overlap with the previous step's kernels
+        return m(x.to(d.device, non_blocking=True), targets=y.to(d.device, non_blocking=True))
 
-    def evaluate() -> dict:
+    def evaluate() -> dict | None:
+        """Held-out bits per byte on rank 0; a sharded (FSDP) model needs every process to
+        run the same forward passes, and then they all do."""
+        if not (d.main or trainer.sharded):
+            return None
         return eval_bpb(model, tok, val_tokens, tcfg.seq_len, tcfg.eval_tokens, autocast_ctx=ctx)
 
     def periodic(step: int) -> dict:
         rec: dict = {}
-        if d.main and tcfg.eval_every and step % tcfg.eval_every == 0:
-            rec["val_bpb"] = round(evaluate()["bpb"], 5)
-        if d.main and tcfg.sample_every and step % tcfg.sample_every == 0:
-            rec["samples"] = sample_texts(model, tok, SAMPLE_PROMPTS[:2])
+        if tcfg.eval_every and step % tcfg.eval_every == 0 and (ev := evaluate()) and d.main:
+            rec["val_bpb"] = round(ev["bpb"], 5)
+        if tcfg.sample_every and step % tcfg.sample_every == 0:
+            whole = trainer.unsharded()  # FSDP: gathered on rank 0 (every process joins)
+            if d.main:
+                rec["samples"] = sample_texts(whole, tok, SAMPLE_PROMPTS[:2])
         return rec
 
     tokens_per_step = tcfg.micro_batch * tcfg.grad_accum * tcfg.seq_len
     trainer.fit(sampler.micro_batches, loss_fn, tokens_per_step, periodic, sampler.epoch)
 
     result: dict = {}
-    if d.main:
-        ev = evaluate()
-        samples = sample_texts(model, tok, SAMPLE_PROMPTS)
-        save_model(model, out)
+    ev = evaluate()
+    whole = trainer.unsharded()
+    if d.main and ev is not None and whole is not None:
+        samples = sample_texts(whole, tok, SAMPLE_PROMPTS)
+        save_model(whole, out)
         result = {"val_bpb": round(ev["bpb"], 4), "val_loss": round(ev["loss"], 4),
-                  "params": model.num_params(), "params_non_embedding": model.num_params(True),
+                  "params": whole.num_params(), "params_non_embedding": whole.num_params(True),
                   "tokens": trainer.tokens, "steps": trainer.step_idx,
                   "minutes": round(trainer.elapsed / 60, 2),
                   "tok_per_s": round(trainer.tokens / max(trainer.elapsed, 1e-9)),
