@@ -79,6 +79,9 @@ class DataConfig:
     tasks: list[str] = field(default_factory=lambda: [
         "arithmetic:difficulty=2", "spelling", "letter_count", "identity"])
     task_examples: int = 2000  # training conversations per task family in the mixture
+    # open-ended requests answered with real corpus sentences (echolm/data/open_chat.py), added
+    # to the built-in mixture so the model has something to say to "Write a line about the sea."
+    open_examples: int = 0
     eval_problems: int = 200  # held-out problems per task family for evaluation
     humaneval: int = 164  # HumanEval problems in `echolm eval` (0 = skip)
     gold_prompts: int = 100  # held-out RLHF prompts judged by the simulated annotator

@@ -14,6 +14,7 @@ from echolm.data.chat import (
     builtin_mixture,
     parse_task_spec,
     read_chat_file,
+    task_from_spec,
 )
 from echolm.errors import EchoError
 
@@ -71,6 +72,15 @@ def test_builtin_mixture_weights_families_equally_and_uses_train_only():
     assert len(convs) == 100
     assert all(c[0]["role"] == "user" and c[1]["role"] == "assistant" for c in convs)
 
+
+
+def test_a_family_can_ask_for_its_own_number_of_examples():
+    convs = builtin_mixture(["arithmetic:difficulty=2,examples=7", "identity"], 20, seed=0)
+    assert len(convs) == 27
+    assert all(any(ch.isdigit() for ch in c[0]["content"]) for c in convs[:7])  # 7 sums
+    assert task_from_spec("arithmetic:difficulty=2,examples=7").difficulty == 2
+    with pytest.raises(EchoError, match="examples must be a whole number"):
+        builtin_mixture(["identity:examples=lots"], 5, seed=0)
 
 @pytest.mark.parametrize("line, words", [
     ('{"messages": []}', "field 'messages' must be a non-empty list"),

@@ -32,8 +32,15 @@ def parse_task_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), kwargs
 
 
+# Spec options that belong to the SFT mixture, not to the task: "gsm:examples=1500" gives that
+# family its own number of training conversations (instead of data.task_examples).
+MIXTURE_OPTIONS = ("examples",)
+
+
 def task_from_spec(spec: str) -> Task:
     name, kwargs = parse_task_spec(spec)
+    for key in MIXTURE_OPTIONS:
+        kwargs.pop(key, None)
     return get_task(name, **kwargs)
 
 
@@ -57,12 +64,16 @@ def problems_up_to(task: Task, split: str, n: int, seed: int) -> list[Problem]:
 
 
 def builtin_mixture(specs: list[str], per_task: int, seed: int) -> list[list[dict]]:
-    """Training conversations from the task families (their train split only). A family with
-    fewer distinct problems than `per_task` repeats them, so each family weighs the same."""
+    """Training conversations from the task families (their train split only): `per_task` of
+    each, or the spec's own `examples=N`. A family with fewer distinct problems than that
+    repeats them, so each family weighs what was asked."""
     convs = []
     for k, spec in enumerate(specs):
-        problems = problems_up_to(task_from_spec(spec), "train", per_task, seed + k)
-        convs += [problem_messages(problems[i % len(problems)]) for i in range(per_task)]
+        n = parse_task_spec(spec)[1].get("examples", per_task)
+        if not isinstance(n, int) or n < 0:
+            raise EchoError(f"task spec '{spec}': examples must be a whole number >= 0")
+        problems = problems_up_to(task_from_spec(spec), "train", max(n, 1), seed + k)
+        convs += [problem_messages(problems[i % len(problems)]) for i in range(n)]
     return convs
 
 
@@ -92,12 +103,19 @@ def _hf_chats(spec: str) -> list[list[dict]]:
             for row, msgs in hf_column(spec, "messages")]
 
 
-def load_conversations(sources: list[str], specs: list[str], per_task: int, seed: int
-                       ) -> list[list[dict]]:
+def load_conversations(sources: list[str], specs: list[str], per_task: int, seed: int,
+                       open_examples: int = 0, text_sources: list[str] | None = None,
+                       val_fraction: float = 0.01) -> list[list[dict]]:
+    """Conversations of every SFT source. "builtin" is the task mixture plus `open_examples`
+    open-ended requests answered with sentences of the pretraining text `text_sources`."""
     convs: list[list[dict]] = []
     for source in sources:
         if source == "builtin":
+            from echolm.data.open_chat import open_chat_conversations
+
             convs += builtin_mixture(specs, per_task, seed)
+            convs += open_chat_conversations(open_examples, seed, text_sources or ["builtin"],
+                                             val_fraction)
         elif source.startswith("hf:"):
             convs += _hf_chats(source)
         else:

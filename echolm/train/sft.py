@@ -62,7 +62,8 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     model = load_model(run_dir / "base")
     check_seq_len("sft", tcfg.seq_len, model.cfg.max_seq_len)
 
-    convs = load_conversations(data.sft, data.tasks, data.task_examples, tcfg.seed)
+    convs = load_conversations(data.sft, data.tasks, data.task_examples, tcfg.seed,
+                               data.open_examples, data.pretrain, data.val_fraction)
     examples = encode_conversations(tok, convs, tcfg.seq_len + 1)
     sampler = PackedSampler(examples, tok.pad, tcfg.seq_len, tcfg.micro_batch, tcfg.grad_accum,
                             tcfg.seed, d.rank, d.world)

@@ -1,0 +1,146 @@
+"""Open-ended chat for the built-in SFT mixture, answered with real sentences.
+
+The task families teach a model to solve checkable problems; a chat model also meets requests
+with no single right answer ("Write a short line about the sea."). No chat corpus can be had
+offline, so the answers here are real sentences: for each open-ended prompt of the RLHF prompt
+templates (`echolm.data.prompts.TEMPLATES`, train split only), a sentence from the pretraining
+text (of the built-in corpus, only its literary sources: Austen, Shakespeare, Milton, the World
+English Bible, fortunes) that mentions the topic ("the sea" -> "The sea was calm and the wind
+was fair."), and for a rhyme request a common corpus word with the same rime ("night" ->
+"'light' rhymes with 'night'.").
+
+The answers are on topic, short and finished, but not always apt: a line about a cat taken from
+Shakespeare is a line about a cat, not a kind word to one. That is the point for the later
+stages: sampled answers then differ in what the simulated annotator scores (on topic, finished,
+concise, readable), which is what a reward model can learn from and RLHF can improve.
+Held-out (template, topic) pairs never appear here, so the val prompts of `echolm rank` and the
+gold evaluation stay unseen.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+from collections import Counter
+from collections.abc import Iterator
+
+from echolm.annotator import rime
+from echolm.data.prompts import OPEN_VAL_FRACTION, TEMPLATES, topic_words
+from echolm.errors import EchoError
+from echolm.tasks.base import split_of
+
+LITERARY = ("austen", "shakespeare", "milton", "web-bible", "fortunes")
+MIN_CHARS, MAX_CHARS = 24, 140
+MAX_PER_WORD = 400  # sentences kept per topic word (the first ones in corpus order)
+MAX_SCAN_BYTES = 64_000_000  # enough sentences long before this; a huge user corpus is cut here
+_SENTENCE_RE = re.compile(r"[^.!?]+[.!?]")
+_WORD_RE = re.compile(r"[a-z]+")
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
+                         "\u2014": " - ", "\u2013": "-"})
+_CLEAN_RE = re.compile(r"[A-Z][A-Za-z ,;:'\-!?.]+")  # plain prose: no digits, brackets, quotes
+
+
+def _sentences(text: str) -> list[str]:
+    flat = " ".join(text.translate(_QUOTES).split())
+    out = []
+    for m in _SENTENCE_RE.finditer(flat):
+        s = m.group().strip()
+        if MIN_CHARS <= len(s) <= MAX_CHARS and _CLEAN_RE.fullmatch(s) and s[-2] != " ":
+            out.append(s)
+    return out
+
+
+def _variants(word: str) -> set[str]:
+    return {word, word + "s", word + "es"}
+
+
+def _documents(sources: tuple[str, ...], val_fraction: float) -> Iterator[str]:
+    """Training documents of the pretraining sources; of the built-in corpus, literary only."""
+    from echolm.data.builtin import build_builtin_corpus
+    from echolm.data.text import iter_documents, read_jsonl
+
+    for source in sources:
+        if source == "builtin":
+            path = build_builtin_corpus(progress=False) / "train.jsonl"
+            yield from (r["text"] for _, r in read_jsonl(path) if r["source"] in LITERARY)
+        else:
+            yield from iter_documents([source], "train", val_fraction)
+
+
+@functools.cache
+def _corpus_index(sources: tuple[str, ...], val_fraction: float
+                  ) -> tuple[dict[str, list[str]], Counter]:
+    """Topic word -> sentences mentioning it; and corpus word counts (for common rhymes)."""
+    wanted: dict[str, str] = {}
+    for _, _, topics in TEMPLATES:
+        for t in topics:
+            for w in topic_words(t):
+                for v in _variants(w):
+                    wanted[v] = w
+    found: dict[str, list[str]] = {w: [] for w in wanted.values()}
+    counts: Counter = Counter()
+    scanned = 0
+    for doc in _documents(sources, val_fraction):
+        for s in _sentences(doc):
+            words = _WORD_RE.findall(s.lower())
+            counts.update(words)
+            for w in set(words):
+                if w in wanted and len(found[wanted[w]]) < MAX_PER_WORD:
+                    found[wanted[w]].append(s)
+        scanned += len(doc)
+        if scanned >= MAX_SCAN_BYTES:
+            break
+    return found, counts
+
+
+def _rhymes(target: str, counts: Counter, n: int = 12) -> list[str]:
+    tail = rime(target)
+    return [w for w, c in counts.most_common() if c >= 5 and len(w) > len(tail)
+            and w.endswith(tail) and w != target and not w.startswith(target)][:n]
+
+
+def open_chat_pairs(sources: list[str], val_fraction: float = 0.01
+                    ) -> list[tuple[str, list[str]]]:
+    """(prompt, candidate answers) for every train-split open-ended prompt that has answers
+    in the pretraining text `sources` (data.pretrain)."""
+    sentences, counts = _corpus_index(tuple(sources), val_fraction)
+    out = []
+    for tid, template, topics in TEMPLATES:
+        for t in topics:
+            if split_of(f"open:{tid}:{t}", OPEN_VAL_FRACTION) != "train":
+                continue
+            prompt = template.format(t=t)
+            prompt = prompt[0].upper() + prompt[1:]
+            if tid == "rhyme":
+                answers = [f"'{w}' rhymes with '{t}'." for w in _rhymes(t, counts)]
+            else:
+                words = topic_words(t)
+                pools = [sentences.get(w, []) for w in words]
+                both = set.intersection(*map(set, pools)) if len(pools) > 1 else set()
+                answers = sorted(both) or [s for pool in pools for s in pool]
+            if answers:
+                out.append((prompt, answers))
+    return out
+
+
+def open_chat_conversations(n: int, seed: int, sources: list[str], val_fraction: float = 0.01
+                            ) -> list[list[dict]]:
+    """`n` open-ended conversations, prompts in rotation, answers drawn with `seed` from the
+    pretraining text `sources`."""
+    if n <= 0:
+        return []
+    pairs = open_chat_pairs(sources, val_fraction)
+    if not pairs:
+        raise EchoError(f"data.open_examples={n}, but the pretraining text {sources} has no "
+                        "sentence that answers any open-ended prompt (set it to 0)")
+    rng = random.Random(f"open-chat:{seed}")
+    order = list(range(len(pairs)))
+    convs = []
+    while len(convs) < n:
+        rng.shuffle(order)
+        for i in order[: n - len(convs)]:
+            prompt, answers = pairs[i]
+            convs.append([{"role": "user", "content": prompt},
+                          {"role": "assistant", "content": rng.choice(answers)}])
+    return convs
