@@ -188,6 +188,8 @@ class PPOConfig:
     minibatches: int = 2
     eval_every: int = 10
     eval_prompts: int = 64  # held-out prompts for proxy / gold / KL / win rate
+    eval_samples: int = 2  # answers per prompt in those evaluations (gold averaged per prompt)
+    final_samples: int = 4  # per prompt in the stage's final, fresh-seed gold measurement
     guard: bool = True  # stop when gold falls while proxy rises; keep the best-by-gold model
     guard_patience: int = 3
     overopt_steps: int = 0  # > 0: also an unguarded run with kl_beta = 0 for this many steps

@@ -22,6 +22,11 @@ FIXED_PROMPTS = ["What is 23 + 19?", "Spell the word 'garden'.", "Who are you?",
 MEMORY_BUDGET_MB = 6 * 1024
 
 
+def _n_answers(d: dict) -> str:
+    k = d.get("samples_per_prompt", 1)
+    return f"n={d['n']} prompts" + (f" x {k} answers" if k > 1 else "")
+
+
 def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -181,14 +186,18 @@ def build_report(run_dir: Path, log=print) -> Path:
     if h:
         md += ["## RLHF", "", f"Gold reward {h.get('sft_gold', float('nan')):.3f} (SFT) -> "
                f"{h['gold_reward']:.3f}; win rate against SFT by the gold annotator "
-               f"**{_pct(h['gold_win_rate_vs_sft'])}** (n={h['n']}); "
-               f"proxy {h['proxy_reward']:.3f}; KL {h['kl']:.2f}; guard stopped the run: "
-               f"{h['guard_stopped']}.", "",
+               f"**{_pct(h['gold_win_rate_vs_sft'])}** ({_n_answers(h)}); "
+               f"proxy {h['proxy_reward']:.3f}; KL {h['kl']:.2f}; step kept by gold: "
+               f"{h.get('best_step', '?')} (0 = the SFT model itself); guard stopped the run: "
+               f"{h['guard_stopped']}. Measured afresh (another sampling seed) after the step "
+               "was chosen.", "",
                "![rlhf](rlhf_overoptimisation.png)", ""]
     dpo = summary.get("dpo")
     if dpo and "gold_win_rate_vs_sft" in dpo:
         md += ["## DPO", "", f"Win rate against SFT by the gold annotator "
-               f"**{_pct(dpo['gold_win_rate_vs_sft'])}** (n={dpo['n']}).", ""]
+               f"**{_pct(dpo['gold_win_rate_vs_sft'])}** ({_n_answers(dpo)}); gold reward "
+               f"{dpo.get('sft_gold', float('nan')):.3f} (SFT) -> "
+               f"{dpo.get('gold_reward', float('nan')):.3f}.", ""]
     if answers:
         md += ["## The same prompts through every stage", "", "Greedy decoding, 48 tokens "
                "at most.", ""]

@@ -110,17 +110,22 @@ class EvalResult:
 @torch.inference_mode()
 def evaluate_policy(model: Transformer, reference: Transformer, rm, tok: Tokenizer,
                     items: list[PromptItem], p: PPOConfig, seed: int = 0,
-                    baseline: list[float] | None = None) -> tuple[EvalResult, list[float],
-                                                                   list[str]]:
-    """Answer held-out prompts (fixed seed) and measure proxy, gold, KL, length, repetition;
-    win rate against `baseline` gold scores (ties count half)."""
+                    baseline: list[float] | None = None, samples: int = 1
+                    ) -> tuple[EvalResult, list[float], list[str]]:
+    """Answer held-out prompts `samples` times each (fixed seed) and measure proxy, gold, KL,
+    length, repetition; gold is averaged per prompt (returned, one per prompt), and the win
+    rate compares those per-prompt means with `baseline`'s (ties count half). More samples
+    per prompt make a single temperature-1 answer's luck matter less."""
     prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
-    sampled = sample_responses(model, tok, prompts, 1, p.max_tokens, p.temperature, seed)
+    sampled = sample_responses(model, tok, prompts, samples, p.max_tokens, p.temperature, seed)
     texts = [tok.decode(r[:-1] if done else r) for r, done in sampled]
     finished = [done for _, done in sampled]
-    proxy = rm.score(tok, [it.text for it in items], texts, finished).float()
-    gold = [gold_score(it, t, f) for it, t, f in zip(items, texts, finished, strict=True)]
-    x, y, mask = pad_batch(prompts, [r for r, _ in sampled], tok.pad)
+    rows = [it for it in items for _ in range(samples)]  # prompt-major, as sampled
+    proxy = rm.score(tok, [it.text for it in rows], texts, finished).float()
+    scores = [gold_score(it, t, f) for it, t, f in zip(rows, texts, finished, strict=True)]
+    gold = [sum(scores[i * samples:(i + 1) * samples]) / samples for i in range(len(items))]
+    x, y, mask = pad_batch([q for q in prompts for _ in range(samples)],
+                           [r for r, _ in sampled], tok.pad)
     kl_seq = ((response_logprobs(model(x), y) - response_logprobs(reference(x), y))
               * mask).sum(1)
     win = None
@@ -174,7 +179,8 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
         log(f"{stage}: resuming from step {trainer.step_idx}")
     ex = trainer.extra
     if "sft_gold" not in ex:
-        sft_eval, ex["sft_gold"], _ = evaluate_policy(policy, reference, rm, tok, eval_items, p)
+        sft_eval, ex["sft_gold"], _ = evaluate_policy(policy, reference, rm, tok, eval_items, p,
+                                                      samples=p.eval_samples)
         ex["history"] = [{"step": 0, **sft_eval.__dict__, "win_rate": 0.5}]
         ex["best_gold"], ex["moments"], ex["stopped_by_guard"] = sft_eval.gold, (0, 0.0, 0.0), False
         log(f"{stage}: SFT model: proxy {sft_eval.proxy:.3f}, gold {sft_eval.gold:.3f}")
@@ -241,7 +247,7 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
                    s: round(v, 5) for s, v in stats.items()}}
         if trainer.step_idx % p.eval_every == 0 or trainer.step_idx == tcfg.max_steps:
             ev, _, _ = evaluate_policy(policy, reference, rm, tok, eval_items, p,
-                                       baseline=ex["sft_gold"])
+                                       baseline=ex["sft_gold"], samples=p.eval_samples)
             ex["history"].append({"step": trainer.step_idx, **ev.__dict__})
             rec.update({f"eval_{k2}": round(v, 4) for k2, v in ev.__dict__.items()})
             if ev.gold > ex["best_gold"]:
@@ -301,35 +307,42 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     elif p.guard and (out / "best" / "model.safetensors").exists():
         policy = load_model(out / "best")
     save_model(policy, out)
-    result = {"gold_win_rate_vs_sft": round(best["win_rate"], 4),
-              "gold_reward": round(best["gold"], 4), "proxy_reward": round(best["proxy"], 4),
-              "kl": round(best["kl"], 4), "guard_stopped": ex["stopped_by_guard"],
-              "n": p.eval_prompts, "best_step": best["step"], "algorithm": p.algorithm,
-              "kl_beta": p.kl_beta, "sft_gold": round(ex["history"][0]["gold"], 4),
+    # The step was chosen by gold on these prompts and samples, so its own figures flatter it
+    # (the best of several noisy measurements): the stage's result is measured afresh, with
+    # another sampling seed and more answers per prompt, exactly as DPO's is.
+    final = gold_win_rate(cfg, run_dir, "rlhf", log=log)
+    result = {**final, "guard_stopped": ex["stopped_by_guard"], "best_step": best["step"],
+              "selection": {k: round(best[k], 4) for k in ("gold", "win_rate", "proxy", "kl")},
+              "algorithm": p.algorithm, "kl_beta": p.kl_beta,
               "history": ex["history"],
               "unguarded_history": curve["history"] if curve else None}
     update_summary(run_dir, "rlhf", {k: v for k, v in result.items()
                                      if k not in ("history", "unguarded_history")})
     atomic_write_json(done, result)
-    log(f"rlhf: gold {result['sft_gold']:.3f} (SFT) -> {result['gold_reward']:.3f} at step "
-        f"{best['step']}, win rate vs SFT {result['gold_win_rate_vs_sft']:.1%} "
-        f"(n={p.eval_prompts}), proxy {result['proxy_reward']:.3f}, KL {result['kl']:.2f}, "
+    log(f"rlhf: step {best['step']} kept (0 = SFT itself; gold {best['gold']:.3f} when chosen); "
         f"guard stopped: {result['guard_stopped']}")
     return result
 
 
+FINAL_EVAL_SEED = 1  # not the seed the guard chose by
+
+
 def gold_win_rate(cfg: Config, run_dir: Path, stage: str, log=print) -> dict:
-    """Gold reward of `stage`'s answers to the held-out RLHF prompts and its win rate
-    against SFT's answers (same prompts, same sampling seed; ties count half)."""
+    """Gold reward of `stage`'s answers to the held-out RLHF prompts and its win rate against
+    SFT's (same prompts; `final_samples` answers each, gold averaged per prompt; a sampling
+    seed no model was selected with; ties count half)."""
     p = cfg.ppo
     tok = Tokenizer.load(run_dir / "tokenizer")
     sft = load_model(run_dir / "sft")
     rm = load_reward_model(run_dir / "rm")
     items = rlhf_prompts("val", p.eval_prompts, 0)
-    _, sft_gold, _ = evaluate_policy(sft, sft, rm, tok, items, p)
+    kw = {"seed": FINAL_EVAL_SEED, "samples": p.final_samples}
+    sft_ev, sft_gold, _ = evaluate_policy(sft, sft, rm, tok, items, p, **kw)
     ev, _, _ = evaluate_policy(load_model(run_dir / stage), sft, rm, tok, items, p,
-                               baseline=sft_gold)
-    log(f"{stage}: gold {sum(sft_gold) / len(sft_gold):.3f} (SFT) -> {ev.gold:.3f}, win rate "
-        f"vs SFT {ev.win_rate:.1%} (n={len(items)}), proxy {ev.proxy:.3f}, KL {ev.kl:.2f}")
+                               baseline=sft_gold, **kw)
+    log(f"{stage}: gold {sft_ev.gold:.3f} (SFT) -> {ev.gold:.3f}, win rate vs SFT "
+        f"{ev.win_rate:.1%} (n={len(items)} prompts x {p.final_samples} answers), proxy "
+        f"{sft_ev.proxy:.3f} -> {ev.proxy:.3f}, KL {ev.kl:.2f}")
     return {"gold_win_rate_vs_sft": round(ev.win_rate, 4), "gold_reward": round(ev.gold, 4),
-            "proxy_reward": round(ev.proxy, 4), "kl": round(ev.kl, 4), "n": len(items)}
+            "sft_gold": round(sft_ev.gold, 4), "proxy_reward": round(ev.proxy, 4),
+            "kl": round(ev.kl, 4), "n": len(items), "samples_per_prompt": p.final_samples}

@@ -1,0 +1,65 @@
+"""RLHF pieces: the reward-hacking guard and the held-out gold evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from echolm.annotator import gold_score
+from echolm.config import ModelConfig, PPOConfig
+from echolm.data.prompts import rlhf_prompts
+from echolm.model import Transformer
+from echolm.tokenizer import Tokenizer
+from echolm.train.reward_model import _empty_reward_model
+from echolm.train.rlhf import evaluate_policy, guard_should_stop
+
+
+@pytest.mark.parametrize("gold, proxy, patience, stop", [
+    # gold 0.5 best, then falls three times in a row while proxy rises: stop
+    ([0.4, 0.5, 0.45, 0.44, 0.43], [0.0, 0.1, 0.2, 0.3, 0.4], 3, True),
+    # the same fall, but proxy fell too: the policy is just getting worse, not hacking
+    ([0.4, 0.5, 0.45, 0.44, 0.43], [0.0, 0.5, 0.4, 0.3, 0.2], 3, False),
+    # one rise inside the stretch: not a steady fall
+    ([0.4, 0.5, 0.45, 0.46, 0.43], [0.0, 0.1, 0.2, 0.3, 0.4], 3, False),
+    # patience 4 needs four falls in a row
+    ([0.4, 0.5, 0.45, 0.44, 0.43], [0.0, 0.1, 0.2, 0.3, 0.4], 4, False),
+    # too short a history to judge
+    ([0.5, 0.4, 0.3], [0, 1, 2], 3, False),
+])
+def test_guard_by_hand(gold, proxy, patience, stop):
+    assert guard_should_stop(gold, proxy, patience) is stop
+
+
+@pytest.fixture
+def tiny(prepared_run):
+    torch.manual_seed(0)
+    tok = Tokenizer.load(prepared_run / "tokenizer")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, n_kv_head=1,
+                      max_seq_len=128)
+    model = Transformer(cfg).eval()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # not all-zero logits: varied answers
+    return tok, model, _empty_reward_model(cfg, "cpu").eval()
+
+
+def test_gold_is_averaged_per_prompt_over_its_samples(tiny):
+    tok, model, rm = tiny
+    items = rlhf_prompts("val", 6, 0)
+    p = PPOConfig(max_tokens=12)
+    ev, gold, texts = evaluate_policy(model, model, rm, tok, items, p, seed=3, samples=3)
+    assert len(gold) == 6 and len(texts) == 18
+    assert len(set(texts)) > 6  # the 3 answers to a prompt differ
+    # recompute gold of every answer from the texts (finished flags: none end in 12 tokens
+    # unless the end token came; gold_score treats both; check the mean bounds instead)
+    for i, it in enumerate(items):
+        mine = texts[3 * i:3 * i + 3]
+        lo = min(gold_score(it, t, False) for t in mine)
+        hi = max(gold_score(it, t, True) for t in mine)
+        assert lo - 1e-9 <= gold[i] <= hi + 1e-9
+    assert ev.gold == pytest.approx(sum(gold) / 6)
+    assert ev.kl == pytest.approx(0.0, abs=1e-5)  # the policy is its own reference
+    # win rate against per-prompt baselines: all worse -> 1, itself -> ties -> 0.5
+    ev_win, _, _ = evaluate_policy(model, model, rm, tok, items, p, seed=3, samples=3,
+                                   baseline=[-1.0] * 6)
+    ev_tie, _, _ = evaluate_policy(model, model, rm, tok, items, p, seed=3, samples=3,
+                                   baseline=gold)
+    assert ev_win.win_rate == 1.0 and ev_tie.win_rate == 0.5
