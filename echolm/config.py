@@ -193,6 +193,7 @@ class PPOConfig:
     guard: bool = True  # stop when gold falls while proxy rises; keep the best-by-gold model
     guard_patience: int = 3
     overopt_steps: int = 0  # > 0: also an unguarded run with kl_beta = 0 for this many steps
+    overopt_lr_mult: float = 1.0  # its learning rates x this: drift far within few steps
     train_prompts: int = 2000
 
 

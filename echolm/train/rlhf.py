@@ -297,8 +297,12 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
         log(f"rlhf: unguarded run (kl_beta=0, {p.overopt_steps} steps) for the "
             "over-optimisation curve")
         free = replace(p, kl_beta=0.0, guard=False)
-        curve, _ = optimise(cfg, run_dir, run_dir / "rlhf_unguarded", free,
-                         replace(tcfg, max_steps=p.overopt_steps), "rlhf_unguarded", log)
+        m = p.overopt_lr_mult
+        fast = replace(tcfg, max_steps=p.overopt_steps, lr_matrix=tcfg.lr_matrix * m,
+                       lr_embed=tcfg.lr_embed * m, lr_head=tcfg.lr_head * m,
+                       lr_scalar=tcfg.lr_scalar * m)
+        curve, _ = optimise(cfg, run_dir, run_dir / "rlhf_unguarded", free, fast,
+                            "rlhf_unguarded", log)
     # the model the stage hands on: the best by gold when the guard is on
     best = max(ex["history"], key=lambda h: h["gold"]) if p.guard else ex["history"][-1]
     if p.guard and best["step"] == 0:  # nothing beat SFT by gold: hand on SFT itself
