@@ -61,7 +61,7 @@ def environment() -> dict:
     return env
 
 
-def fixed_answers(run_dir: Path, stages: list[str], max_tokens: int = 48) -> dict:
+def fixed_answers(run_dir: Path, stages: list[str], max_tokens: int = 80) -> dict:
     from echolm.engine import SamplingParams, generate
     from echolm.tokenizer import Tokenizer
 
@@ -99,9 +99,10 @@ def summary_table(evals: dict[str, dict], stages: list[str]) -> list[str]:
                     f"{_pct(t['pass@1'])} (n={t['n']})")
         if "gold" in ev:
             g = ev["gold"]
-            rows.setdefault(f"gold reward (n={g['n']})", {})[stage] = f"{g['reward']:.3f}"
+            label = f"gold reward, greedy answers (n={g['n']} prompts)"
+            rows.setdefault(label, {})[stage] = f"{g['reward']:.3f}"
             if "win_rate_vs" in g:
-                rows.setdefault("gold win rate vs previous", {})[stage] = (
+                rows.setdefault("gold win rate vs previous, greedy", {})[stage] = (
                     f"{_pct(g['win_rate_vs']['value'])} vs {g['win_rate_vs']['stage']}")
     head = ["| metric | " + " | ".join(s.upper() for s in stages) + " |",
             "|---|" + "---|" * len(stages)]
@@ -186,7 +187,8 @@ def build_report(run_dir: Path, log=print) -> Path:
     if h:
         md += ["## RLHF", "", f"Gold reward {h.get('sft_gold', float('nan')):.3f} (SFT) -> "
                f"{h['gold_reward']:.3f}; win rate against SFT by the gold annotator "
-               f"**{_pct(h['gold_win_rate_vs_sft'])}** ({_n_answers(h)}); "
+               f"**{_pct(h['gold_win_rate_vs_sft'])}** ({_n_answers(h)}, sampled at temperature "
+               f"1); "
                f"proxy {h['proxy_reward']:.3f}; KL {h['kl']:.2f}; step kept by gold: "
                f"{h.get('best_step', '?')} (0 = the SFT model itself); guard stopped the run: "
                f"{h['guard_stopped']}. Measured afresh (another sampling seed) after the step "
@@ -195,11 +197,12 @@ def build_report(run_dir: Path, log=print) -> Path:
     dpo = summary.get("dpo")
     if dpo and "gold_win_rate_vs_sft" in dpo:
         md += ["## DPO", "", f"Win rate against SFT by the gold annotator "
-               f"**{_pct(dpo['gold_win_rate_vs_sft'])}** ({_n_answers(dpo)}); gold reward "
+               f"**{_pct(dpo['gold_win_rate_vs_sft'])}** ({_n_answers(dpo)}, sampled at "
+               f"temperature 1); gold reward "
                f"{dpo.get('sft_gold', float('nan')):.3f} (SFT) -> "
                f"{dpo.get('gold_reward', float('nan')):.3f}.", ""]
     if answers:
-        md += ["## The same prompts through every stage", "", "Greedy decoding, 48 tokens "
+        md += ["## The same prompts through every stage", "", "Greedy decoding, 80 tokens "
                "at most.", ""]
         for i, p in enumerate(FIXED_PROMPTS):
             md += [f"**{p}**", "", "| stage | answer |", "|---|---|"]
