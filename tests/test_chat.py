@@ -113,8 +113,12 @@ class Pty:
     def __init__(self, *args: str | Path) -> None:
         master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
-        # a new session, then the pty as its controlling terminal, then exec echolm
-        ctty = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        # a new session, then the pty as its controlling terminal, then exec echolm. SIGINT
+        # back to its default first: a test run started in the background of a shell without
+        # job control (`make test &`) inherits SIGINT ignored, and Python then never turns
+        # Ctrl-C into KeyboardInterrupt, as in no real terminal.
+        ctty = ("import fcntl, os, signal, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+                "signal.signal(signal.SIGINT, signal.SIG_DFL); "
                 "os.execv(sys.executable, [sys.executable, '-m', 'echolm', *sys.argv[1:]])")
         env = subprocess_env() | {"TERM": "dumb"}
         self.proc = subprocess.Popen([sys.executable, "-c", ctty, *map(str, args)],
