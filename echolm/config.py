@@ -206,9 +206,9 @@ class PreferenceConfig:
     # `echolm run` ranks with the simulated annotator (people use `echolm rank` or the page)
     rank_prompts: int = 300  # prompts whose sampled answers get ranked
     rank_k: int = 4  # answers per prompt (InstructGPT: 4 to 9)
-    # sampling temperature of the answers `echolm run` ranks: above 1 the K answers differ
-    # more (some fluent, some not), which is what a small reward model can learn from
-    rank_temperature: float = 1.0
+    # sampling temperatures of the K answers `echolm run` ranks (answer j at [j % len]):
+    # mixing in a higher one makes answers differ more (some fluent, some garbled)
+    rank_temperatures: list[float] = field(default_factory=lambda: [1.0])
     annotator_noise: float = 0.1  # the simulated annotator's temperature (0 = always gold)
     heldout_fraction: float = 0.1  # of distinct prompts, never trained on by rm or dpo
     rm_loss: str = "bt"  # bt: Bradley-Terry on every pair a ranking implies | pl: Plackett-Luce
@@ -235,9 +235,9 @@ class PreferenceConfig:
             raise EchoError("pref.center_coef and pref.margin must be >= 0")
         if self.rm_epochs < 0 or self.dpo_epochs < 0:
             raise EchoError("pref.rm_epochs and pref.dpo_epochs must be >= 0 (0 = no cap)")
-        if self.rank_temperature <= 0:
-            raise EchoError(f"pref.rank_temperature={self.rank_temperature} must be > 0 "
-                            "(the K answers must differ)")
+        if not self.rank_temperatures or min(self.rank_temperatures) <= 0:
+            raise EchoError(f"pref.rank_temperatures={self.rank_temperatures} must be "
+                            "positive numbers, at least one (the K answers must differ)")
 
 
 def _rm_train() -> TrainConfig:

@@ -43,7 +43,7 @@ def run_rank_stage(cfg: Config, run_dir: Path, force: bool = False, log=print) -
     p = cfg.pref
     annotator = SimulatedAnnotator(temperature=p.annotator_noise, seed=cfg.sft.seed)
     result = collect_rankings(run_dir, p.rank_prompts, p.rank_k, annotator,
-                              temperature=p.rank_temperature, log=log)
+                              temperature=p.rank_temperatures, log=log)
     keep = {k: result[k] for k in ("prompts", "ranked", "responses", "annotator",
                                    "gold_agreement", "seconds") if k in result}
     update_summary(run_dir, "rank", keep)

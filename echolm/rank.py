@@ -27,6 +27,7 @@ import re
 import sys
 import time
 import unicodedata
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,30 +132,37 @@ class Policy:
         self.weights = weights_fingerprint(self.folder)
 
     @torch.inference_mode()
-    def sample(self, item: PromptItem, k: int, seed: int, temperature: float, max_tokens: int
-               ) -> tuple[list[str], list[dict]]:
+    def sample(self, item: PromptItem, k: int, seed: int, temperature: float | list[float],
+               max_tokens: int) -> tuple[list[str], list[dict]]:
         """Up to `k` different answers and, for each, its sampling record: settings, seed,
         row, the weights' fingerprint and "stopped" (it ended its turn; the key
-        echolm.train.reward_model reads)."""
+        echolm.train.reward_model reads). A list of temperatures samples answer j at
+        temperature[j % len]: answers that differ more than one temperature gives."""
         tok = self.tok
         ids = tok.render_prompt([{"role": "user", "content": item.text}])
         room = self.model.cfg.max_seq_len - len(ids)
         if room < 8:
             raise EchoError(f"{item.source or 'prompt'}: the prompt is {len(ids)} tokens, too "
                             f"long for the model's context ({self.model.cfg.max_seq_len})")
+        temps = [temperature] if isinstance(temperature, int | float) else list(temperature)
+        want = Counter(temps[j % len(temps)] for j in range(k))
         texts: list[str] = []
         metas: list[dict] = []
         for r in range(1 + RESAMPLE_ROUNDS):
-            s = seed + r * 1_000_003
-            sampled = sample_responses(self.model, tok, [ids], k, min(max_tokens, room),
-                                       temperature, s)
-            for i, (row, stopped) in enumerate(sampled):
-                text = tok.decode(row[:-1] if stopped else row).strip()
-                if text not in texts and len(texts) < k:
-                    texts.append(text)
-                    metas.append({"temperature": temperature, "top_k": 0,
-                                  "max_tokens": min(max_tokens, room), "seed": s, "row": i,
-                                  "stopped": stopped, "weights": self.weights})
+            for n_t, t in enumerate(sorted(want)):
+                have = sum(m["temperature"] == t for m in metas)
+                if have >= want[t]:
+                    continue
+                s = seed + r * 1_000_003 + n_t * 7_919
+                sampled = sample_responses(self.model, tok, [ids], want[t] - have,
+                                           min(max_tokens, room), t, s)
+                for i, (row, stopped) in enumerate(sampled):
+                    text = tok.decode(row[:-1] if stopped else row).strip()
+                    if text not in texts and len(texts) < k:
+                        texts.append(text)
+                        metas.append({"temperature": t, "top_k": 0,
+                                      "max_tokens": min(max_tokens, room), "seed": s,
+                                      "row": i, "stopped": stopped, "weights": self.weights})
             if len(texts) >= k:
                 break
         return texts, metas
@@ -179,7 +187,7 @@ def already_ranked(store: PreferenceStore, prompt_id: int, annotator: str,
 
 
 def prepare(store: PreferenceStore, policy: Policy, item: PromptItem, k: int, seed: int,
-            temperature: float, max_tokens: int, annotator: str) -> Question | str:
+            temperature: float | list[float], max_tokens: int, annotator: str) -> Question | str:
     """The question for one prompt, or why there is none ("ranked": this annotator already
     ranked this model's answers; "identical": fewer than two different answers)."""
     pid = store.add_prompt(item.text, source=item.source)
@@ -206,7 +214,7 @@ Chooser = Callable[[Question, int, int], "list[int] | str"]
 
 def rank_prompts(store: PreferenceStore, policy: Policy, items: list[PromptItem], k: int,
                  annotator: str, choose: Chooser, seed: int = 0,
-                 temperature: float = TEMPERATURE, max_tokens: int = MAX_TOKENS,
+                 temperature: float | list[float] = TEMPERATURE, max_tokens: int = MAX_TOKENS,
                  on_question: Callable[[Question, list[int]], None] | None = None) -> dict:
     """Ask `choose` (a person or the simulated annotator) to rank each prompt's answers;
     store each ranking at once. Returns counts."""
@@ -324,7 +332,7 @@ def _check_k(k: int) -> None:
 def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
                      annotator: SimulatedAnnotator | None = None, *, stage: str = "sft",
                      items: list[PromptItem] | None = None, split: str = "train",
-                     seed: int = 0, temperature: float = TEMPERATURE,
+                     seed: int = 0, temperature: float | list[float] = TEMPERATURE,
                      max_tokens: int = MAX_TOKENS, device: str | None = None,
                      log: Callable[[str], None] = print) -> dict:
     """Rank `n_prompts` prompts (default: `rlhf_prompts(split, n_prompts, seed)`) with the

@@ -48,7 +48,7 @@ def test_unknown_preset_lists_known():
     ("sft.ckpt_every=0", "sft.ckpt_every=0 must be positive"),
     ("rl.micro_batch=-1", "rl.micro_batch=-1 must be positive"),
     ("pretrain.dtype=fp8", "expected auto, fp32 or bf16"),
-    ("pref.rank_temperature=0", "pref.rank_temperature=0.0 must be > 0"),
+    ("pref.rank_temperatures=[1.0, 0.0]", r"pref.rank_temperatures=\[1.0, 0.0\] must be positive"),
 ])
 def test_training_settings_are_validated(bad, words):
     with pytest.raises(EchoError, match=words):

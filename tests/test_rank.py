@@ -271,3 +271,17 @@ def test_user_errors_are_one_line(rank_run: Path, tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["rank", "--run", str(rank_run), "--simulated", "--annotator", "x"])
     assert e.value.code == 2
+
+
+def test_answers_can_be_sampled_at_a_mix_of_temperatures(rank_run: Path):
+    run = rank_run  # a fresh copy per test
+    torch.set_num_threads(1)
+    got = collect_rankings(run, 3, 4, SimulatedAnnotator(), temperature=[0.5, 2.0],
+                           max_tokens=16, log=lambda _m: None)
+    assert got["ranked"] + got["identical"] == 3
+    db = sqlite3.connect(run / "prefs.sqlite")
+    for (pid,) in db.execute("SELECT id FROM prompts"):
+        temps = sorted(json.loads(s)["temperature"] for (s,) in db.execute(
+            "SELECT sampling FROM responses WHERE prompt_id = ?", (pid,)))
+        assert set(temps) <= {0.5, 2.0} and temps.count(2.0) <= 2 and temps.count(0.5) <= 2
+        assert 2.0 in temps  # a temperature of 2 always gives distinct answers here
