@@ -137,3 +137,18 @@ def emit_json(record: dict[str, Any]) -> None:
     """Print `record` as the single-line JSON object that ends a benchmark's stdout."""
     sys.stdout.flush()
     print(json.dumps(record), flush=True)
+
+
+def llama_config(cfg: Any, **extra: Any) -> Any:
+    """transformers' LlamaConfig computing exactly what Echo's model `cfg` (a ModelConfig:
+    untied, no biases, no QK-norm) computes; `extra` adds or overrides fields."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.d_mlp, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.d_head, "max_position_embeddings": cfg.max_seq_len,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False, **extra})

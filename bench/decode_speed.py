@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 import torch
-from common import current_rss_mb, emit_json, median, peak_rss_mb, run_json_child
+from common import current_rss_mb, emit_json, llama_config, median, peak_rss_mb, run_json_child
 
 from echolm.config import ModelConfig
 
@@ -92,18 +92,12 @@ def echo_generator(args: argparse.Namespace):
 
 
 def hf_generator(args: argparse.Namespace):
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     echo = echo_model(args)
     c = echo.cfg
-    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.d_mlp,
-                      num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-                      num_key_value_heads=c.n_kv_head, head_dim=c.d_head,
-                      max_position_embeddings=c.max_seq_len,
-                      rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-                      rms_norm_eps=c.norm_eps, tie_word_embeddings=False,
-                      attention_bias=False, mlp_bias=False)
+    cfg = llama_config(c)
     # built on the meta device, then handed Echo's tensors (assign=True, no copy): the process
     # never holds two models, so its peak RSS is that of one HF model
     with torch.device("meta"):

@@ -57,7 +57,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
-from common import current_rss_mb, emit_json, median, peak_rss_mb, run_json_child  # noqa: E402
+from common import (  # noqa: E402
+    current_rss_mb,
+    emit_json,
+    llama_config,
+    median,
+    peak_rss_mb,
+    run_json_child,
+)
 
 from echolm.config import ModelConfig  # noqa: E402
 
@@ -157,18 +164,11 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def hf_model(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     echo = echo_model(seed)
     c = echo.cfg
-    cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.d_mlp,
-                      num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-                      num_key_value_heads=c.n_kv_head, head_dim=c.d_head,
-                      max_position_embeddings=c.max_seq_len,
-                      rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-                      rms_norm_eps=c.norm_eps, tie_word_embeddings=False,
-                      attention_bias=False, mlp_bias=False, pad_token_id=PAD_ID,
-                      eos_token_id=EOS_ID, bos_token_id=None)
+    cfg = llama_config(c, pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=None)
     model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
     state = {("" if k == "lm_head.weight" else "model.") + k: v
              for k, v in echo.state_dict().items()}

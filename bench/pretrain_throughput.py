@@ -48,6 +48,7 @@ from common import (
     LockstepChild,
     current_rss_mb,
     emit_json,
+    llama_config,
     matmul_peak_tflops,
     median,
     parse_dtype,
@@ -104,16 +105,10 @@ def echo_stepper(args: argparse.Namespace, tmp: Path):
 
 
 def peer_stepper(args: argparse.Namespace, tmp: Path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     mcfg = model_config(args)
-    cfg = LlamaConfig(vocab_size=mcfg.vocab_size, hidden_size=mcfg.n_embd,
-                      intermediate_size=mcfg.d_mlp, num_hidden_layers=mcfg.n_layer,
-                      num_attention_heads=mcfg.n_head, num_key_value_heads=mcfg.n_kv_head,
-                      head_dim=mcfg.d_head, max_position_embeddings=mcfg.max_seq_len,
-                      rope_parameters={"rope_type": "default", "rope_theta": mcfg.rope_theta},
-                      rms_norm_eps=mcfg.norm_eps, tie_word_embeddings=False,
-                      attention_bias=False, mlp_bias=False, use_cache=False)
+    cfg = llama_config(mcfg, use_cache=False)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
     model.train()
