@@ -171,7 +171,9 @@ class GRPOConfig:
 class PPOConfig:
     """RLHF: optimise the SFT policy against the reward model, with a KL penalty to SFT."""
 
-    algorithm: str = "ppo"  # ppo (value head + GAE, InstructGPT) | rloo | grpo (critic-free)
+    # ppo (value head + GAE, InstructGPT) | rloo | grpo (critic-free) | best (rejection
+    # sampling: a likelihood step on the reward model's best of each group, as Llama 2)
+    algorithm: str = "ppo"
     prompts_per_step: int = 16
     samples_per_prompt: int = 1  # ppo: 1; rloo/grpo: >= 2 (the group)
     max_tokens: int = 64
@@ -195,6 +197,10 @@ class PPOConfig:
     overopt_steps: int = 0  # > 0: also an unguarded run with kl_beta = 0 for this many steps
     overopt_lr_mult: float = 1.0  # its learning rates x this: drift far within few steps
     train_prompts: int = 2000
+    # PPO-ptx (InstructGPT): + ptx_coef x the SFT loss on ptx_rows rows of the SFT mixture per
+    # update, so that pleasing the reward model does not unlearn what it cannot check
+    ptx_coef: float = 0.0
+    ptx_rows: int = 4
 
 
 @dataclass
@@ -221,6 +227,9 @@ class PreferenceConfig:
     # and grows over-confident (InstructGPT trained its reward model for a single epoch).
     rm_epochs: float = 2.0
     dpo_epochs: float = 2.0
+    # + dpo_ptx_coef x the SFT loss on ppo.ptx_rows rows of the SFT mixture per micro-batch
+    # (as RLHF's ptx_coef): keeps what the rankings cannot check, like right sums
+    dpo_ptx_coef: float = 0.0
 
     def validate(self) -> None:
         if self.rm_loss not in ("bt", "pl"):
@@ -231,6 +240,8 @@ class PreferenceConfig:
             raise EchoError(f"pref.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
         if self.dpo_beta <= 0:
             raise EchoError(f"pref.dpo_beta={self.dpo_beta} must be positive")
+        if self.dpo_ptx_coef < 0:
+            raise EchoError(f"pref.dpo_ptx_coef={self.dpo_ptx_coef} must be >= 0")
         if self.center_coef < 0 or self.margin < 0:
             raise EchoError("pref.center_coef and pref.margin must be >= 0")
         if self.rm_epochs < 0 or self.dpo_epochs < 0:

@@ -111,6 +111,14 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     return rewards - (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
 
 
+def best_of_group_advantages(rewards: Tensor) -> Tensor:
+    """Rejection-sampling fine-tuning (Llama 2's RLHF; RAFT, Dong et al. 2023) as advantages:
+    1 for the highest-reward sample of each prompt (the first on a tie), 0 for the rest, so
+    the policy-gradient step is a likelihood step on the best of k. rewards (n_prompts, k)."""
+    best = rewards.argmax(dim=1, keepdim=True)
+    return torch.zeros_like(rewards).scatter_(1, best, 1.0)
+
+
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over the masked (response) tokens of each row.

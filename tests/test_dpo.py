@@ -111,3 +111,18 @@ def test_bad_dpo_settings_are_clear_errors(pref_run):  # noqa: F811
         run_dpo(_cfg("pref.dpo_loss=kto"), pref_run, log=quiet)
     with pytest.raises(EchoError, match="dpo_beta"):
         run_dpo(_cfg("pref.dpo_beta=0"), pref_run, log=quiet)
+    with pytest.raises(EchoError, match="dpo_ptx_coef"):
+        run_dpo(_cfg("pref.dpo_ptx_coef=-1"), pref_run, log=quiet)
+
+
+def test_dpo_with_ptx_adds_the_sft_loss_and_still_learns(pref_run, corpus):  # noqa: F811
+    from conftest import data_overrides
+
+    from echolm.train.dpo import run_dpo
+
+    res = run_dpo(_cfg(*data_overrides(corpus), "pref.dpo_ptx_coef=0.5", "ppo.ptx_rows=2",
+                       "data.task_examples=20", "dpo.max_steps=12"), pref_run, log=quiet)
+    recs = _metrics(pref_run)
+    assert len(recs) == 12 and all(r["ptx_loss"] > 0 for r in recs)
+    # the SFT term is small next to the rankings: the implicit reward still learns them
+    assert res["reward_accuracy"] >= 0.75 and res["margin"] > 0, res

@@ -107,13 +107,24 @@ def test_overlong_penalty_by_hand():
 
 
 
-from echolm.losses import clipped_value_loss, gae, rloo_advantages  # noqa: E402
+from echolm.losses import (  # noqa: E402
+    best_of_group_advantages,
+    clipped_value_loss,
+    gae,
+    rloo_advantages,
+)
 
 
 def test_rloo_advantages_by_hand():
     # rewards 1, 0, 0: baselines (0+0)/2=0, (1+0)/2=0.5, 0.5 -> advantages 1, -0.5, -0.5
     adv = rloo_advantages(torch.tensor([[1.0, 0.0, 0.0]]))
     assert torch.allclose(adv, torch.tensor([[1.0, -0.5, -0.5]]))
+
+
+def test_best_of_group_advantages_by_hand():
+    # prompt 1: the third sample is best; prompt 2: a tie between the first two -> the first
+    adv = best_of_group_advantages(torch.tensor([[0.1, -2.0, 0.7], [0.5, 0.5, -1.0]]))
+    assert torch.equal(adv, torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
 
 
 def test_gae_by_hand():

@@ -8,7 +8,7 @@ import pytest
 
 from echolm.annotator import on_topic
 from echolm.data.chat import load_conversations
-from echolm.data.open_chat import _sentences, open_chat_conversations
+from echolm.data.open_chat import _sentences, open_chat_conversations, topic_first
 from echolm.data.prompts import open_prompts
 from echolm.errors import EchoError
 
@@ -53,8 +53,27 @@ def test_open_conversations_are_train_prompts_answered_on_topic(tmp_path):
         assert assistant["role"] == "assistant"
         # every answer names the topic (or, for a rhyme request, rhymes): gold's on-topic term
         assert on_topic(item, assistant["content"]) > 0, (user, assistant)
-        if item.kind != "open:rhyme":
-            assert assistant["content"] in TEXT.replace("  ", " ").replace("\n", " ")
+        if item.kind != "open:rhyme":  # a real sentence, from its topic on
+            a = assistant["content"]
+            flat = TEXT.replace("  ", " ").replace("\n", " ")
+            assert a in flat or a[0].lower() + a[1:] in flat, a
+            # from its topic on, unless no sentence leaves enough words after the topic
+            # ("... in the garden?"): then whole sentences
+            assert a in _sentences(TEXT) or any(
+                a.lower().startswith(d + w) for w in item.topic
+                for d in ("", "the ", "a ", "an ", "every ")), (item.topic, a)
+
+
+def test_topic_first_starts_the_answer_at_its_topic():
+    assert (topic_first("Although the moon is smaller than the earth, it is far away.",
+                        ("moon",)) == "The moon is smaller than the earth, it is far away.")
+    # plurals count; a determiner is kept only when it is right before the topic word
+    assert topic_first("We saw five foxes in the snow.", ("fox",)) == "Foxes in the snow."
+    assert topic_first("I gave her a cup of hot tea today.", ("cup", "tea")) == (
+        "A cup of hot tea today.")
+    # too little left after the topic: no answer; no topic word at all: no answer
+    assert topic_first("Pish for thee, Iceland dog!", ("dog",)) is None
+    assert topic_first("Nothing about it here at all.", ("sea",)) is None
 
 
 def test_open_conversations_are_deterministic_in_the_seed(tmp_path):

@@ -44,7 +44,12 @@ def test_rlhf_prompts_mix_kinds_and_keep_splits_apart():
     for p in train[0::2]:
         assert p.problem is None and p.topic and len(p.text) < 60
     opens = {p.text for p in open_prompts("train")} | {p.text for p in open_prompts("val")}
-    assert len(opens) >= 300  # a few hundred open-ended prompts
+    assert len(opens) >= 1000  # about a thousand open-ended prompts
+    # the extra everyday things are asked about in training only: val is the held-out share
+    # of the core (template, topic) pairs, the same whatever is added to train
+    assert len(open_prompts("val")) == 68
+    assert not {w for p in open_prompts("val") for w in p.topic} & {"ant", "lamb", "wagon"}
+    assert "Describe a wagon in one sentence." in {p.text for p in open_prompts("train")}
     val = rlhf_prompts("val", 120, seed=5)
     assert not {p.text for p in val} & {p.text for p in rlhf_prompts("train", 200, seed=5)}
     assert not {p.text for p in open_prompts("val")} & {p.text for p in open_prompts("train")}

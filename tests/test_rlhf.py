@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_reward_model import pref_run, pref_template  # noqa: F401  (fixtures)
 
 from echolm.annotator import gold_score
 from echolm.config import ModelConfig, PPOConfig
@@ -63,3 +64,50 @@ def test_gold_is_averaged_per_prompt_over_its_samples(tiny):
     ev_tie, _, _ = evaluate_policy(model, model, rm, tok, items, p, seed=3, samples=3,
                                    baseline=gold)
     assert ev_win.win_rate == 1.0 and ev_tie.win_rate == 0.5
+
+
+def test_ptx_adds_the_sft_loss_to_the_policy_loss(tiny):
+    from echolm.train.rlhf import _policy_loss, response_logprobs
+
+    tok, model, _ = tiny
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randint(0, tok.vocab_size, (2, 6), generator=g) for _ in range(2))
+    mask = torch.ones(2, 6)
+    with torch.no_grad():
+        logp_old = response_logprobs(model(x), y)
+    batch = {"x": x, "y": y, "mask": mask, "logp_old": logp_old, "adv": torch.tensor([1., -1.])}
+    rows = tuple(torch.randint(0, tok.vocab_size, (3, 8), generator=g) for _ in range(2))
+    rows = (*rows, torch.tensor([[0] * 4 + [1] * 4] * 3))  # loss on the last 4 tokens only
+    p = PPOConfig(algorithm="rloo", ptx_coef=0.5)
+    stats: dict = {}
+    without = _policy_loss(model, (batch, torch.arange(2), None), p, {})
+    with_ptx = _policy_loss(model, (batch, torch.arange(2), rows), p, stats)
+    sft = model(rows[0], targets=rows[1], loss_mask=rows[2])
+    sft = float(sft.detach())
+    assert float((with_ptx - without).detach()) == pytest.approx(0.5 * sft, rel=1e-5)
+    assert stats["ptx_loss"] == pytest.approx(sft, rel=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "best"])
+def test_critic_free_rlhf_with_ptx_trains_and_evaluates(pref_run, corpus,  # noqa: F811
+                                                         algorithm):
+    import json
+
+    from conftest import data_overrides
+    from test_reward_model import quiet
+
+    from echolm.checkpoint import save_model
+    from echolm.config import load_config
+    from echolm.train.reward_model import reward_model_from_backbone
+    from echolm.train.rlhf import optimise
+
+    save_model(reward_model_from_backbone(pref_run / "sft"), pref_run / "rm")
+    cfg = load_config("micro", [*data_overrides(corpus), f"ppo.algorithm={algorithm}",
+                                "ppo.samples_per_prompt=2", "ppo.ptx_coef=1.0",
+                                "ppo.ptx_rows=2", "rlhf.max_steps=2", "ppo.eval_every=1",
+                                "ppo.eval_prompts=4", "data.task_examples=20"])
+    ex, _ = optimise(cfg, pref_run, pref_run / "rlhf", cfg.ppo, cfg.rlhf, "rlhf", log=quiet)
+    assert [h["step"] for h in ex["history"]] == [0, 1, 2]
+    recs = [json.loads(ln) for ln in (pref_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r.get("stage") == "rlhf" and "proxy_train" in r]
+    assert len(steps) == 2 and all(r["ptx_loss"] > 0 for r in steps)

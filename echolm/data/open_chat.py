@@ -2,12 +2,13 @@
 
 The task families teach a model to solve checkable problems; a chat model also meets requests
 with no single right answer ("Write a short line about the sea."). No chat corpus can be had
-offline, so the answers here are real sentences: for each open-ended prompt of the RLHF prompt
-templates (`echolm.data.prompts.TEMPLATES`, train split only), a sentence from the pretraining
-text (of the built-in corpus, only its literary sources: Austen, Shakespeare, Milton, the World
-English Bible, fortunes) that mentions the topic ("the sea" -> "The sea was calm and the wind
-was fair."), and for a rhyme request a common corpus word with the same rime ("night" ->
-"'light' rhymes with 'night'.").
+offline, so the answers here are real sentences: for each train-split open-ended prompt
+(`echolm.data.prompts.open_topics`: the RLHF templates' train pairs plus ~170 everyday things
+asked about in training only), a sentence from the pretraining text (of the built-in corpus,
+only its literary sources: Austen, Shakespeare, Milton, the World English Bible, fortunes) that
+mentions the topic, from the topic on ("Although the moon is smaller than the earth, it is far
+away." -> "The moon is smaller than the earth, it is far away."), and for a rhyme request a
+common corpus word with the same rime ("night" -> "'light' rhymes with 'night'.").
 
 The answers are on topic, short and finished, but not always apt: a line about a cat taken from
 Shakespeare is a line about a cat, not a kind word to one. That is the point for the later
@@ -16,11 +17,19 @@ concise, readable), which is what a reward model can learn from and RLHF can imp
 Held-out (template, topic) pairs never appear here, so the val prompts of `echolm rank` and the
 gold evaluation stay unseen.
 
-Tried and dropped: adding the text's common nouns as thousands of further topics (so the model
-might learn to talk about any topic rather than memorise a few hundred prompts). On the `cpu`
-preset it cost SFT accuracy (arithmetic 50% -> 16%, spelling 52% -> 28%, same steps) and
-reward-model accuracy (66% -> 57%): the varied literary sentences took the small model's
-capacity and made its answers to open requests no easier to rank.
+Measured on the `cpu` preset (session 3, n = 100 greedy per family, 64 held-out prompts x 3
+samples for "on topic"):
+  whole sentences, template topics      arithmetic 38%  spelling 51%  on topic  2%
+  from the topic on, template topics    arithmetic 48%  spelling 54%  on topic 22%
+  from the topic on, + everyday things  arithmetic 48%  spelling 49%  on topic 12%
+The last is kept: its reward model orders held-out prompts' answers as the gold does 62.6% of
+the time against 53.3% (506 and 490 pairs): with a few hundred prompts the reward model learns
+which words go with which training prompt, with ~1,100 it learns more of what makes an answer
+good. With 8,000 open examples instead of 3,000, on topic rose to 20% but spelling fell to 35%.
+
+Tried and dropped (session 2): the text's common nouns as thousands of further topics, answered
+with whole sentences, cost SFT accuracy (arithmetic 50% -> 16%, spelling 52% -> 28%) and
+reward-model accuracy (66% -> 57%): long literary sentences took the small model's capacity.
 """
 
 from __future__ import annotations
@@ -32,9 +41,8 @@ from collections import Counter
 from collections.abc import Iterator
 
 from echolm.annotator import rime
-from echolm.data.prompts import OPEN_VAL_FRACTION, TEMPLATES, topic_words
+from echolm.data.prompts import open_topics, topic_words
 from echolm.errors import EchoError
-from echolm.tasks.base import split_of
 
 LITERARY = ("austen", "shakespeare", "milton", "web-bible", "fortunes")
 MIN_CHARS, MAX_CHARS = 24, 140
@@ -45,6 +53,10 @@ _WORD_RE = re.compile(r"[a-z]+")
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"',
                          "\u2014": " - ", "\u2013": "-"})
 _CLEAN_RE = re.compile(r"[A-Z][A-Za-z ,;:'\-!?.]+")  # plain prose: no digits, brackets, quotes
+_TOKEN_RE = re.compile(r"[A-Za-z']+")
+# words that may stay in front of the topic word when an answer starts at it ("the sea ...")
+_DETERMINERS = frozenset("the a an this that my his her their our your every".split())
+MIN_WORDS = 4  # an answer cut to start at its topic keeps at least this many words
 
 
 def _sentences(text: str) -> list[str]:
@@ -79,11 +91,10 @@ def _corpus_index(sources: tuple[str, ...], val_fraction: float
                   ) -> tuple[dict[str, list[str]], Counter]:
     """Topic word -> sentences mentioning it; and corpus word counts (for common rhymes)."""
     wanted: dict[str, str] = {}
-    for _, _, topics in TEMPLATES:
-        for t in topics:
-            for w in topic_words(t):
-                for v in _variants(w):
-                    wanted[v] = w
+    for _, _, t in open_topics("train"):
+        for w in topic_words(t):
+            for v in _variants(w):
+                wanted[v] = w
     found: dict[str, list[str]] = {w: [] for w in wanted.values()}
     counts: Counter = Counter()
     scanned = 0
@@ -100,6 +111,25 @@ def _corpus_index(sources: tuple[str, ...], val_fraction: float
     return found, counts
 
 
+def topic_first(sentence: str, words: tuple[str, ...]) -> str | None:
+    """The sentence from its first topic word on (with the determiner before it, capitalised),
+    or None when what is left is under MIN_WORDS words: "Although the moon is smaller than the
+    earth, it is far away." -> "The moon is smaller than the earth, it is far away."
+
+    Why: a small model learns to talk about the asked topic only when the answer names it
+    where copying from the prompt is easy, at the start. With the topic somewhere in a long
+    sentence, the cpu-preset model mentioned an unseen prompt's topic 2% of the time."""
+    tokens = list(_TOKEN_RE.finditer(sentence))
+    for i, m in enumerate(tokens):
+        if any(m.group().lower() in _variants(w) for w in words):
+            j = i - 1 if i > 0 and tokens[i - 1].group().lower() in _DETERMINERS else i
+            if len(tokens) - j < MIN_WORDS:
+                return None
+            out = sentence[tokens[j].start():]
+            return out[0].upper() + out[1:]
+    return None
+
+
 def _rhymes(target: str, counts: Counter, n: int = 12) -> list[str]:
     tail = rime(target)
     return [w for w, c in counts.most_common() if c >= 5 and len(w) > len(tail)
@@ -112,21 +142,24 @@ def open_chat_pairs(sources: list[str], val_fraction: float = 0.01
     in the pretraining text `sources` (data.pretrain)."""
     sentences, counts = _corpus_index(tuple(sources), val_fraction)
     out = []
-    for tid, template, topics in TEMPLATES:
-        for t in topics:
-            if split_of(f"open:{tid}:{t}", OPEN_VAL_FRACTION) != "train":
-                continue
-            prompt = template.format(t=t)
-            prompt = prompt[0].upper() + prompt[1:]
-            if tid == "rhyme":
-                answers = [f"'{w}' rhymes with '{t}'." for w in _rhymes(t, counts)]
-            else:
-                words = topic_words(t)
-                pools = [sentences.get(w, []) for w in words]
-                both = set.intersection(*map(set, pools)) if len(pools) > 1 else set()
-                answers = sorted(both) or [s for pool in pools for s in pool]
-            if answers:
-                out.append((prompt, answers))
+    seen = set()
+    for tid, template, t in open_topics("train"):
+        prompt = template.format(t=t)
+        prompt = prompt[0].upper() + prompt[1:]
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        if tid == "rhyme":
+            answers = [f"'{w}' rhymes with '{t}'." for w in _rhymes(t, counts)]
+        else:
+            words = topic_words(t)
+            pools = [sentences.get(w, []) for w in words]
+            both = set.intersection(*map(set, pools)) if len(pools) > 1 else set()
+            whole = sorted(both) or [s for pool in pools for s in pool]
+            cut = (topic_first(s, words) for s in whole)
+            answers = sorted({a for a in cut if a}) or whole
+        if answers:
+            out.append((prompt, answers))
     return out
 
 

@@ -81,6 +81,25 @@ TEMPLATES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("plan", "What should I do on {t}?", _SEASONS),
 )
 
+# More everyday things, asked about in training only (below): with a few hundred prompts a
+# small model memorises which words go with which prompt; with these it must learn to name
+# whatever it was asked about, the skill the held-out prompts test.
+_MORE_THINGS = tuple(("an " if w[0] in "aeiou" else "a ") + w for w in """
+ant apron arrow axe badger bag balloon banana band barn barrel basin bat bean bed belt bench
+berry blade boot bottle bow bowl box brick broom brush bucket bull butter button cabbage cage
+camel cap carpet carriage cart castle cave chain cheese cherry chest chicken chimney church
+cloak cloud coat coin collar comb cottage crown curtain dagger daisy desk diamond dish donkey
+dove dragon drum eagle egg elephant fan feather fence field flag flute fork fountain gate giant
+glass glove goose grape hammer harp hawk hedge helmet hen honey horn hut island jar jewel kettle
+knife ladder lamb lantern leaf lemon lily lock meadow milk mill monkey nest net oak ox palace
+pan parrot path peach pearl pen pig pillow pipe plate plough pond pot purse queen rat ring robin
+rock rope sack saddle sail salt sand scarf shell ship shoe shop sword table tent tiger tower toy
+tray trumpet valley vase village violin wagon wall wand wheel whistle wing wine wool worm
+""".split())
+# (template id, topics) of TEMPLATES asked about _MORE_THINGS too, always in the train split.
+TRAIN_ONLY = (("line", _MORE_THINGS), ("describe", _MORE_THINGS), ("fact", _MORE_THINGS),
+              ("story", _MORE_THINGS), ("why", _MORE_THINGS))
+
 _ARTICLES = ("a", "an", "the", "your")
 
 
@@ -110,16 +129,25 @@ def topic_words(topic: str) -> tuple[str, ...]:
     return words or tuple(topic.lower().split())
 
 
-def open_prompts(split: str) -> list[PromptItem]:
-    """Every open-ended prompt of `split`, in template order (a few hundred in all)."""
+def open_topics(split: str) -> list[tuple[str, str, str]]:
+    """(template id, template, topic) of every open-ended prompt of `split`: val holds out a
+    share of TEMPLATES' (template, topic) pairs; train has the rest and every TRAIN_ONLY pair."""
     check_split(split)
+    out = [(tid, template, t) for tid, template, topics in TEMPLATES for t in topics
+           if split_of(f"open:{tid}:{t}", OPEN_VAL_FRACTION) == split]
+    if split == "train":
+        templates = {tid: template for tid, template, _ in TEMPLATES}
+        out += [(tid, templates[tid], t) for tid, topics in TRAIN_ONLY for t in topics]
+    return out
+
+
+def open_prompts(split: str) -> list[PromptItem]:
+    """Every open-ended prompt of `split`, in template order (about a thousand in train)."""
     out, seen = [], set()
-    for tid, template, topics in TEMPLATES:
-        for t in topics:
-            text = template.format(t=t)
-            text = text[0].upper() + text[1:]
-            if text in seen or split_of(f"open:{tid}:{t}", OPEN_VAL_FRACTION) != split:
-                continue
+    for tid, template, t in open_topics(split):
+        text = template.format(t=t)
+        text = text[0].upper() + text[1:]
+        if text not in seen:
             seen.add(text)
             out.append(PromptItem(text, None, f"open:{tid}", topic_words(t), f"rlhf:{split}"))
     return out

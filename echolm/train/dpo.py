@@ -49,6 +49,7 @@ from echolm.train.reward_model import (
     split_by_prompt,
     step_indices,
 )
+from echolm.train.sft import sft_rows
 
 REF_FILE = "ref_logps.pt"
 
@@ -287,14 +288,25 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     stats: dict[str, float] = {}
     avg_len = sum(len(e.chosen) + len(e.rejected) - 2 for e in train_enc) / len(train_enc)
 
-    def batches(step: int) -> list[PairBatch]:
+    ptx = sft_rows(cfg, tok, cfg.ppo.ptx_rows) if pref.dpo_ptx_coef > 0 else None
+
+    def batches(step: int) -> list[tuple[PairBatch, tuple | None]]:
         idx = step_indices(len(train_enc), per_step, step, tcfg.seed)
-        return [make_pair_batch(train_enc, idx[k:k + tcfg.micro_batch], tok.pad)
+        return [(make_pair_batch(train_enc, idx[k:k + tcfg.micro_batch], tok.pad),
+                 ptx.micro_batches(step * tcfg.grad_accum + k // tcfg.micro_batch)[0]
+                 if ptx is not None else None)
                 for k in range(0, per_step, tcfg.micro_batch)]
 
-    def loss_fn(_m: torch.nn.Module, b: PairBatch) -> Tensor:
+    def loss_fn(_m: torch.nn.Module, item: tuple[PairBatch, tuple | None]) -> Tensor:
+        b, rows = item
         b = PairBatch(b.x.to(d.device), b.y.to(d.device), b.mask.to(d.device), b.index)
-        return dpo_batch_loss(model, b, ref, pref, stats)
+        loss = dpo_batch_loss(model, b, ref, pref, stats)
+        if rows is not None:  # + the SFT loss on rows of the SFT mixture (see sft_rows)
+            x, y, m = (t.to(d.device) for t in rows)
+            sft_loss = model(x, targets=y, loss_mask=m)
+            stats["ptx_loss"] = float(sft_loss.detach())
+            loss = loss + pref.dpo_ptx_coef * sft_loss
+        return loss
 
     def periodic(step: int) -> dict:
         rec = {k: round(v, 5) for k, v in stats.items()}

@@ -33,6 +33,7 @@ from echolm.config import Config, PPOConfig, TrainConfig
 from echolm.data.prompts import PromptItem, rlhf_prompts
 from echolm.errors import EchoError
 from echolm.losses import (
+    best_of_group_advantages,
     clipped_policy_loss,
     clipped_value_loss,
     gae,
@@ -45,6 +46,7 @@ from echolm.tokenizer import Tokenizer
 from echolm.train.grpo import pad_batch, sample_responses
 from echolm.train.loop import Trainer, autocast, finished_stage, setup_distributed
 from echolm.train.reward_model import load_reward_model
+from echolm.train.sft import sft_rows
 
 
 class PolicyWithValue(nn.Module):
@@ -141,8 +143,9 @@ def evaluate_policy(model: Transformer, reference: Transformer, rm, tok: Tokeniz
 
 
 def _policy_loss(model: nn.Module, item: tuple, p: PPOConfig, stats: dict) -> Tensor:
-    """PPO (per-token advantages + value loss) or critic-free (per-sequence advantages)."""
-    batch, idx = item
+    """PPO (per-token advantages + value loss) or critic-free (per-sequence advantages),
+    plus `ptx_coef` x the SFT loss on a micro-batch of SFT rows when one is given."""
+    batch, idx, ptx = item
     x, y, mask = batch["x"][idx], batch["y"][idx], batch["mask"][idx]
     if p.algorithm == "ppo":
         logits, values = model(x)
@@ -155,8 +158,14 @@ def _policy_loss(model: nn.Module, item: tuple, p: PPOConfig, stats: dict) -> Te
         vloss = clipped_value_loss(values, batch["values_old"][idx], batch["returns"][idx],
                                    mask, p.value_clip)
         loss = loss + p.vf_coef * vloss
-        stats["value_loss"] = float(vloss)
+        stats["value_loss"] = float(vloss.detach())
     stats["clip_frac"] = float(st["clip_frac"])
+    if ptx is not None:
+        policy = model.policy if isinstance(model, PolicyWithValue) else model
+        x_sft, y_sft, m_sft = (t.to(x.device) for t in ptx)
+        sft_loss = policy(x_sft, targets=y_sft, loss_mask=m_sft)
+        loss = loss + p.ptx_coef * sft_loss
+        stats["ptx_loss"] = float(sft_loss.detach())
     return loss
 
 
@@ -172,6 +181,7 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
     model: nn.Module = PolicyWithValue(policy) if p.algorithm == "ppo" else policy
     train_items = rlhf_prompts("train", p.train_prompts, tcfg.seed)
     eval_items = rlhf_prompts("val", p.eval_prompts, 0)
+    ptx = sft_rows(cfg, tok, p.ptx_rows) if p.ptx_coef > 0 else None
 
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(model, tcfg, out, stage, run_dir, d)
@@ -229,15 +239,19 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
             seq_reward = (score - p.kl_beta * kl_tok.sum(1)).view(-1, k)
             if k < 2:
                 raise EchoError(f"ppo.algorithm={p.algorithm} needs samples_per_prompt >= 2")
-            adv = rloo_advantages(seq_reward) if p.algorithm == "rloo" else group_advantages(
-                seq_reward)
+            adv = {"rloo": rloo_advantages, "grpo": group_advantages,
+                   "best": best_of_group_advantages}[p.algorithm](seq_reward)
             batch["adv"] = adv.flatten()
         stats: dict = {}
         loss_fn = partial(_policy_loss, p=p, stats=stats)
         order = torch.randperm(len(sampled), generator=torch.Generator().manual_seed(step))
-        for _ in range(p.epochs):
-            for idx in order.chunk(p.minibatches):
-                trainer.step([(batch, idx)], loss_fn, int(mask[idx].sum()))
+        n_updates = p.epochs * p.minibatches
+        for e in range(p.epochs):
+            for j, idx in enumerate(order.chunk(p.minibatches)):
+                # SFT rows: a function of (step, update), so a resumed run sees the same ones
+                rows = ptx.micro_batches(step * n_updates + e * p.minibatches + j)[0] if (
+                    ptx is not None) else None
+                trainer.step([(batch, idx, rows)], loss_fn, int(mask[idx].sum()))
         trainer.step_idx = step + 1  # one RLHF step = one batch of samples
         ex["moments"] = (moments.n, moments.mean, moments.m2)
         rec = {"step": trainer.step_idx, "proxy_train": round(float(raw.mean()), 4),
@@ -289,14 +303,17 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
                                    also=(run_dir / "rlhf_unguarded",))) is not None:
         return finished
     p, tcfg = cfg.ppo, cfg.rlhf
-    if p.algorithm not in ("ppo", "rloo", "grpo"):
-        raise EchoError(f"ppo.algorithm must be ppo, rloo or grpo, got {p.algorithm!r}")
+    if p.algorithm not in ("ppo", "rloo", "grpo", "best"):
+        raise EchoError(f"ppo.algorithm must be ppo, rloo, grpo or best, got {p.algorithm!r}")
+    if p.ptx_coef < 0 or p.ptx_rows < 1:
+        raise EchoError(f"ppo.ptx_coef={p.ptx_coef} must be >= 0 and ppo.ptx_rows="
+                        f"{p.ptx_rows} >= 1")
     ex, policy = optimise(cfg, run_dir, out, p, tcfg, "rlhf", log)
     curve = None
     if p.overopt_steps > 0:  # the over-optimisation curve: no KL penalty, no guard, longer
-        log(f"rlhf: unguarded run (kl_beta=0, {p.overopt_steps} steps) for the "
+        log(f"rlhf: unguarded run (kl_beta=0, no ptx, {p.overopt_steps} steps) for the "
             "over-optimisation curve")
-        free = replace(p, kl_beta=0.0, guard=False)
+        free = replace(p, kl_beta=0.0, guard=False, ptx_coef=0.0)
         m = p.overopt_lr_mult
         fast = replace(tcfg, max_steps=p.overopt_steps, lr_matrix=tcfg.lr_matrix * m,
                        lr_embed=tcfg.lr_embed * m, lr_head=tcfg.lr_head * m,

@@ -52,6 +52,18 @@ def evaluate_tasks(model: Transformer, tok: Tokenizer, specs: list[str], n: int,
     return out
 
 
+def sft_rows(cfg: Config, tok: Tokenizer, rows: int) -> PackedSampler:
+    """Rows of the SFT mixture, `rows` per micro-batch, for RLHF's and DPO's "ptx" term
+    (InstructGPT's PPO-ptx): a reward model or a preference signal that cannot check an answer
+    (a 5M model's cannot check a sum) lets the policy drift from right answers while it gains
+    elsewhere; the SFT likelihood keeps what SFT taught. A different order from SFT's own."""
+    data, sft = cfg.data, cfg.sft
+    convs = load_conversations(data.sft, data.tasks, data.task_examples, sft.seed,
+                               data.open_examples, data.pretrain, data.val_fraction)
+    return PackedSampler(encode_conversations(tok, convs, sft.seq_len + 1), tok.pad,
+                         sft.seq_len, rows, 1, sft.seed + 1)
+
+
 def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     out, done = run_dir / "sft", run_dir / "sft" / "done.json"
     if (finished := finished_stage(out, "sft", force, log)) is not None:
