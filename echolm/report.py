@@ -27,6 +27,14 @@ def _n_answers(d: dict) -> str:
     return f"n={d['n']} prompts" + (f" x {k} answers" if k > 1 else "")
 
 
+def _win(d: dict) -> str:
+    """The win rate in bold and its 95% interval over prompts (ties counted half)."""
+    from echolm.evaluate import wilson_interval
+
+    lo, hi = wilson_interval(round(d["gold_win_rate_vs_sft"] * d["n"]), d["n"])
+    return f"**{_pct(d['gold_win_rate_vs_sft'])}** (95% CI {_pct(lo)}-{_pct(hi)})"
+
+
 def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -185,10 +193,11 @@ def build_report(run_dir: Path, log=print) -> Path:
                                             if "ece" in rm else "") + ".", ""]
     h = summary.get("rlhf")
     if h:
-        md += ["## RLHF", "", f"Gold reward {h.get('sft_gold', float('nan')):.3f} (SFT) -> "
+        md += ["## RLHF", "", f"{h.get('algorithm', 'ppo').upper()}, KL beta "
+               f"{h.get('kl_beta', '?')}, SFT-loss (ptx) weight {h.get('ptx_coef', 0)}. "
+               f"Gold reward {h.get('sft_gold', float('nan')):.3f} (SFT) -> "
                f"{h['gold_reward']:.3f}; win rate against SFT by the gold annotator "
-               f"**{_pct(h['gold_win_rate_vs_sft'])}** ({_n_answers(h)}, sampled at temperature "
-               f"1); "
+               f"{_win(h)} ({_n_answers(h)}, sampled at temperature 1); "
                f"proxy {h['proxy_reward']:.3f}; KL {h['kl']:.2f}; step kept by gold: "
                f"{h.get('best_step', '?')} (0 = the SFT model itself); guard stopped the run: "
                f"{h['guard_stopped']}. Measured afresh (another sampling seed) after the step "
@@ -197,7 +206,7 @@ def build_report(run_dir: Path, log=print) -> Path:
     dpo = summary.get("dpo")
     if dpo and "gold_win_rate_vs_sft" in dpo:
         md += ["## DPO", "", f"Win rate against SFT by the gold annotator "
-               f"**{_pct(dpo['gold_win_rate_vs_sft'])}** ({_n_answers(dpo)}, sampled at "
+               f"{_win(dpo)} ({_n_answers(dpo)}, sampled at "
                f"temperature 1); gold reward "
                f"{dpo.get('sft_gold', float('nan')):.3f} (SFT) -> "
                f"{dpo.get('gold_reward', float('nan')):.3f}.", ""]

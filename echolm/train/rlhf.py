@@ -128,8 +128,10 @@ def evaluate_policy(model: Transformer, reference: Transformer, rm, tok: Tokeniz
     gold = [sum(scores[i * samples:(i + 1) * samples]) / samples for i in range(len(items))]
     x, y, mask = pad_batch([q for q in prompts for _ in range(samples)],
                            [r for r, _ in sampled], tok.pad)
-    kl_seq = ((response_logprobs(model(x), y) - response_logprobs(reference(x), y))
-              * mask).sum(1)
+    # in chunks: 1,024 answers' logits at once are ~2 GB per model at a 4k vocabulary
+    kl_seq = torch.cat([((response_logprobs(model(x[i:i + 64]), y[i:i + 64])
+                          - response_logprobs(reference(x[i:i + 64]), y[i:i + 64]))
+                         * mask[i:i + 64]).sum(1) for i in range(0, len(x), 64)])
     win = None
     if baseline is not None:
         win = sum(1.0 if g > b else 0.5 if g == b else 0.0
@@ -334,7 +336,7 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     final = gold_win_rate(cfg, run_dir, "rlhf", log=log)
     result = {**final, "guard_stopped": ex["stopped_by_guard"], "best_step": best["step"],
               "selection": {k: round(best[k], 4) for k in ("gold", "win_rate", "proxy", "kl")},
-              "algorithm": p.algorithm, "kl_beta": p.kl_beta,
+              "algorithm": p.algorithm, "kl_beta": p.kl_beta, "ptx_coef": p.ptx_coef,
               "history": ex["history"],
               "unguarded_history": curve["history"] if curve else None}
     update_summary(run_dir, "rlhf", {k: v for k, v in result.items()
