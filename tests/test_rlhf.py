@@ -58,6 +58,10 @@ def test_gold_is_averaged_per_prompt_over_its_samples(tiny):
         assert lo - 1e-9 <= gold[i] <= hi + 1e-9
     assert ev.gold == pytest.approx(sum(gold) / 6)
     assert ev.kl == pytest.approx(0.0, abs=1e-5)  # the policy is its own reference
+    # no reference given: the same answers and gold, KL 0 without computing it
+    ev_none, gold_none, texts_none = evaluate_policy(model, None, rm, tok, items, p, seed=3,
+                                                     samples=3)
+    assert ev_none.kl == 0.0 and gold_none == gold and texts_none == texts
     # win rate against per-prompt baselines: all worse -> 1, itself -> ties -> 0.5
     ev_win, _, _ = evaluate_policy(model, model, rm, tok, items, p, seed=3, samples=3,
                                    baseline=[-1.0] * 6)

@@ -3,7 +3,7 @@
 The task families teach a model to solve checkable problems; a chat model also meets requests
 with no single right answer ("Write a short line about the sea."). No chat corpus can be had
 offline, so the answers here are real sentences: for each train-split open-ended prompt
-(`echolm.data.prompts.open_topics`: the RLHF templates' train pairs plus ~170 everyday things
+(`echolm.data.prompts.open_prompts`: the RLHF templates' train pairs plus ~170 everyday things
 asked about in training only), a sentence from the pretraining text (of the built-in corpus,
 only its literary sources: Austen, Shakespeare, Milton, the World English Bible, fortunes) that
 mentions the topic, from the topic on ("Although the moon is smaller than the earth, it is far
@@ -41,7 +41,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from echolm.annotator import rime
-from echolm.data.prompts import open_topics, topic_words
+from echolm.data.prompts import open_prompts
 from echolm.errors import EchoError
 
 LITERARY = ("austen", "shakespeare", "milton", "web-bible", "fortunes")
@@ -90,11 +90,7 @@ def _documents(sources: tuple[str, ...], val_fraction: float) -> Iterator[str]:
 def _corpus_index(sources: tuple[str, ...], val_fraction: float
                   ) -> tuple[dict[str, list[str]], Counter]:
     """Topic word -> sentences mentioning it; and corpus word counts (for common rhymes)."""
-    wanted: dict[str, str] = {}
-    for _, _, t in open_topics("train"):
-        for w in topic_words(t):
-            for v in _variants(w):
-                wanted[v] = w
+    wanted = {v: w for item in open_prompts("train") for w in item.topic for v in _variants(w)}
     found: dict[str, list[str]] = {w: [] for w in wanted.values()}
     counts: Counter = Counter()
     scanned = 0
@@ -142,24 +138,18 @@ def open_chat_pairs(sources: list[str], val_fraction: float = 0.01
     in the pretraining text `sources` (data.pretrain)."""
     sentences, counts = _corpus_index(tuple(sources), val_fraction)
     out = []
-    seen = set()
-    for tid, template, t in open_topics("train"):
-        prompt = template.format(t=t)
-        prompt = prompt[0].upper() + prompt[1:]
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        if tid == "rhyme":
+    for item in open_prompts("train"):
+        if item.kind == "open:rhyme":
+            t = item.topic[0]
             answers = [f"'{w}' rhymes with '{t}'." for w in _rhymes(t, counts)]
         else:
-            words = topic_words(t)
-            pools = [sentences.get(w, []) for w in words]
+            pools = [sentences.get(w, []) for w in item.topic]
             both = set.intersection(*map(set, pools)) if len(pools) > 1 else set()
             whole = sorted(both) or [s for pool in pools for s in pool]
-            cut = (topic_first(s, words) for s in whole)
+            cut = (topic_first(s, item.topic) for s in whole)
             answers = sorted({a for a in cut if a}) or whole
         if answers:
-            out.append((prompt, answers))
+            out.append((item.text, answers))
     return out
 
 

@@ -129,22 +129,18 @@ def topic_words(topic: str) -> tuple[str, ...]:
     return words or tuple(topic.lower().split())
 
 
-def open_topics(split: str) -> list[tuple[str, str, str]]:
-    """(template id, template, topic) of every open-ended prompt of `split`: val holds out a
-    share of TEMPLATES' (template, topic) pairs; train has the rest and every TRAIN_ONLY pair."""
+def open_prompts(split: str) -> list[PromptItem]:
+    """Every open-ended prompt of `split`, in template order: val holds out a share of
+    TEMPLATES' (template, topic) pairs; train has the rest and every TRAIN_ONLY pair (about a
+    thousand prompts)."""
     check_split(split)
-    out = [(tid, template, t) for tid, template, topics in TEMPLATES for t in topics
-           if split_of(f"open:{tid}:{t}", OPEN_VAL_FRACTION) == split]
+    pairs = [(tid, template, t) for tid, template, topics in TEMPLATES for t in topics
+             if split_of(f"open:{tid}:{t}", OPEN_VAL_FRACTION) == split]
     if split == "train":
         templates = {tid: template for tid, template, _ in TEMPLATES}
-        out += [(tid, templates[tid], t) for tid, topics in TRAIN_ONLY for t in topics]
-    return out
-
-
-def open_prompts(split: str) -> list[PromptItem]:
-    """Every open-ended prompt of `split`, in template order (about a thousand in train)."""
+        pairs += [(tid, templates[tid], t) for tid, topics in TRAIN_ONLY for t in topics]
     out, seen = [], set()
-    for tid, template, t in open_topics(split):
+    for tid, template, t in pairs:
         text = template.format(t=t)
         text = text[0].upper() + text[1:]
         if text not in seen:

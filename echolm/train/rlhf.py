@@ -110,14 +110,15 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def evaluate_policy(model: Transformer, reference: Transformer, rm, tok: Tokenizer,
+def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: Tokenizer,
                     items: list[PromptItem], p: PPOConfig, seed: int = 0,
                     baseline: list[float] | None = None, samples: int = 1
                     ) -> tuple[EvalResult, list[float], list[str]]:
     """Answer held-out prompts `samples` times each (fixed seed) and measure proxy, gold, KL,
     length, repetition; gold is averaged per prompt (returned, one per prompt), and the win
     rate compares those per-prompt means with `baseline`'s (ties count half). More samples
-    per prompt make a single temperature-1 answer's luck matter less."""
+    per prompt make a single temperature-1 answer's luck matter less. reference None: the
+    model is its own reference (the SFT model itself), KL 0 without two forward passes."""
     prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
     sampled = sample_responses(model, tok, prompts, samples, p.max_tokens, p.temperature, seed)
     texts = [tok.decode(r[:-1] if done else r) for r, done in sampled]
@@ -126,18 +127,21 @@ def evaluate_policy(model: Transformer, reference: Transformer, rm, tok: Tokeniz
     proxy = rm.score(tok, [it.text for it in rows], texts, finished).float()
     scores = [gold_score(it, t, f) for it, t, f in zip(rows, texts, finished, strict=True)]
     gold = [sum(scores[i * samples:(i + 1) * samples]) / samples for i in range(len(items))]
-    x, y, mask = pad_batch([q for q in prompts for _ in range(samples)],
-                           [r for r, _ in sampled], tok.pad)
-    # in chunks: 1,024 answers' logits at once are ~2 GB per model at a 4k vocabulary
-    kl_seq = torch.cat([((response_logprobs(model(x[i:i + 64]), y[i:i + 64])
-                          - response_logprobs(reference(x[i:i + 64]), y[i:i + 64]))
-                         * mask[i:i + 64]).sum(1) for i in range(0, len(x), 64)])
+    kl = 0.0
+    if reference is not None:
+        x, y, mask = pad_batch([q for q in prompts for _ in range(samples)],
+                               [r for r, _ in sampled], tok.pad)
+        kl_seq = []
+        for i in range(0, len(x), 64):  # 1,024 answers' logits at once: ~2 GB per model
+            xs, ys = x[i:i + 64], y[i:i + 64]
+            diff = response_logprobs(model(xs), ys) - response_logprobs(reference(xs), ys)
+            kl_seq.append((diff * mask[i:i + 64]).sum(1))
+        kl = float(torch.cat(kl_seq).mean())
     win = None
     if baseline is not None:
         win = sum(1.0 if g > b else 0.5 if g == b else 0.0
                   for g, b in zip(gold, baseline, strict=True)) / len(gold)
-    res = EvalResult(proxy=float(proxy.mean()), gold=sum(gold) / len(gold),
-                     kl=float(kl_seq.mean()),
+    res = EvalResult(proxy=float(proxy.mean()), gold=sum(gold) / len(gold), kl=kl,
                      length=sum(len(r) for r, _ in sampled) / len(sampled),
                      repetition=sum(map(repetition, texts)) / len(texts),
                      finished=sum(finished) / len(finished), win_rate=win)
@@ -191,7 +195,7 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
         log(f"{stage}: resuming from step {trainer.step_idx}")
     ex = trainer.extra
     if "sft_gold" not in ex:
-        sft_eval, ex["sft_gold"], _ = evaluate_policy(policy, reference, rm, tok, eval_items, p,
+        sft_eval, ex["sft_gold"], _ = evaluate_policy(policy, None, rm, tok, eval_items, p,
                                                       samples=p.eval_samples)
         ex["history"] = [{"step": 0, **sft_eval.__dict__, "win_rate": 0.5}]
         ex["best_gold"], ex["moments"], ex["stopped_by_guard"] = sft_eval.gold, (0, 0.0, 0.0), False
@@ -360,7 +364,7 @@ def gold_win_rate(cfg: Config, run_dir: Path, stage: str, log=print) -> dict:
     rm = load_reward_model(run_dir / "rm")
     items = rlhf_prompts("val", p.eval_prompts, 0)
     kw = {"seed": FINAL_EVAL_SEED, "samples": p.final_samples}
-    sft_ev, sft_gold, _ = evaluate_policy(sft, sft, rm, tok, items, p, **kw)
+    sft_ev, sft_gold, _ = evaluate_policy(sft, None, rm, tok, items, p, **kw)
     ev, _, _ = evaluate_policy(load_model(run_dir / stage), sft, rm, tok, items, p,
                                baseline=sft_gold, **kw)
     log(f"{stage}: gold {sft_ev.gold:.3f} (SFT) -> {ev.gold:.3f}, win rate vs SFT "
