@@ -1,6 +1,6 @@
-"""Shared helpers for the benchmarks in bench/: peak memory, a matmul peak to measure
-MFU against, medians, running one side of a comparison in its own process, and the
-one-JSON-object last line every benchmark prints.
+"""Shared helpers for the benchmarks in bench/: peak memory, medians, running one side of
+a comparison in its own process, and the one-JSON-object last line every benchmark prints.
+(The matmul peak that MFU is taken against is `echolm.machine.matmul_peak_tflops`.)
 
 The benchmarks are run as scripts (``python bench/NAME.py``), so they import this module
 as ``common`` (the script's folder is first on sys.path).
@@ -13,7 +13,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,21 +46,6 @@ def parse_dtype(name: str) -> torch.dtype:
         return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
     except KeyError:
         raise SystemExit(f"dtype '{name}': expected fp32 or bf16") from None
-
-
-def matmul_peak_tflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """Best observed rate of one large square matmul (n x n @ n x n) in `dtype`, in TFLOP/s:
-    the practical peak this machine reaches right now, the denominator for MFU."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    torch.mm(a, b, out=out)  # warm up (thread pool, kernel selection)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
 
 
 def run_json_child(argv: list[str], timeout: float | None = None) -> dict[str, Any]:

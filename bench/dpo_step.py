@@ -109,14 +109,15 @@ def make_pairs(n: int, seed: int) -> list[tuple[list[int], list[int], list[int]]
 
 def echo_side(args: argparse.Namespace) -> dict[str, Any]:
     from echolm.config import PreferenceConfig, TrainConfig
+    from echolm.rankings import step_indices
+    from echolm.runtime import Dist
     from echolm.train.dpo import (
         EncodedPair,
         compute_ref_logps,
         dpo_batch_loss,
         make_pair_batch,
     )
-    from echolm.train.loop import Dist, Trainer
-    from echolm.train.reward_model import step_indices
+    from echolm.trainer import Trainer
 
     model = echo_model(args.seed)
     data = make_pairs(args.pairs, args.seed + 1)
@@ -139,7 +140,7 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
     def one_step(step: int) -> None:
         idx = step_indices(len(enc), args.batch, step, 0)
         batch = make_pair_batch(enc, idx, PAD_ID)
-        trainer.step([batch], loss_fn, int(batch.mask.sum()))
+        trainer.update([batch], loss_fn, int(batch.mask.sum()))
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

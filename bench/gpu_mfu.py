@@ -1,23 +1,23 @@
 """GPU training throughput and MFU of Echo's real pretraining step for the `gpu-small` and
 `gpu-d20` presets, on whatever CUDA GPU is present, in a few minutes.
 
-Each preset's model is built on the GPU and trained by ``echolm.train.loop.Trainer`` exactly as
+Each preset's model is built on the GPU and trained by ``echolm.trainer.Trainer`` exactly as
 ``echolm pretrain`` does (Muon + fused AdamW, bf16 autocast, ``torch.compile``, SDPA
 attention, the fused chunked head + cross-entropy), on random token rows copied from pinned
 host memory with ``non_blocking=True``; one micro-batch per step (the preset's micro-batch
 and sequence length; halved on out-of-memory). After ``--warmup`` untimed steps (the first
 compiles), ``--steps`` timed ones. tokens/s = micro_batch x seq_len / the median step time.
 
-MFU = tokens/s x model FLOPs per token / the GPU's peak dense bf16 FLOP/s. FLOPs per token
+MFU = tokens/s x model FLOPs per token / the peak of the dtype the step ran in. FLOPs per token
 are ``Transformer.flops_per_token``: 6 x (non-embedding parameters + the output head) for
 the matmuls forward and backward, plus the causal attention scores (6 * N + attention in
-the usual notation). The peak comes from a small table of datasheet numbers by device name
-(H100/H200 SXM 989 TFLOP/s, A100 312, ...); for a GPU not in it, the best measured rate of
-an 8192^3 bf16 matmul (also reported for every GPU).
+the usual notation). The peak: for bf16 on a GPU in a small table of datasheet numbers by
+device name (H100/H200 SXM 989 TFLOP/s, A100 312, ...); otherwise (another GPU, fp32, a CPU
+smoke run) the best measured matmul rate in that dtype on the device.
 
 The benchmark has no peer: "ours" is the achieved model TFLOP/s (mean over the presets),
-"peer" the GPU's peak, "ratio" their quotient, the MFU. Per-preset numbers (tokens/s, MFU,
-peak GPU memory, compile time, step times) are in "detail".
+"peer" the peak (mean over the presets), "ratio" their quotient, the MFU. Per-preset
+numbers (tokens/s, MFU, peak GPU memory, compile time, step times) are in "detail".
 
     python bench/gpu_mfu.py                       # both presets, < 10 minutes
     python bench/gpu_mfu.py --presets gpu-small --steps 20
@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from common import emit_json, median
 
+from echolm.machine import matmul_peak_tflops
+
 # dense (no sparsity) bf16 tensor-core peaks from the datasheets, TFLOP/s; first match wins
 PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("GH200", 989.0),
@@ -56,22 +58,15 @@ def table_peak(name: str) -> float | None:
     return None
 
 
-def measured_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
-    """Best observed rate of an n^3 bf16 matmul on `device` (n = 1024 on CPU), TFLOP/s."""
-    if device.type != "cuda":
-        n = 1024
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
-    torch.mm(a, b, out=out)
-    best = math.inf
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
+def peak_tflops(device: torch.device, dtype: str, name: str, cache: dict) -> tuple[float, str]:
+    """The peak the MFU of a `dtype` run is taken against: a GPU's datasheet bf16 number for
+    bf16 where the table knows the GPU, else the best measured matmul rate in that dtype on
+    this device (fp32 on a CPU without native bf16 is what it trains in, so that is its peak)."""
+    if (device.type, dtype) == ("cuda", "bfloat16") and table_peak(name):
+        return table_peak(name), "datasheet bf16"
+    if dtype not in cache:
+        cache[dtype] = matmul_peak_tflops(getattr(torch, dtype), device)
+    return cache[dtype], f"measured {dtype} matmul"
 
 
 def sync(device: torch.device) -> None:
@@ -91,7 +86,8 @@ def measure(preset: str, args: argparse.Namespace, device: torch.device, micro_b
     """Warm up and time `preset`'s training step with `micro_batch` rows per step."""
     from echolm.config import load_config
     from echolm.model import Transformer
-    from echolm.train.loop import Dist, Trainer
+    from echolm.runtime import Dist
+    from echolm.trainer import Trainer
 
     cfg = load_config(preset)
     mcfg, tcfg = cfg.model, cfg.pretrain
@@ -118,13 +114,13 @@ def measure(preset: str, args: argparse.Namespace, device: torch.device, micro_b
         t0 = time.perf_counter()
         for i in range(args.warmup):
             r = rows[i % 2]
-            losses.append(trainer.step([(r[:, :-1], r[:, 1:])], loss_fn, n_tokens))
+            losses.append(trainer.update([(r[:, :-1], r[:, 1:])], loss_fn, n_tokens))
         warmup_s = time.perf_counter() - t0
         for i in range(args.steps):
             if times and time.perf_counter() > deadline:
                 break  # out of time: report what was measured
             r = rows[i % 2]
-            losses.append(trainer.step([(r[:, :-1], r[:, 1:])], loss_fn, n_tokens))
+            losses.append(trainer.update([(r[:, :-1], r[:, 1:])], loss_fn, n_tokens))
             times.append(trainer.last["dt"])
         peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
         fpt = model.flops_per_token(seq)
@@ -184,12 +180,8 @@ def main() -> None:
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    measured = measured_peak_tflops(device)
-    peak = table_peak(name)
-    source = "datasheet" if peak else "measured bf16 matmul"
-    peak = peak or measured
-    print(f"device {name}: peak {peak:.1f} TFLOP/s bf16 ({source}); measured matmul "
-          f"{measured:.1f} TFLOP/s; torch {torch.__version__}", flush=True)
+    peaks: dict[str, float] = {}
+    print(f"device {name}; torch {torch.__version__}", flush=True)
     results: dict[str, Any] = {}
     for i, preset in enumerate(args.presets):
         left = args.budget - (time.perf_counter() - start)
@@ -202,20 +194,23 @@ def main() -> None:
             print(f"{preset}: failed: {results[preset]['error']}", flush=True)
             free(device)
             continue
-        res["mfu"] = round(res["model_tflops"] / peak, 4)
+        res["peak_tflops"], res["peak_source"] = peak_tflops(device, res["dtype"], name, peaks)
+        res["mfu"] = round(res["model_tflops"] / res["peak_tflops"], 4)
         results[preset] = res
         print(f"{preset}: {res['tok_s']:,.0f} tok/s, {res['model_tflops']:.1f} TFLOP/s, MFU "
-              f"{res['mfu']:.1%}, peak memory {res['peak_mem_gib']:.1f} GiB (micro_batch "
+              f"{res['mfu']:.1%} of {res['peak_tflops']:.3g} ({res['peak_source']}), peak "
+              f"memory {res['peak_mem_gib']:.1f} GiB (micro_batch "
               f"{res['micro_batch']} x {res['seq_len']}, {res['params'] / 1e6:.0f}M params, "
               f"warm-up {res['warmup_s']:.0f} s)", flush=True)
         torch._dynamo.reset()
         free(device)
     ok = [r for r in results.values() if "mfu" in r]
     ours = sum(r["model_tflops"] for r in ok) / len(ok) if ok else None
-    emit_json({**record, "ours": round(ours, 4) if ours else None, "peer": round(peak, 4),
-               "ratio": round(ours / peak, 4) if ours else None,
-               "detail": {"device": name, "peak_source": source,
-                          "measured_matmul_tflops": round(measured, 1),
+    peak = sum(r["peak_tflops"] for r in ok) / len(ok) if ok else None
+    emit_json({**record, "ours": round(ours, 4) if ours else None,
+               "peer": round(peak, 4) if peak else None,
+               "ratio": round(ours / peak, 4) if ours and peak else None,
+               "detail": {"device": name, "measured_matmul_tflops": peaks,
                           "presets": results, "torch": torch.__version__,
                           "seconds": round(time.perf_counter() - start, 1)}})
 

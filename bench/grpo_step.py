@@ -77,8 +77,10 @@ def reward_ids(ids: list[int]) -> float:
 def echo_side(args: argparse.Namespace) -> dict[str, Any]:
     from echolm.config import GRPOConfig, TrainConfig
     from echolm.losses import group_advantages
-    from echolm.train.grpo import PolicyBatch, pad_batch, policy_loss, sample_responses
-    from echolm.train.loop import Dist, Trainer
+    from echolm.rollout import pad_batch, sample_responses
+    from echolm.runtime import Dist
+    from echolm.train.grpo import PolicyBatch, policy_loss
+    from echolm.trainer import Trainer
 
     model = echo_model(args.seed)
     prompts = make_prompts(args.prompts, args.seed + 1)
@@ -108,7 +110,7 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
         x, y, mask = pad_batch(flat_prompts, [r for r, _ in sampled], tok.pad)
         batch = PolicyBatch(x, y, mask, adv, None, None)
         idx = torch.arange(len(sampled))
-        trainer.step([(batch, idx)], lambda m, item: policy_loss(m, item, g, stats),
+        trainer.update([(batch, idx)], lambda m, item: policy_loss(m, item, g, stats),
                      int(mask.sum()))
         info["lengths"].update(len(r) for r, _ in sampled)
         info["reward_mean"].append(float(rewards.mean()))

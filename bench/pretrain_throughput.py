@@ -1,6 +1,6 @@
 """Pretraining throughput: Echo's real training step vs a plain Hugging Face loop, same shape.
 
-Ours: ``echolm.model.Transformer`` trained by ``echolm.train.loop.Trainer`` (Muon for the
+Ours: ``echolm.model.Transformer`` trained by ``echolm.trainer.Trainer`` (Muon for the
 hidden matrices + AdamW for the rest, LR schedule, grad clipping, autocast) with
 the fused head + cross-entropy (``m(x, targets=y)``): the code path ``echolm pretrain`` runs.
 Peer: ``transformers.LlamaForCausalLM`` (attn_implementation="sdpa", use_cache=False) with
@@ -21,7 +21,7 @@ processes run ``--steps`` timed steps each after ``--warmup`` untimed ones; toke
 batch x seq_len / the median step time over all rounds. Also reported: the median of the
 per-step paired ratios, the best-step ratio and the CPU-time ratio (the most load-robust
 with ``--threads 1``), and the load average before and after.
-MFU = tokens/s x Echo's ``flops_per_token(seq_len)`` / the best rate of a 2048^3 matmul
+MFU = tokens/s x Echo's ``flops_per_token(seq_len)`` / the best rate of a 1024^3 matmul
 in the same dtype, measured in the same run (before, between and after the rounds; best).
 
     python bench/pretrain_throughput.py                 # fp32, the "7M" shape
@@ -49,7 +49,6 @@ from common import (
     current_rss_mb,
     emit_json,
     llama_config,
-    matmul_peak_tflops,
     median,
     parse_dtype,
     peak_rss_mb,
@@ -57,6 +56,7 @@ from common import (
 )
 
 from echolm.config import ModelConfig, TrainConfig
+from echolm.machine import matmul_peak_tflops
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -82,7 +82,8 @@ def autocast_ctx(dtype: torch.dtype) -> contextlib.AbstractContextManager:
 
 def echo_stepper(args: argparse.Namespace, tmp: Path):
     from echolm.model import Transformer
-    from echolm.train.loop import Dist, Trainer
+    from echolm.runtime import Dist
+    from echolm.trainer import Trainer
 
     torch.manual_seed(args.seed)
     model = Transformer(model_config(args))
@@ -99,7 +100,7 @@ def echo_stepper(args: argparse.Namespace, tmp: Path):
         return m(x, targets=y)  # exactly what echolm pretrain does
 
     def step(rows: torch.Tensor) -> float:
-        return trainer.step([(rows[:, :-1], rows[:, 1:])], loss_fn, n_tokens)
+        return trainer.update([(rows[:, :-1], rows[:, 1:])], loss_fn, n_tokens)
 
     return model, step
 

@@ -7,6 +7,7 @@ even mid-save, leaves either the previous checkpoint or the new one, never half 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +32,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def file_fingerprint(path: Path) -> str:
+    """A short hash of a file's bytes (which weights a cached result was computed from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def save_model(model: Transformer, folder: Path) -> None:

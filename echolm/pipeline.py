@@ -17,6 +17,7 @@ StageFn = Callable[..., dict]
 
 
 def stages() -> list[tuple[str, StageFn]]:
+    from echolm.train.dpo import run_dpo
     from echolm.train.grpo import run_rl
     from echolm.train.pretrain import run_pretrain
     from echolm.train.reward_model import run_rm
@@ -26,7 +27,7 @@ def stages() -> list[tuple[str, StageFn]]:
 
     return [("tokenizer", run_tokenizer), ("pretrain", run_pretrain), ("sft", run_sft),
             ("rl", run_rl), ("rank", run_rank_stage), ("rm", run_rm), ("rlhf", run_rlhf),
-            ("dpo", run_dpo_stage), ("eval", run_eval)]
+            ("dpo", run_dpo), ("eval", run_eval)]
 
 
 def run_rank_stage(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
@@ -48,20 +49,6 @@ def run_rank_stage(cfg: Config, run_dir: Path, force: bool = False, log=print) -
                                    "gold_agreement", "seconds") if k in result}
     update_summary(run_dir, "rank", keep)
     atomic_write_json(done, result)
-    return result
-
-
-def run_dpo_stage(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
-    """DPO, then its gold win rate against SFT on the same held-out prompts as RLHF."""
-    from echolm.summary import read_summary, update_summary
-    from echolm.train.dpo import run_dpo
-    from echolm.train.rlhf import gold_win_rate
-
-    result = run_dpo(cfg, run_dir, force=force, log=log)
-    summary = read_summary(run_dir).get("dpo", {})
-    if force or "gold_win_rate_vs_sft" not in summary:
-        summary.update(gold_win_rate(cfg, run_dir, "dpo", log=log))
-        update_summary(run_dir, "dpo", summary)
     return result
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from echolm.train.loop import read_metrics
+from echolm.metrics import read_metrics
 
 
 def _plt() -> Any:
@@ -43,8 +43,9 @@ def plot_pretrain(run_dir: Path) -> Path | None:
         return None
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    tokens = [r["tokens"] / 1e6 for r in recs]
-    ax1.plot(tokens, [r["loss"] for r in recs], lw=1)
+    train = [(r["tokens"] / 1e6, r["loss"]) for r in recs if "loss" in r]
+    if train:
+        ax1.plot(*zip(*train, strict=True), lw=1)
     ax1.set(xlabel="tokens seen (millions)", ylabel="training loss (nats/token)",
             title="Pretraining loss")
     val = [(r["tokens"] / 1e6, r["val_bpb"]) for r in recs if "val_bpb" in r]
@@ -64,7 +65,9 @@ def plot_sft(run_dir: Path) -> Path | None:
         return None
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax1.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1, label="train")
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    if train:
+        ax1.plot(*zip(*train, strict=True), lw=1, label="train")
     val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
     if val:
         ax1.plot(*zip(*val, strict=True), marker="o", label="held-out")
@@ -85,7 +88,7 @@ def plot_sft(run_dir: Path) -> Path | None:
 
 def plot_rl(run_dir: Path) -> Path | None:
     """GRPO training curves: reward, zero-variance groups, response length, entropy."""
-    recs = read_metrics(run_dir / "metrics.jsonl", "rl")
+    recs = [r for r in read_metrics(run_dir / "metrics.jsonl", "rl") if "reward_mean" in r]
     if not recs:
         return None
     plt = _plt()

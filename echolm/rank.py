@@ -21,7 +21,6 @@ In the terminal the answers are numbered and the order is typed best first: "314
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import re
 import sys
@@ -36,13 +35,14 @@ from typing import TextIO
 import torch
 
 from echolm.annotator import SimulatedAnnotator, gold_score, pair_agreement
+from echolm.checkpoint import file_fingerprint
 from echolm.data.prompts import PromptItem, rlhf_prompts
 from echolm.data.text import read_jsonl
 from echolm.errors import EchoError
 from echolm.prefs import PreferenceStore
+from echolm.rollout import sample_responses
 from echolm.tasks import get_task
 from echolm.tasks.base import Problem, stable_hash
-from echolm.train.grpo import sample_responses
 
 STORE_NAME = "prefs.sqlite"
 DEFAULT_K = 4
@@ -112,11 +112,7 @@ def read_prompt_file(path: Path) -> list[PromptItem]:
 
 # ---- the model that answers ----------------------------------------------------------------
 def weights_fingerprint(folder: Path) -> str:
-    h = hashlib.sha256()
-    with open(folder / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_fingerprint(folder / "model.safetensors")
 
 
 class Policy:

@@ -30,7 +30,7 @@ def gold_answers(model: Transformer, tok: Tokenizer, n: int, max_tokens: int = 6
     """Gold scores of the model's answers (greedy) to n held-out RLHF prompts."""
     from echolm.annotator import gold_score
     from echolm.data.prompts import rlhf_prompts
-    from echolm.train.grpo import sample_responses
+    from echolm.rollout import sample_responses
 
     items = rlhf_prompts("val", n, 0)
     prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]

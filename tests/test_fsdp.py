@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 from echolm.checkpoint import load_model
 from echolm.config import TrainConfig, load_config
 from echolm.errors import EchoError
+from echolm.metrics import read_metrics
 from echolm.model import Transformer
-from echolm.train.loop import Dist, Trainer, read_metrics
+from echolm.runtime import Dist
+from echolm.trainer import Trainer
 
 STEPS = 10
 COMMON = (f"pretrain.max_steps={STEPS}", "pretrain.ckpt_every=5", "pretrain.eval_every=5",
@@ -157,13 +159,14 @@ def test_sharded_checkpoint_in_one_process_and_a_mismatch(tmp_path: Path) -> Non
                        shardable=True)
 
     a = trainer(cfg.model)
-    a.step(batch, loss_fn, 64)
+    a.update(batch, loss_fn, 64)
+    a.end_step()
     a.save()
     step = tmp_path / "out" / "ckpt" / "step_000001"
     assert (step / "dcp" / ".metadata").exists() and (step / "model.safetensors").exists()
     b = trainer(cfg.model)
-    assert b.resume() and b.step_idx == 1
-    assert a.step(batch, loss_fn, 64) == b.step(batch, loss_fn, 64)  # optimizer state too
+    assert b.resume() and b.step == 1
+    assert a.update(batch, loss_fn, 64) == b.update(batch, loss_fn, 64)  # optimizer state too
     for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values(),
                            strict=True):
         assert torch.equal(va, vb), k

@@ -126,7 +126,7 @@ def test_reward_model_learns_a_preference_that_holds_on_unseen_prompts(pref_run)
     assert (pref_run / "report" / "rm_scores.png").stat().st_size > 10_000
     steps = [json.loads(ln) for ln in (pref_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in steps if r["stage"] == "rm"]
-    assert steps == list(range(1, 31))  # resumed records replace, never duplicate
+    assert steps == list(range(31))  # step 0: before training; resumed records replace
     # a finished stage is a no-op
     assert run_rm(_cfg("rm.max_steps=30"), pref_run, log=logs.append) == res
 
@@ -142,8 +142,9 @@ def test_plackett_luce_trains_too(pref_run):
 
 
 def test_saved_reward_model_scores_identically_and_is_batch_independent(pref_run):
+    from echolm.reward import load_reward_model
     from echolm.tokenizer import Tokenizer
-    from echolm.train.reward_model import load_reward_model, run_rm
+    from echolm.train.reward_model import run_rm
 
     run_rm(_cfg("rm.max_steps=10"), pref_run, log=quiet)
     tok = Tokenizer.load(pref_run / "tokenizer")
@@ -160,8 +161,8 @@ def test_saved_reward_model_scores_identically_and_is_batch_independent(pref_run
                                                      ended=[True, True, False])
     assert torch.equal(batched, again)
     # the saved held-out scores are what the loaded model gives
-    from echolm.train.reward_model import RankedExample, split_by_prompt
-    from echolm.train.reward_model import load_rankings as _load
+    from echolm.rankings import RankedExample, split_by_prompt
+    from echolm.rankings import load_rankings as _load
 
     cfg = _cfg()
     held = split_by_prompt(_load(pref_run, cfg.pref), cfg.pref.heldout_fraction)[1]
@@ -172,7 +173,7 @@ def test_saved_reward_model_scores_identically_and_is_batch_independent(pref_run
 
 
 def test_split_is_by_prompt_and_keeps_a_prompts_rankings_together():
-    from echolm.train.reward_model import RankedExample, split_by_prompt
+    from echolm.rankings import RankedExample, split_by_prompt
 
     ranks = [RankedExample(f"p{i % 20}", ["a", "b"], [True, True], f"ann{i // 20}")
              for i in range(60)]

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from echolm.config import ModelConfig
 from echolm.model import Transformer
-from echolm.train.grpo import first_response_position, pad_batch, token_logprobs
+from echolm.rollout import pad_batch
+from echolm.train.grpo import first_response_position, token_logprobs
 
 
 def test_pad_batch_masks_exactly_the_response_targets():

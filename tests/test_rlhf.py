@@ -9,10 +9,11 @@ from test_reward_model import pref_run, pref_template  # noqa: F401  (fixtures)
 from echolm.annotator import gold_score
 from echolm.config import ModelConfig, PPOConfig
 from echolm.data.prompts import rlhf_prompts
+from echolm.gold import evaluate_policy
 from echolm.model import Transformer
+from echolm.reward import _empty_reward_model
 from echolm.tokenizer import Tokenizer
-from echolm.train.reward_model import _empty_reward_model
-from echolm.train.rlhf import evaluate_policy, guard_should_stop
+from echolm.train.rlhf import guard_should_stop
 
 
 @pytest.mark.parametrize("gold, proxy, patience, stop", [
@@ -71,7 +72,8 @@ def test_gold_is_averaged_per_prompt_over_its_samples(tiny):
 
 
 def test_ptx_adds_the_sft_loss_to_the_policy_loss(tiny):
-    from echolm.train.rlhf import _policy_loss, response_logprobs
+    from echolm.rollout import response_logprobs
+    from echolm.train.rlhf import _policy_loss
 
     tok, model, _ = tiny
     g = torch.Generator().manual_seed(1)
@@ -96,13 +98,14 @@ def test_ptx_adds_the_sft_loss_to_the_policy_loss(tiny):
 def test_critic_free_rlhf_with_ptx_trains_and_evaluates(pref_run, corpus,  # noqa: F811
                                                          algorithm):
     import json
+    import time
 
     from conftest import data_overrides
     from test_reward_model import quiet
 
     from echolm.checkpoint import save_model
     from echolm.config import load_config
-    from echolm.train.reward_model import reward_model_from_backbone
+    from echolm.reward import reward_model_from_backbone
     from echolm.train.rlhf import optimise
 
     save_model(reward_model_from_backbone(pref_run / "sft"), pref_run / "rm")
@@ -110,7 +113,9 @@ def test_critic_free_rlhf_with_ptx_trains_and_evaluates(pref_run, corpus,  # noq
                                 "ppo.samples_per_prompt=2", "ppo.ptx_coef=1.0",
                                 "ppo.ptx_rows=2", "rlhf.max_steps=2", "ppo.eval_every=1",
                                 "ppo.eval_prompts=4", "data.task_examples=20"])
-    ex, _ = optimise(cfg, pref_run, pref_run / "rlhf", cfg.ppo, cfg.rlhf, "rlhf", log=quiet)
+    ex, _, facts = optimise(cfg, pref_run, pref_run / "rlhf", cfg.ppo, cfg.rlhf, "rlhf",
+                            time.perf_counter(), budget_s=0.0, log=quiet)
+    assert facts["steps"] == 2 and not facts["cut_short"] and not facts["fitted"]
     assert [h["step"] for h in ex["history"]] == [0, 1, 2]
     recs = [json.loads(ln) for ln in (pref_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r.get("stage") == "rlhf" and "proxy_train" in r]

@@ -12,7 +12,7 @@ from conftest import data_overrides
 
 from echolm.config import load_config
 from echolm.errors import EchoError
-from echolm.train.loop import MetricsLog, read_metrics
+from echolm.metrics import MetricsLog, read_metrics
 from echolm.train.pretrain import run_pretrain
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from echolm.config import Config
 from echolm.data.text import read_jsonl, source_files
 from echolm.errors import EchoError
 from echolm.tasks import Problem, Task, get_task
@@ -200,3 +201,14 @@ class PackedSampler:
             out.append((ids[:, :-1], ids[:, 1:], mask[:, 1:]))
         return out
 
+
+def sft_rows(cfg: Config, tok: Tokenizer, rows: int) -> PackedSampler:
+    """Rows of the SFT mixture, `rows` per micro-batch, for RLHF's and DPO's "ptx" term
+    (InstructGPT's PPO-ptx): a reward model or a preference signal that cannot check an answer
+    (a 5M model's cannot check a sum) lets the policy drift from right answers while it gains
+    elsewhere; the SFT likelihood keeps what SFT taught. A different order from SFT's own."""
+    data, sft = cfg.data, cfg.sft
+    convs = load_conversations(data.sft, data.tasks, data.task_examples, sft.seed,
+                               data.open_examples, data.pretrain, data.val_fraction)
+    return PackedSampler(encode_conversations(tok, convs, sft.seq_len + 1), tok.pad,
+                         sft.seq_len, rows, 1, sft.seed + 1)

@@ -28,28 +28,23 @@ from torch import Tensor
 
 from echolm.checkpoint import atomic_write_json, load_model, save_model
 from echolm.config import Config, PreferenceConfig
+from echolm.data.chat import sft_rows
 from echolm.errors import EchoError
+from echolm.gold import gold_win_rate, sft_baseline
 from echolm.losses import dpo_loss
 from echolm.model import Transformer
-from echolm.summary import update_summary
-from echolm.tokenizer import Tokenizer
-from echolm.train.loop import (
-    Trainer,
-    autocast,
-    check_seq_len,
-    finished_stage,
-    resolve_dtype,
-    single_process,
-)
-from echolm.train.reward_model import (
+from echolm.rankings import (
     RankedExample,
-    capped_steps,
     encode_answer,
     load_rankings,
     split_by_prompt,
     step_indices,
 )
-from echolm.train.sft import sft_rows
+from echolm.runtime import autocast, check_seq_len, finished_stage, resolve_dtype, single_process
+from echolm.schedule import capped_steps
+from echolm.summary import update_summary
+from echolm.tokenizer import Tokenizer
+from echolm.trainer import Trainer
 
 REF_FILE = "ref_logps.pt"
 
@@ -249,6 +244,10 @@ def implicit_rewards(model: Transformer, encoded: list[EncodedPair], ref: dict[s
 
 
 def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
+    """One step = one optimizer update on `micro_batch x grad_accum` pairs. Then the implicit
+    rewards on every pair, and the gold win rate against SFT on the held-out RLHF prompts
+    (the same measurement as RLHF's final figure), all within `dpo.max_minutes`."""
+    started = time.perf_counter()
     out, done = run_dir / "dpo", run_dir / "dpo" / "done.json"
     if (finished := finished_stage(out, "dpo", force, log)) is not None:
         return finished
@@ -266,6 +265,7 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     tcfg = capped_steps(tcfg, pref.dpo_epochs, len(train_enc))
     held_enc = encode_pairs(tok, held_pairs, tcfg.seq_len)
     everything = train_enc + held_enc
+    gold = (run_dir / "rm" / "model.safetensors").exists()  # the gold evaluation reads it
 
     out.mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(tcfg.dtype, d.device)
@@ -273,12 +273,17 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     # the policy still holds the SFT weights here (a checkpoint is loaded only below): it is
     # the reference, read once
     key = ref_fingerprint(everything, run_dir / "sft" / "model.safetensors", dtype)
+    t0 = time.perf_counter()
     ref = load_or_compute_ref(out / REF_FILE, key, policy, everything, tok.pad, ctx, log)
+    ref_s = time.perf_counter() - t0
+    # SFT's side of the gold figure, first: measuring DPO's side later takes about as long
+    # (plus a KL pass), so this times what the budget must keep for it
+    baseline = sft_baseline(cfg, run_dir) if gold else None
 
     per_step = tcfg.micro_batch * tcfg.grad_accum
-    trainer = Trainer(policy, tcfg, out, "dpo", run_dir, d)
+    trainer = Trainer(policy, tcfg, out, "dpo", run_dir, d, started=started)
     if trainer.resume():
-        log(f"dpo: resuming from step {trainer.step_idx}")
+        log(f"dpo: resuming from step {trainer.step}")
     else:
         log(f"dpo: {len(train_pairs):,} pairs from {len(train_r)} rankings to train on, "
             f"{len(held_pairs):,} held out by prompt; {pref.dpo_loss}, beta {pref.dpo_beta}, "
@@ -308,15 +313,21 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             loss = loss + pref.dpo_ptx_coef * sft_loss
         return loss
 
-    def periodic(step: int) -> dict:
-        rec = {k: round(v, 5) for k, v in stats.items()}
-        if held_enc and tcfg.eval_every and step % tcfg.eval_every == 0:
+    # after training: implicit rewards on every pair (one pass over them: as long as the
+    # reference's, when that was computed here) and the gold measurement
+    held_share = len(held_enc) / len(everything)
+    trainer.plan(reserve_s=ref_s + (1.3 * baseline["seconds"] if baseline else 0.0) + 5.0,
+                 periodic_s=ref_s * held_share / tcfg.eval_every if tcfg.eval_every else 0.0)
+    while trainer.running():
+        loss = trainer.update(batches(trainer.step), loss_fn, int(per_step * avg_len))
+        record: dict = {"loss": loss, "epoch": round((trainer.step + 1) * per_step
+                                                     / len(train_enc), 4),
+                        **{k: round(v, 5) for k, v in stats.items()}}
+        if held_enc and tcfg.eval_every and (trainer.step + 1) % tcfg.eval_every == 0:
             h = implicit_rewards(model, held_enc, ref, len(train_enc), tok.pad, pref, ctx)
-            rec.update(val_reward_acc=h["reward_accuracy"], val_margin=h["margin"])
-        return rec
-
-    trainer.fit(batches, loss_fn, int(per_step * avg_len), periodic,
-                lambda s: s * per_step / len(train_enc))
+            record.update(val_reward_acc=h["reward_accuracy"], val_margin=h["margin"])
+        trainer.end_step(record, show=("loss", "reward_acc", "val_reward_acc"))
+    facts = trainer.finish(tcfg.seq_len)
 
     log("dpo: measuring implicit rewards on every pair")
     train_m = implicit_rewards(model, train_enc, ref, 0, tok.pad, pref, ctx)
@@ -324,15 +335,18 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     save_model(model, out)
     result = {**train_m, "heldout_reward_accuracy": held_m["reward_accuracy"],
               "heldout_margin": held_m["margin"], "heldout_n_pairs": held_m["n_pairs"],
-              "objective": pref.dpo_loss, "beta": pref.dpo_beta, "steps": trainer.step_idx,
-              "epochs": round(trainer.step_idx * per_step / len(train_enc), 3),
-              "minutes": round(trainer.elapsed / 60, 2),
+              "objective": pref.dpo_loss, "beta": pref.dpo_beta,
+              "epochs": round(trainer.step * per_step / len(train_enc), 3), **facts,
               "pref": {k: v for k, v in asdict(pref).items()
                        if k in ("annotator", "heldout_fraction", "dpo_beta", "dpo_loss")}}
+    if baseline is not None:
+        result.update(gold_win_rate(cfg, run_dir, "dpo", baseline, log=log))
+    result["minutes"] = round((time.perf_counter() - started) / 60, 2)
     update_summary(run_dir, "dpo", result)
     atomic_write_json(done, result)
     held = held_m["reward_accuracy"]
     log(f"dpo: implicit-reward accuracy {train_m['reward_accuracy']:.1%} on {len(train_enc):,} "
         f"training pairs (margin {train_m['margin']:.3f}), "
-        f"{'n/a' if held is None else f'{held:.1%}'} on {len(held_enc):,} held-out pairs")
+        f"{'n/a' if held is None else f'{held:.1%}'} on {len(held_enc):,} held-out pairs; "
+        f"{facts['schedule']}, {result['minutes']:.1f} min")
     return result

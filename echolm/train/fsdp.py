@@ -1,10 +1,11 @@
-"""FSDP2 for the training loop: sharding the model, Muon on sharded matrices, and sharded
-checkpoints through `torch.distributed.checkpoint` (DCP) that load on any number of processes.
+"""FSDP2 for the training loop: sharding the model, and sharded checkpoints through
+`torch.distributed.checkpoint` (DCP) that load on any number of processes.
 
 `TrainConfig.parallel = "fsdp"` under torchrun shards every transformer block and then the
 root (embedding, final norm, output head; a tied head shares the embedding's parameter, so
 both live in the root unit). Every parameter becomes a DTensor sharded on dim 0; each
-process keeps 1/world of the weights, gradients and optimizer state.
+process keeps 1/world of the weights, gradients and optimizer state (Muon gathers each
+matrix for its Newton-Schulz iteration: train/muon.py).
 
 A checkpoint of an fsdp run is the usual `ckpt/step_NNNNNN/` folder with
     dcp/           model + optimizer state, one file per process plus .metadata (DCP)
@@ -21,7 +22,6 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,8 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+from torch.distributed.tensor import DTensor
 
 from echolm.checkpoint import publish_checkpoint, save_weights
 from echolm.model import Transformer
@@ -59,50 +58,6 @@ def shard_model(model: Transformer, device: torch.device, world: int,
 
 def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-class ShardedMuon(torch.optim.Muon):
-    """torch.optim.Muon for DTensor (FSDP2) matrices, exactly as on whole ones.
-
-    Newton-Schulz orthogonalises the whole matrix, so it must see the whole matrix: each
-    process gathers the (momentum) update, orthogonalises it with torch's own routine, and
-    keeps the rows of its own shard. Momentum, weight decay and the step stay sharded. Every
-    process repeats the small NS matmuls (as under DDP); the update equals DDP's bit for bit
-    given the same gradients. (torch's Muon applied to a DTensor runs NS as DTensor ops: the
-    same maths, but a different bf16 summation order, ~1e-2 away; this one is exact.)"""
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - mu)
-                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                ortho = orthogonalise(update, group["ns_coefficients"], group["ns_steps"],
-                                      group["eps"])
-                p.mul_(1 - lr * wd)
-                p.add_(ortho, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
-        return loss
-
-
-def orthogonalise(update: Tensor, coefficients: tuple[float, float, float], steps: int,
-                  eps: float) -> Tensor:
-    """Newton-Schulz of the whole matrix; for a DTensor, this process's shard of the result."""
-    if not isinstance(update, DTensor):
-        return _zeropower_via_newtonschulz(update, coefficients, steps, eps)
-    full = _zeropower_via_newtonschulz(update.full_tensor(), coefficients, steps, eps)
-    # every process holds the same full result: cut out the local shard, no communication
-    return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:

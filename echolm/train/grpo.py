@@ -24,20 +24,16 @@ from torch import Tensor
 from echolm.checkpoint import atomic_write_json, load_model, save_model
 from echolm.config import Config, GRPOConfig
 from echolm.data.chat import problems_up_to, task_from_spec, task_label
-from echolm.engine import SamplingParams, generate_ids
 from echolm.errors import EchoError
 from echolm.evaluate import task_pass_at_k
 from echolm.losses import clipped_policy_loss, group_advantages, kl_k3, overlong_penalty
 from echolm.model import Transformer
+from echolm.rollout import pad_batch, sample_responses
+from echolm.runtime import autocast, finished_stage, single_process
 from echolm.summary import update_summary
 from echolm.tasks import Problem, Task
 from echolm.tokenizer import Tokenizer
-from echolm.train.loop import (
-    Trainer,
-    autocast,
-    finished_stage,
-    single_process,
-)
+from echolm.trainer import Trainer
 
 
 @dataclass
@@ -48,27 +44,6 @@ class Rollout:
     response: list[int]  # generated ids, including the end-of-turn token if it stopped
     stopped: bool
     reward: float = 0.0
-
-
-@torch.inference_mode()
-def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[list[int]], n: int,
-                     max_tokens: int, temperature: float, seed: int
-                     ) -> list[tuple[list[int], bool]]:
-    """`n` sampled responses to every prompt (prompt-major order): the generated ids,
-    including the end-of-turn token when the model stopped, and whether it stopped."""
-    stops = (tok.assistant_end, tok.bos)
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
-                            stop_ids=stops)
-    was_training = model.training
-    model.eval()
-    flat = [p for p in prompts for _ in range(n)]
-    responses: list[list[int]] = [[] for _ in flat]
-    for step in generate_ids(model, flat, params, pad_id=tok.pad):
-        for i, t in enumerate(step.tolist()):
-            if t >= 0:
-                responses[i].append(t)
-    model.train(was_training)
-    return [(r, bool(r) and r[-1] in stops) for r in responses]
 
 
 def sample_groups(model: Transformer, tok: Tokenizer, items: list[tuple[Task, Problem]],
@@ -93,21 +68,6 @@ def sample_groups(model: Transformer, tok: Tokenizer, items: list[tuple[Task, Pr
             for r, p in zip(group, pen.tolist(), strict=True):
                 r.reward += p
     return groups
-
-
-def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad: int
-              ) -> tuple[Tensor, Tensor, Tensor]:
-    """(inputs, targets, mask) right-padded; mask is 1 where the target is a response token."""
-    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-    T = max(len(s) for s in seqs) - 1
-    x = torch.full((len(seqs), T), pad, dtype=torch.long)
-    y = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
-        x[i, :len(s) - 1] = torch.tensor(s[:-1])
-        y[i, :len(s) - 1] = torch.tensor(s[1:])
-        mask[i, len(p) - 1:len(s) - 1] = 1
-    return x, y, mask
 
 
 def token_logprobs(model: torch.nn.Module, x: Tensor, y: Tensor, start: int = 0
@@ -176,6 +136,9 @@ def evaluate_rl(model: Transformer, tok: Tokenizer, specs: list[str], g: GRPOCon
 
 
 def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
+    """One step = one batch of `prompts_per_step` groups: sampled, scored, and learned from
+    in `epochs x minibatches` optimizer updates."""
+    started = time.perf_counter()
     out, done = run_dir / "rl", run_dir / "rl" / "done.json"
     if (finished := finished_stage(out, "rl", force, log)) is not None:
         return finished
@@ -193,18 +156,21 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     pool = [(t, p) for t in tasks for p in problems_up_to(t, "train", 5000, tcfg.seed)]
 
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, tcfg, out, "rl", run_dir, d)
+    trainer = Trainer(model, tcfg, out, "rl", run_dir, d, started=started, unit="batch")
     if trainer.resume():
-        log(f"rl: resuming from step {trainer.step_idx}")
+        log(f"rl: resuming from step {trainer.step}")
     else:
         log(f"rl: GRPO from the {g.init} model on {', '.join(g.tasks)}: "
             f"{g.prompts_per_step} prompts x {g.group_size} samples per step; "
             "measuring pass@k first")
+        t0 = time.perf_counter()
         trainer.extra["before"] = evaluate_rl(model, tok, g.tasks, g)
+        trainer.extra["eval_seconds"] = time.perf_counter() - t0
+    # pass@k after RL samples as many answers as before: the schedule leaves that much time
+    trainer.plan(reserve_s=trainer.extra.get("eval_seconds", 0.0) * 1.1 + 5.0)
     ctx = autocast(d.device, trainer.dtype)
-    bar = trainer.progress("rl")
-    while trainer.step_idx < tcfg.max_steps and not trainer.out_of_time():
-        step, t_iter, elapsed = trainer.step_idx, time.perf_counter(), trainer.elapsed
+    while trainer.running():
+        step = trainer.step
         rng = random.Random(f"{tcfg.seed}:{step}")  # the batch is a function of (seed, step)
         groups: list[list[Rollout]] = []
         n_sampled = n_flat = 0
@@ -221,8 +187,8 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                 break
         rollouts = [r for grp in groups for r in grp]
         rewards_all = [r.reward for grp in groups for r in grp]
-        rec = {"step": step + 1, "groups_sampled": n_sampled,
-               "zero_variance_frac": round(n_flat / max(n_sampled, 1), 4)}
+        rec: dict = {"groups_sampled": n_sampled,
+                     "zero_variance_frac": round(n_flat / max(n_sampled, 1), 4)}
         if groups:
             rewards = torch.tensor([[r.reward for r in grp] for grp in groups])
             adv = group_advantages(rewards, g.scale_by_std).flatten()
@@ -237,30 +203,20 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             stats: dict[str, float] = {}
             loss_fn = partial(policy_loss, g=g, stats=stats)
             order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(step))
-            for _ in range(g.epochs):
-                for idx in order.chunk(g.minibatches):
-                    if trainer.step_idx < tcfg.max_steps:
-                        trainer.step([(batch, idx)], loss_fn, int(mask[idx].sum()))
+            losses = [trainer.update([(batch, idx)], loss_fn, int(mask[idx].sum()))
+                      for _ in range(g.epochs) for idx in order.chunk(g.minibatches)]
+            rec["loss"] = sum(losses) / len(losses)
             rec.update({k: round(v, 5) for k, v in stats.items()})
-        else:  # every group was all-right or all-wrong: nothing to learn from this step
-            trainer.step_idx += 1
+        # else: every group was all-right or all-wrong: nothing to learn from this step
         rec.update({
             "reward_mean": round(sum(rewards_all) / max(len(rewards_all), 1), 4),
             "reward_std": round(float(torch.tensor(rewards_all).std()) if len(rewards_all) > 1
                                 else 0.0, 4),
             "response_len": round(sum(len(r.response) for r in rollouts)
                                   / max(len(rollouts), 1), 2),
-            "stopped_frac": round(sum(r.stopped for r in rollouts) / max(len(rollouts), 1), 4),
-            "tokens": trainer.tokens})
-        # the clock (max_minutes) counts sampling and scoring too, not only optimizer steps
-        trainer.elapsed = elapsed + time.perf_counter() - t_iter
-        trainer.metrics.write(**rec)
-        bar.update(trainer.step_idx - bar.n)
-        bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", len=f"{rec['response_len']:.0f}",
-                        flat=f"{rec['zero_variance_frac']:.2f}")
-        if trainer.step_idx % tcfg.ckpt_every == 0 or trainer.step_idx >= tcfg.max_steps:
-            trainer.save()
-    bar.close()
+            "stopped_frac": round(sum(r.stopped for r in rollouts) / max(len(rollouts), 1), 4)})
+        trainer.end_step(rec, show=("reward_mean", "response_len", "zero_variance_frac"))
+    facts = trainer.finish()
 
     log("rl: measuring pass@k after RL")
     after = evaluate_rl(model, tok, g.tasks, g)
@@ -275,14 +231,15 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                                 "n": a["n"], "samples_per_problem": a["samples_per_problem"],
                                 "temperature": a["temperature"]}
     save_model(model, out)
-    result = {"tasks": tasks_summary, "steps": trainer.step_idx, "init": g.init,
-              "minutes": round(trainer.elapsed / 60, 2),
+    facts["minutes"] = round(trainer.clock.seconds() / 60, 2)
+    result = {"tasks": tasks_summary, "init": g.init, **facts,
               "algorithm": {k: getattr(g, k) for k in (
                   "group_size", "prompts_per_step", "scale_by_std", "aggregation", "clip_low",
                   "clip_high", "kl_beta", "epochs", "minibatches", "dynamic_sampling",
                   "overlong_buffer", "format_reward", "temperature")}}
     update_summary(run_dir, "rl", result)
     atomic_write_json(done, result)
+    log(f"rl: {facts['schedule']}, {facts['minutes']:.1f} min")
     for label, t in tasks_summary.items():
         log(f"rl: {label}: pass@1 {t['pass@1_before']:.1%} -> {t['pass@1_after']:.1%}, "
             f"pass@{max(t['pass@k_after'], key=int)} "

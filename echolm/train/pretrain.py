@@ -18,15 +18,10 @@ from echolm.engine import SamplingParams, generate
 from echolm.errors import EchoError
 from echolm.evaluate import eval_bpb
 from echolm.model import Transformer
+from echolm.runtime import autocast, check_seq_len, finished_stage, setup_distributed
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
-from echolm.train.loop import (
-    Trainer,
-    autocast,
-    check_seq_len,
-    finished_stage,
-    setup_distributed,
-)
+from echolm.trainer import Trainer
 
 SAMPLE_PROMPTS = ["The", "Once upon a time", "To be, or not to be", "In the beginning",
                   "The meaning of life is"]
@@ -60,6 +55,8 @@ def sample_texts(model: Transformer, tok: Tokenizer, prompts: list[str], max_tok
 
 
 def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
+    """One step = one optimizer update on `micro_batch x grad_accum` rows per process."""
+    started = time.perf_counter()
     out, done = run_dir / "base", run_dir / "base" / "done.json"
     if (finished := finished_stage(out, "pretrain", force, log)) is not None:
         return finished
@@ -83,14 +80,14 @@ def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
     torch.manual_seed(tcfg.seed)
     model = Transformer(mcfg)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, tcfg, out, "base", run_dir, d, shardable=True)
+    trainer = Trainer(model, tcfg, out, "base", run_dir, d, shardable=True, started=started)
     if trainer.resume():
-        log(f"pretrain: resuming from step {trainer.step_idx}")
+        log(f"pretrain: resuming from step {trainer.step}")
     elif d.main:
         log(f"pretrain: {model.num_params():,} parameters ({model.num_params(True):,} "
             f"non-embedding), {model.flops_per_token(tcfg.seq_len) / 1e6:.1f} MFLOP/token, "
-            f"dtype {trainer.dtype}, {d.world} process(es), {sampler.rows_per_step} rows x "
-            f"{tcfg.seq_len} tokens per step")
+            f"dtype {trainer.dtype}, {d.world} process(es) x {torch.get_num_threads()} "
+            f"thread(s), {sampler.rows_per_step} rows x {tcfg.seq_len} tokens per step")
     ctx = autocast(d.device, trainer.dtype)
 
     def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -104,18 +101,27 @@ def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
             return None
         return eval_bpb(model, tok, val_tokens, tcfg.seq_len, tcfg.eval_tokens, autocast_ctx=ctx)
 
-    def periodic(step: int) -> dict:
-        rec: dict = {}
-        if tcfg.eval_every and step % tcfg.eval_every == 0 and (ev := evaluate()) and d.main:
-            rec["val_bpb"] = round(ev["bpb"], 5)
-        if tcfg.sample_every and step % tcfg.sample_every == 0:
+    # A budget must leave room for the final evaluation and the periodic ones: the first is
+    # timed right after the first step (FSDP: evaluation only ever follows a training step)
+    tokens_per_step = tcfg.micro_batch * tcfg.grad_accum * tcfg.seq_len
+    eval_s = 0.0
+    while trainer.running():
+        loss = trainer.update(sampler.micro_batches(trainer.step), loss_fn, tokens_per_step)
+        record: dict = {"loss": loss, "epoch": round(sampler.epoch(trainer.step + 1), 4)}
+        untimed = eval_s == 0 and trainer.schedule.budget_s > 0 and not trainer.schedule.fitted
+        if (tcfg.eval_every and (trainer.step + 1) % tcfg.eval_every == 0) or untimed:
+            t0 = time.perf_counter()
+            if (ev := evaluate()) is not None and d.main:
+                record["val_bpb"] = round(ev["bpb"], 5)
+            eval_s = time.perf_counter() - t0
+            trainer.plan(reserve_s=eval_s + 5.0, periodic_s=eval_s / max(tcfg.eval_every, 1)
+                         if tcfg.eval_every else 0.0)
+        if tcfg.sample_every and (trainer.step + 1) % tcfg.sample_every == 0:
             whole = trainer.unsharded()  # FSDP: gathered on rank 0 (every process joins)
             if d.main:
-                rec["samples"] = sample_texts(whole, tok, SAMPLE_PROMPTS[:2])
-        return rec
-
-    tokens_per_step = tcfg.micro_batch * tcfg.grad_accum * tcfg.seq_len
-    trainer.fit(sampler.micro_batches, loss_fn, tokens_per_step, periodic, sampler.epoch)
+                record["samples"] = sample_texts(whole, tok, SAMPLE_PROMPTS[:2])
+        trainer.end_step(record, show=("loss", "val_bpb"))
+    facts = trainer.finish(tcfg.seq_len)
 
     result: dict = {}
     ev = evaluate()
@@ -123,18 +129,15 @@ def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
     if d.main and ev is not None and whole is not None:
         samples = sample_texts(whole, tok, SAMPLE_PROMPTS)
         save_model(whole, out)
+        facts["minutes"] = round(trainer.clock.seconds() / 60, 2)
         result = {"val_bpb": round(ev["bpb"], 4), "val_loss": round(ev["loss"], 4),
                   "params": whole.num_params(), "params_non_embedding": whole.num_params(True),
-                  "tokens": trainer.tokens, "steps": trainer.step_idx,
-                  "minutes": round(trainer.elapsed / 60, 2),
-                  "tok_per_s": round(trainer.tokens / max(trainer.elapsed, 1e-9)),
-                  "dtype": str(trainer.dtype).removeprefix("torch."), "world_size": d.world,
-                  "eval_tokens": ev["tokens"], "samples": samples}
+                  **facts, "eval_tokens": ev["tokens"], "samples": samples}
         atomic_write_json(out / "samples.json", samples)
         update_summary(run_dir, "base", {k: v for k, v in result.items() if k != "samples"})
         atomic_write_json(done, result)
-        log(f"pretrain: val {ev['bpb']:.4f} bits/byte after {trainer.step_idx} steps, "
-            f"{trainer.tokens:,} tokens, {trainer.elapsed / 60:.1f} min")
+        log(f"pretrain: val {ev['bpb']:.4f} bits/byte after {trainer.step} steps, "
+            f"{trainer.tokens:,} tokens, {facts['minutes']:.1f} min; {facts['schedule']}")
         for s in samples:
             log("  sample: " + s.replace("\n", " ⏎ "))
     if d.world > 1:

@@ -9,12 +9,7 @@ Rankings are split into train and held-out BY PROMPT, so the held-out accuracy m
 answers to questions the model never saw ranked. After training the score is shifted so the
 mean over training answers is 0 (InstructGPT normalised its reward model the same way).
 
-Public API, used by the RLHF stage (keep stable):
-
-    rm = load_reward_model(run_dir / "rm")               # -> RewardModel (eval mode)
-    rm.score(tok, prompts, responses)                    # -> float32 CPU tensor (N,)
-    rm.score(tok, prompts, responses, ended=[...])       # answers cut off by a length limit
-
+The model itself (and how RLHF reads it) is in reward.py; the ranking data in rankings.py.
 Writes DIR/rm/model.safetensors (backbone + `score_head.weight` (1, n_embd) and
 `score_head.bias` (1,)), config.json, reward_model.json (what the scores mean), scores.json
 (held-out scores, reliability bins), DIR/report/rm_scores.png, and summary.json's `rm`.
@@ -22,10 +17,8 @@ Writes DIR/rm/model.safetensors (backbone + `score_head.weight` (1, n_embd) and
 
 from __future__ import annotations
 
-import json
-import math
-import random
-from dataclasses import asdict, dataclass, field, replace
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,208 +27,28 @@ from torch import Tensor, nn
 
 from echolm.checkpoint import (
     atomic_write_json,
-    load_model_config,
-    read_weights,
     save_model,
 )
-from echolm.config import Config, ModelConfig, PreferenceConfig, TrainConfig
-from echolm.errors import EchoError
+from echolm.config import Config, PreferenceConfig
 from echolm.losses import (
     bradley_terry_loss,
     plackett_luce_loss,
     reward_centering_loss,
 )
-from echolm.model import Transformer, rope_tables
-from echolm.prefs import PreferenceStore
+from echolm.rankings import (
+    RankedExample,
+    encode_answer,
+    load_rankings,
+    pad_right,
+    split_by_prompt,
+    step_indices,
+)
+from echolm.reward import META_FILE, RewardModel, reward_model_from_backbone
+from echolm.runtime import autocast, check_seq_len, finished_stage, single_process
+from echolm.schedule import capped_steps
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
-from echolm.train.loop import (
-    Trainer,
-    autocast,
-    check_seq_len,
-    finished_stage,
-    single_process,
-)
-
-META_FILE = "reward_model.json"
-
-
-# ---- preference data (shared with DPO) ---------------------------------------------------
-
-
-@dataclass
-class RankedExample:
-    """One ranking: a prompt (one user message) and its answers, best first. `ended[i]` is
-    False for an answer that was cut off before it ended its turn (the store's sampling record
-    says ``"stopped": false``); such an answer is read without <|assistant_end|>."""
-
-    prompt: str
-    responses: list[str]
-    ended: list[bool]
-    annotator: str = ""
-
-
-def load_rankings(run_dir: Path, pref: PreferenceConfig) -> list[RankedExample]:
-    """Every ranking in DIR/prefs.sqlite (optionally one annotator's)."""
-    path = run_dir / "prefs.sqlite"
-    if not path.exists():
-        raise EchoError(f"{path}: no preference store (rank answers first: `echolm rank`)")
-    store = PreferenceStore(path)
-    try:
-        out = []
-        for r in store.rankings(pref.annotator or None):
-            meta = {x["id"]: x["sampling"] for x in store.responses(r.prompt_id)}
-            ended = [bool(meta.get(i, {}).get("stopped", True)) for i in r.response_ids]
-            out.append(RankedExample(r.prompt, r.responses, ended, r.annotator))
-    finally:
-        store.close()
-    if not out:
-        who = f" by annotator '{pref.annotator}'" if pref.annotator else ""
-        raise EchoError(f"{path}: no rankings{who} yet (rank answers first: `echolm rank`)")
-    return out
-
-
-def split_by_prompt(items: list, fraction: float, seed: int = 0,
-                    key=lambda r: r.prompt) -> tuple[list, list]:
-    """(train, held-out): a seeded share `fraction` of the distinct prompts is held out, with
-    every ranking of them (several annotators' rankings of one prompt stay together)."""
-    prompts = sorted({key(r) for r in items})
-    random.Random(seed).shuffle(prompts)
-    n_held = math.ceil(fraction * len(prompts)) if fraction > 0 and len(prompts) > 1 else 0
-    held = set(prompts[:min(n_held, len(prompts) - 1)])
-    return [r for r in items if key(r) not in held], [r for r in items if key(r) in held]
-
-
-def heldout_prompts(run_dir: Path, pref: PreferenceConfig) -> list[str]:
-    """The prompts the reward model and DPO never train on (for a fair gold evaluation)."""
-    return sorted({r.prompt for r in split_by_prompt(load_rankings(run_dir, pref),
-                                                      pref.heldout_fraction)[1]})
-
-
-def encode_answer(tok: Tokenizer, prompt: str, response: str, ended: bool = True,
-                  max_len: int | None = None) -> tuple[list[int], int]:
-    """Ids of the prompt and answer in the chat format (<|assistant_end|> only if the answer
-    ended its turn), and how many of them are the prompt. Too long for `max_len`: the prompt
-    loses tokens from its start, then (if the answer alone is too long) the answer its end."""
-    p = tok.render_prompt([{"role": "user", "content": prompt}])
-    r = tok.encode(response) + ([tok.assistant_end] if ended else [])
-    if max_len is not None and len(p) + len(r) > max_len:
-        keep = max(1, max_len - len(r))  # always keep <|assistant_start|>
-        p = p[len(p) - keep:]
-        r = r[:max_len - len(p)]
-    return p + r, len(p)
-
-
-def pad_right(seqs: list[list[int]], pad: int) -> Tensor:
-    x = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        x[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-    return x
-
-
-# ---- the model ---------------------------------------------------------------------------
-
-
-class RewardModel(Transformer):
-    """The transformer with its language-model head replaced by a scalar score head read at
-    the last token of prompt + answer (<|assistant_end|> for a finished answer)."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
-        del self.lm_head  # no next-token logits: the score head reads the final hidden state
-        self.score_head = nn.Linear(cfg.n_embd, 1, bias=True)
-        nn.init.zeros_(self.score_head.weight)
-        nn.init.zeros_(self.score_head.bias)
-        self.max_len = cfg.max_seq_len  # longest prompt + answer `score` reads
-
-    def forward(self, idx: Tensor, last: Tensor) -> Tensor:  # type: ignore[override]
-        """Scores (B,) float32 of right-padded rows idx (B, T) whose last real token is at
-        position last[b]."""
-        h = self.hidden_states(idx)
-        h = h[torch.arange(idx.shape[0], device=idx.device), last]
-        with torch.autocast(idx.device.type, enabled=False):  # the score in full precision
-            return self.score_head(h.float()).squeeze(-1)
-
-    @torch.no_grad()
-    def score_ids(self, seqs: list[list[int]], batch_size: int = 32) -> Tensor:
-        """Scores (N,) float32 on the CPU of token sequences (prompt + answer, chat format).
-        Sorted by length into batches so padding costs little; eval mode for the call."""
-        if not seqs:
-            return torch.zeros(0)
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        out = torch.zeros(len(seqs))
-        pad = 0
-        for k in range(0, len(order), batch_size):
-            idx = order[k:k + batch_size]
-            x = pad_right([seqs[i] for i in idx], pad).to(device)
-            last = torch.tensor([len(seqs[i]) - 1 for i in idx], device=device)
-            out[idx] = self(x, last).cpu()
-        self.train(was_training)
-        return out
-
-    def score(self, tok: Tokenizer, prompts: list[str], responses: list[str],
-              ended: list[bool] | None = None, batch_size: int = 32) -> Tensor:
-        """How good each answer is: float32 CPU tensor (N,), higher is better, 0 = an average
-        training answer. prompts[i] is one user message, responses[i] the assistant's answer
-        (plain text, no special tokens); ended[i] False marks an answer cut off before it
-        ended its turn (default: all ended). Batched; no gradients; does not change modes."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        ended = [True] * len(prompts) if ended is None else ended
-        seqs = [encode_answer(tok, p, r, e, self.max_len)[0]
-                for p, r, e in zip(prompts, responses, ended, strict=True)]
-        return self.score_ids(seqs, batch_size)
-
-
-def _empty_reward_model(cfg: ModelConfig, device: str | torch.device) -> RewardModel:
-    with torch.device("meta"):
-        rm = RewardModel(cfg)
-    rm = rm.to_empty(device=device)
-    rm.rope_cos, rm.rope_sin = (t.to(device) for t in rope_tables(cfg, cfg.max_seq_len))
-    return rm
-
-
-def reward_model_from_backbone(folder: Path, device: str | torch.device = "cpu"
-                               ) -> RewardModel:
-    """A reward model whose backbone is the model saved in `folder` (e.g. DIR/sft), score
-    head zero (every answer scores 0 at first)."""
-    cfg = load_model_config(folder)
-    sd = read_weights(folder / "model.safetensors", device)
-    sd.pop("lm_head.weight", None)
-    rm = _empty_reward_model(cfg, device)
-    sd["score_head.weight"] = torch.zeros(1, cfg.n_embd, device=device)
-    sd["score_head.bias"] = torch.zeros(1, device=device)
-    try:
-        rm.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        msg = " ".join(str(e).split())[:300]
-        raise EchoError(f"{folder}: not a model this reward model can start from ({msg})"
-                        ) from None
-    return rm
-
-
-def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") -> RewardModel:
-    """The reward model saved in `folder` (DIR/rm), in eval mode."""
-    folder = Path(folder)
-    cfg = load_model_config(folder)
-    sd = read_weights(folder / "model.safetensors", device)
-    if "score_head.weight" not in sd:
-        raise EchoError(f"{folder}: not a reward model (no score_head in model.safetensors)")
-    rm = _empty_reward_model(cfg, device)
-    try:
-        rm.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        msg = " ".join(str(e).split())[:300]
-        raise EchoError(f"{folder / 'model.safetensors'}: does not match config.json ({msg})"
-                        ) from None
-    meta_path = folder / META_FILE
-    if meta_path.exists():
-        rm.max_len = int(json.loads(meta_path.read_text()).get("max_len", rm.max_len))
-    return rm.eval()
-
+from echolm.trainer import Trainer
 
 # ---- training batches --------------------------------------------------------------------
 
@@ -297,19 +110,6 @@ def rm_loss(model: nn.Module, batch: RankBatch, pref: PreferenceConfig,
         stats["margin"] = float(d.mean())
         stats["score_mean"] = float(s.detach().mean())
     return loss
-
-
-def step_indices(n: int, per_step: int, step: int, seed: int) -> list[int]:
-    """Which of `n` examples step `step` trains on: a seeded permutation per epoch, consumed
-    in order, `per_step` at a time. A function of the step only, so a resumed run sees exactly
-    the batches it would have seen."""
-    out, orders = [], {}
-    for k in range(step * per_step, (step + 1) * per_step):
-        epoch = k // n
-        if epoch not in orders:
-            orders[epoch] = np.random.default_rng(seed * 1000 + epoch).permutation(n)
-        out.append(int(orders[epoch][k % n]))
-    return out
 
 
 class RankingSampler:
@@ -430,15 +230,6 @@ class RMData:
     heldout_ids: list[list[list[int]]] = field(default_factory=list)
 
 
-def capped_steps(tcfg: TrainConfig, epochs: float, n_examples: int) -> TrainConfig:
-    """`tcfg` with max_steps capped at `epochs` passes over n_examples (0 = no cap)."""
-    if epochs <= 0 or n_examples <= 0:
-        return tcfg
-    per_step = tcfg.micro_batch * tcfg.grad_accum
-    return replace(tcfg, max_steps=min(tcfg.max_steps,
-                                       max(1, math.ceil(epochs * n_examples / per_step))))
-
-
 def prepare_rm_data(cfg: Config, run_dir: Path, tok: Tokenizer, max_len: int) -> RMData:
     ranks = load_rankings(run_dir, cfg.pref)
     train, held = split_by_prompt(ranks, cfg.pref.heldout_fraction)
@@ -451,6 +242,8 @@ def prepare_rm_data(cfg: Config, run_dir: Path, tok: Tokenizer, max_len: int) ->
 
 
 def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
+    """One step = one optimizer update on `micro_batch x grad_accum` rankings."""
+    started = time.perf_counter()
     out, done = run_dir / "rm", run_dir / "rm" / "done.json"
     if (finished := finished_stage(out, "rm", force, log)) is not None:
         return finished
@@ -469,9 +262,9 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     avg_len = sum(len(s) for r in data.train_ids for s in r) / max(n_answers, 1)
 
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(rm, tcfg, out, "rm", run_dir, d)
+    trainer = Trainer(rm, tcfg, out, "rm", run_dir, d, started=started)
     if trainer.resume():
-        log(f"rm: resuming from step {trainer.step_idx}")
+        log(f"rm: resuming from step {trainer.step}")
     else:
         log(f"rm: {len(data.train)} rankings ({n_answers} answers) to train on, "
             f"{len(data.heldout)} held out by prompt; loss {pref.rm_loss}, {tcfg.max_steps} "
@@ -491,16 +284,27 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             scores = score_rankings(rm, data.heldout_ids)
         return pair_metrics(*ranking_pairs(data.heldout_ids, scores))
 
-    def periodic(step: int) -> dict:
-        rec = {k: round(v, 4) for k, v in stats.items()}
-        if data.heldout and tcfg.eval_every and step % tcfg.eval_every == 0:
-            m = heldout_metrics()
-            rec.update(val_acc=m["accuracy"], val_loss=m["loss"])
-        return rec
-
+    # held-out accuracy before training, timed: the periodic evaluations take as long, and
+    # the scoring of every answer after training that times the share of answers held out
+    t0 = time.perf_counter()
+    if data.heldout and trainer.step == 0:
+        m0 = heldout_metrics()
+        trainer.metrics.write(step=0, val_acc=m0["accuracy"], val_loss=m0["loss"])
+    eval_s = time.perf_counter() - t0
+    n_all = len(data.train_ids) + len(data.heldout_ids)
+    trainer.plan(reserve_s=eval_s * n_all / max(len(data.heldout_ids), 1) + 5.0,
+                 periodic_s=eval_s / tcfg.eval_every if tcfg.eval_every else 0.0)
     tokens_per_step = int(tcfg.micro_batch * tcfg.grad_accum * avg_len
                           * n_answers / max(len(data.train_ids), 1))
-    trainer.fit(sampler.micro_batches, loss_fn, tokens_per_step, periodic, sampler.epoch)
+    while trainer.running():
+        loss = trainer.update(sampler.micro_batches(trainer.step), loss_fn, tokens_per_step)
+        record: dict = {"loss": loss, "epoch": round(sampler.epoch(trainer.step + 1), 4),
+                        **{k: round(v, 4) for k, v in stats.items()}}
+        if data.heldout and tcfg.eval_every and (trainer.step + 1) % tcfg.eval_every == 0:
+            m = heldout_metrics()
+            record.update(val_acc=m["accuracy"], val_loss=m["loss"])
+        trainer.end_step(record, show=("loss", "val_acc"))
+    facts = trainer.finish()
 
     log("rm: scoring the training and held-out answers")
     with ctx:
@@ -532,8 +336,8 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     result = {"heldout_accuracy": held_m["accuracy"], "n": held_m["n"], "ece": held_m["ece"],
               "loss": held_m["loss"], "train_accuracy": train_m["accuracy"],
               "train_pairs": train_m["n"], "heldout_rankings": len(data.heldout),
-              "train_rankings": len(data.train), "objective": pref.rm_loss,
-              "steps": trainer.step_idx, "minutes": round(trainer.elapsed / 60, 2)}
+              "train_rankings": len(data.train), "objective": pref.rm_loss, **facts,
+              "minutes": round(trainer.clock.seconds() / 60, 2)}
     update_summary(run_dir, "rm", result)
     atomic_write_json(done, result)
     acc = held_m["accuracy"]

@@ -17,21 +17,22 @@ An optional unguarded run (kl_beta = 0, `overopt_steps`) draws that curve.
 from __future__ import annotations
 
 import copy
+import json
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from echolm.annotator import gold_score
 from echolm.checkpoint import atomic_write_json, load_model, save_model
 from echolm.config import Config, PPOConfig, TrainConfig
-from echolm.data.prompts import PromptItem, rlhf_prompts
+from echolm.data.chat import sft_rows
+from echolm.data.prompts import rlhf_prompts
 from echolm.errors import EchoError
+from echolm.gold import evaluate_policy, gold_win_rate, sft_baseline
 from echolm.losses import (
     best_of_group_advantages,
     clipped_policy_loss,
@@ -41,12 +42,12 @@ from echolm.losses import (
     rloo_advantages,
 )
 from echolm.model import Transformer
+from echolm.reward import load_reward_model
+from echolm.rollout import pad_batch, response_logprobs, sample_responses
+from echolm.runtime import autocast, finished_stage, single_process
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
-from echolm.train.grpo import pad_batch, sample_responses
-from echolm.train.loop import Trainer, autocast, finished_stage, setup_distributed
-from echolm.train.reward_model import load_reward_model
-from echolm.train.sft import sft_rows
+from echolm.trainer import Trainer
 
 
 class PolicyWithValue(nn.Module):
@@ -69,17 +70,6 @@ class PolicyWithValue(nn.Module):
         return logits, self.value_head(captured[0]).squeeze(-1).float()
 
 
-def response_logprobs(logits: Tensor, y: Tensor) -> Tensor:
-    return F.log_softmax(logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1)
-
-
-def repetition(text: str) -> float:
-    """Share of word 3-grams that repeat an earlier one (0 = none)."""
-    words = text.split()
-    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
-
-
 class RunningMoments:
     """Running mean/std of reward-model scores (reward normalisation)."""
 
@@ -96,56 +86,6 @@ class RunningMoments:
     @property
     def std(self) -> float:
         return (self.m2 / (self.n - 1)) ** 0.5 if self.n > 1 else 1.0
-
-
-@dataclass
-class EvalResult:
-    proxy: float
-    gold: float
-    kl: float
-    length: float
-    repetition: float
-    finished: float
-    win_rate: float | None = None
-
-
-@torch.inference_mode()
-def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: Tokenizer,
-                    items: list[PromptItem], p: PPOConfig, seed: int = 0,
-                    baseline: list[float] | None = None, samples: int = 1
-                    ) -> tuple[EvalResult, list[float], list[str]]:
-    """Answer held-out prompts `samples` times each (fixed seed) and measure proxy, gold, KL,
-    length, repetition; gold is averaged per prompt (returned, one per prompt), and the win
-    rate compares those per-prompt means with `baseline`'s (ties count half). More samples
-    per prompt make a single temperature-1 answer's luck matter less. reference None: the
-    model is its own reference (the SFT model itself), KL 0 without two forward passes."""
-    prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
-    sampled = sample_responses(model, tok, prompts, samples, p.max_tokens, p.temperature, seed)
-    texts = [tok.decode(r[:-1] if done else r) for r, done in sampled]
-    finished = [done for _, done in sampled]
-    rows = [it for it in items for _ in range(samples)]  # prompt-major, as sampled
-    proxy = rm.score(tok, [it.text for it in rows], texts, finished).float()
-    scores = [gold_score(it, t, f) for it, t, f in zip(rows, texts, finished, strict=True)]
-    gold = [sum(scores[i * samples:(i + 1) * samples]) / samples for i in range(len(items))]
-    kl = 0.0
-    if reference is not None:
-        x, y, mask = pad_batch([q for q in prompts for _ in range(samples)],
-                               [r for r, _ in sampled], tok.pad)
-        kl_seq = []
-        for i in range(0, len(x), 64):  # 1,024 answers' logits at once: ~2 GB per model
-            xs, ys = x[i:i + 64], y[i:i + 64]
-            diff = response_logprobs(model(xs), ys) - response_logprobs(reference(xs), ys)
-            kl_seq.append((diff * mask[i:i + 64]).sum(1))
-        kl = float(torch.cat(kl_seq).mean())
-    win = None
-    if baseline is not None:
-        win = sum(1.0 if g > b else 0.5 if g == b else 0.0
-                  for g, b in zip(gold, baseline, strict=True)) / len(gold)
-    res = EvalResult(proxy=float(proxy.mean()), gold=sum(gold) / len(gold), kl=kl,
-                     length=sum(len(r) for r, _ in sampled) / len(sampled),
-                     repetition=sum(map(repetition, texts)) / len(texts),
-                     finished=sum(finished) / len(finished), win_rate=win)
-    return res, gold, texts
 
 
 def _policy_loss(model: nn.Module, item: tuple, p: PPOConfig, stats: dict) -> Tensor:
@@ -176,10 +116,14 @@ def _policy_loss(model: nn.Module, item: tuple, p: PPOConfig, stats: dict) -> Te
 
 
 def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainConfig,
-             stage: str, log=print) -> tuple[dict, Transformer]:
-    """One RLHF run into `out` (the guarded main run, or the unguarded curve run); returns
-    its state (evaluation history ...) and the trained policy."""
-    d = setup_distributed()
+             stage: str, started: float, budget_s: float, reserve_s: float = 0.0,
+             log=print) -> tuple[dict, Transformer, dict]:
+    """One RLHF run into `out` (the guarded main run, or the unguarded curve run) within
+    `budget_s` seconds of the stage's clock (started at `started`), leaving `reserve_s` for
+    what follows; returns its state (evaluation history ...), the trained policy, and the
+    Trainer's facts. One step = one batch of `prompts_per_step` x `samples_per_prompt`
+    answers, learned from in `epochs x minibatches` updates."""
+    d = single_process(stage, "generation is not sharded")
     tok = Tokenizer.load(run_dir / "tokenizer")
     policy = load_model(run_dir / "sft")
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -190,24 +134,27 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
     ptx = sft_rows(cfg, tok, p.ptx_rows) if p.ptx_coef > 0 else None
 
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, tcfg, out, stage, run_dir, d)
+    trainer = Trainer(model, tcfg, out, stage, run_dir, d, budget_s=budget_s, started=started,
+                      unit="batch")
     if trainer.resume():
-        log(f"{stage}: resuming from step {trainer.step_idx}")
+        log(f"{stage}: resuming from step {trainer.step}")
     ex = trainer.extra
     if "sft_gold" not in ex:
+        t0 = time.perf_counter()
         sft_eval, ex["sft_gold"], _ = evaluate_policy(policy, None, rm, tok, eval_items, p,
                                                       samples=p.eval_samples)
+        ex["eval_seconds"] = time.perf_counter() - t0
         ex["history"] = [{"step": 0, **sft_eval.__dict__, "win_rate": 0.5}]
         ex["best_gold"], ex["moments"], ex["stopped_by_guard"] = sft_eval.gold, (0, 0.0, 0.0), False
         log(f"{stage}: SFT model: proxy {sft_eval.proxy:.3f}, gold {sft_eval.gold:.3f}")
+    # a guard evaluation also runs the reference over every answer (the KL): ~1.3x the SFT one
+    trainer.plan(reserve_s=reserve_s, periodic_s=1.3 * ex["eval_seconds"] / p.eval_every)
     moments = RunningMoments()
     moments.n, moments.mean, moments.m2 = ex["moments"]
     ctx = autocast(d.device, trainer.dtype)
-    bar = trainer.progress(stage)
     k = max(1, p.samples_per_prompt)
-    while (trainer.step_idx < tcfg.max_steps and not trainer.out_of_time()
-           and not ex["stopped_by_guard"]):
-        step, t_iter, elapsed = trainer.step_idx, time.perf_counter(), trainer.elapsed
+    while trainer.running() and not ex["stopped_by_guard"]:
+        step = trainer.step
         rng = random.Random(f"{tcfg.seed}:{step}")
         items = rng.sample(train_items, min(p.prompts_per_step, len(train_items)))
         prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
@@ -252,23 +199,23 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
         loss_fn = partial(_policy_loss, p=p, stats=stats)
         order = torch.randperm(len(sampled), generator=torch.Generator().manual_seed(step))
         n_updates = p.epochs * p.minibatches
+        losses = []
         for e in range(p.epochs):
             for j, idx in enumerate(order.chunk(p.minibatches)):
                 # SFT rows: a function of (step, update), so a resumed run sees the same ones
                 rows = ptx.micro_batches(step * n_updates + e * p.minibatches + j)[0] if (
                     ptx is not None) else None
-                trainer.step([(batch, idx, rows)], loss_fn, int(mask[idx].sum()))
-        trainer.step_idx = step + 1  # one RLHF step = one batch of samples
+                losses.append(trainer.update([(batch, idx, rows)], loss_fn, int(mask[idx].sum())))
         ex["moments"] = (moments.n, moments.mean, moments.m2)
-        rec = {"step": trainer.step_idx, "proxy_train": round(float(raw.mean()), 4),
+        rec = {"loss": sum(losses) / len(losses), "proxy_train": round(float(raw.mean()), 4),
                "kl_train": round(float(kl_tok.sum(1).mean()), 4),
                "finished_train": round(float(finished.mean()), 4),
                "length_train": round(float(mask.sum(1).float().mean()), 2), **{
                    s: round(v, 5) for s, v in stats.items()}}
-        if trainer.step_idx % p.eval_every == 0 or trainer.step_idx == tcfg.max_steps:
+        if (step + 1) % p.eval_every == 0 or step + 1 == trainer.schedule.steps:
             ev, _, _ = evaluate_policy(policy, reference, rm, tok, eval_items, p,
                                        baseline=ex["sft_gold"], samples=p.eval_samples)
-            ex["history"].append({"step": trainer.step_idx, **ev.__dict__})
+            ex["history"].append({"step": step + 1, **ev.__dict__})
             rec.update({f"eval_{k2}": round(v, 4) for k2, v in ev.__dict__.items()})
             if ev.gold > ex["best_gold"]:
                 ex["best_gold"] = ev.gold
@@ -278,16 +225,10 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
                                              p.guard_patience):
                 ex["stopped_by_guard"] = True
                 log(f"{stage}: guard: gold fell for {p.guard_patience} evaluations while proxy "
-                    f"rose: stopping at step {trainer.step_idx}")
-        trainer.elapsed = elapsed + time.perf_counter() - t_iter  # sampling counts too
-        trainer.metrics.write(**rec)
-        bar.update(trainer.step_idx - bar.n)
-        bar.set_postfix(proxy=f"{rec['proxy_train']:.2f}", kl=f"{rec['kl_train']:.2f}")
-        if trainer.step_idx % tcfg.ckpt_every == 0 or ex["stopped_by_guard"]:
-            trainer.save()
-    bar.close()
-    trainer.save()
-    return ex, policy
+                    f"rose: stopping at step {step + 1}")
+        trainer.end_step(rec, show=("proxy_train", "kl_train", "eval_gold"))
+    facts = trainer.finish()  # checkpoints a guard's stop too: a resume reads the decision
+    return ex, policy, facts
 
 
 def guard_should_stop(gold: list[float], proxy: list[float], patience: int) -> bool:
@@ -304,6 +245,10 @@ def guard_should_stop(gold: list[float], proxy: list[float], patience: int) -> b
 
 
 def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
+    """The guarded run, the kept model's final measurement against SFT, then (optionally)
+    the unguarded run that draws the over-optimisation curve, all within `rlhf.max_minutes`:
+    the guarded run gets its share of the budget by planned steps, the curve run the rest."""
+    started = time.perf_counter()
     out, done = run_dir / "rlhf", run_dir / "rlhf" / "done.json"
     if (finished := finished_stage(out, "rlhf", force, log,
                                    also=(run_dir / "rlhf_unguarded",))) is not None:
@@ -314,18 +259,16 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     if p.ptx_coef < 0 or p.ptx_rows < 1:
         raise EchoError(f"ppo.ptx_coef={p.ptx_coef} must be >= 0 and ppo.ptx_rows="
                         f"{p.ptx_rows} >= 1")
-    ex, policy = optimise(cfg, run_dir, out, p, tcfg, "rlhf", log)
-    curve = None
-    if p.overopt_steps > 0:  # the over-optimisation curve: no KL penalty, no guard, longer
-        log(f"rlhf: unguarded run (kl_beta=0, no ptx, {p.overopt_steps} steps) for the "
-            "over-optimisation curve")
-        free = replace(p, kl_beta=0.0, guard=False, ptx_coef=0.0)
-        m = p.overopt_lr_mult
-        fast = replace(tcfg, max_steps=p.overopt_steps, lr_matrix=tcfg.lr_matrix * m,
-                       lr_embed=tcfg.lr_embed * m, lr_head=tcfg.lr_head * m,
-                       lr_scalar=tcfg.lr_scalar * m)
-        curve, _ = optimise(cfg, run_dir, run_dir / "rlhf_unguarded", free, fast,
-                            "rlhf_unguarded", log)
+    out.mkdir(parents=True, exist_ok=True)
+    # SFT's answers for the final figure, first: the kept model is measured the same way
+    # later (plus a KL pass: ~1.3x), so this times what the budget must keep for it
+    baseline = sft_baseline(cfg, run_dir)
+    final_s = 1.3 * baseline["seconds"]
+    budget = 60 * tcfg.max_minutes
+    share = tcfg.max_steps / (tcfg.max_steps + p.overopt_steps)
+    main_budget = (baseline["seconds"] + (budget - baseline["seconds"]) * share) if budget else 0
+    ex, policy, facts = optimise(cfg, run_dir, out, p, tcfg, "rlhf", started, main_budget,
+                                 reserve_s=final_s, log=log)
     # the model the stage hands on: the best by gold when the guard is on
     best = max(ex["history"], key=lambda h: h["gold"]) if p.guard else ex["history"][-1]
     if p.guard and best["step"] == 0:  # nothing beat SFT by gold: hand on SFT itself
@@ -337,39 +280,43 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     # The step was chosen by gold on these prompts and samples, so its own figures flatter it
     # (the best of several noisy measurements): the stage's result is measured afresh, with
     # another sampling seed and more answers per prompt, exactly as DPO's is.
-    final = gold_win_rate(cfg, run_dir, "rlhf", log=log)
+    final = _cached_json(out / "final.json",
+                         lambda: gold_win_rate(cfg, run_dir, "rlhf", baseline, log=log))
+    curve = None
+    if p.overopt_steps > 0:  # the over-optimisation curve: no KL penalty, no guard, longer
+        log(f"rlhf: unguarded run (kl_beta=0, no ptx, {p.overopt_steps} steps planned) for "
+            "the over-optimisation curve")
+        free = replace(p, kl_beta=0.0, guard=False, ptx_coef=0.0)
+        m = p.overopt_lr_mult
+        fast = replace(tcfg, max_steps=p.overopt_steps, lr_matrix=tcfg.lr_matrix * m,
+                       lr_embed=tcfg.lr_embed * m, lr_head=tcfg.lr_head * m,
+                       lr_scalar=tcfg.lr_scalar * m)
+        curve, _, curve_facts = optimise(cfg, run_dir, run_dir / "rlhf_unguarded", free, fast,
+                                         "rlhf_unguarded", started, budget, log=log)
+    minutes = round((time.perf_counter() - started) / 60, 2)
     result = {**final, "guard_stopped": ex["stopped_by_guard"], "best_step": best["step"],
               "selection": {k: round(best[k], 4) for k in ("gold", "win_rate", "proxy", "kl")},
               "algorithm": p.algorithm, "kl_beta": p.kl_beta, "ptx_coef": p.ptx_coef,
-              "history": ex["history"],
-              "unguarded_history": curve["history"] if curve else None}
+              **facts, "minutes": minutes, "history": ex["history"],
+              "unguarded_history": curve["history"] if curve else None,
+              "unguarded": ({k: curve_facts[k] for k in ("steps", "planned_steps",
+                                                          "schedule", "cut_short")}
+                            if curve else None)}
     update_summary(run_dir, "rlhf", {k: v for k, v in result.items()
                                      if k not in ("history", "unguarded_history")})
     atomic_write_json(done, result)
     log(f"rlhf: step {best['step']} kept (0 = SFT itself; gold {best['gold']:.3f} when chosen); "
-        f"guard stopped: {result['guard_stopped']}")
+        f"guard stopped: {result['guard_stopped']}; {facts['schedule']}; {minutes:.1f} min")
     return result
 
 
-FINAL_EVAL_SEED = 1  # not the seed the guard chose by
-
-
-def gold_win_rate(cfg: Config, run_dir: Path, stage: str, log=print) -> dict:
-    """Gold reward of `stage`'s answers to the held-out RLHF prompts and its win rate against
-    SFT's (same prompts; `final_samples` answers each, gold averaged per prompt; a sampling
-    seed no model was selected with; ties count half)."""
-    p = cfg.ppo
-    tok = Tokenizer.load(run_dir / "tokenizer")
-    sft = load_model(run_dir / "sft")
-    rm = load_reward_model(run_dir / "rm")
-    items = rlhf_prompts("val", p.eval_prompts, 0)
-    kw = {"seed": FINAL_EVAL_SEED, "samples": p.final_samples}
-    sft_ev, sft_gold, _ = evaluate_policy(sft, None, rm, tok, items, p, **kw)
-    ev, _, _ = evaluate_policy(load_model(run_dir / stage), sft, rm, tok, items, p,
-                               baseline=sft_gold, **kw)
-    log(f"{stage}: gold {sft_ev.gold:.3f} (SFT) -> {ev.gold:.3f}, win rate vs SFT "
-        f"{ev.win_rate:.1%} (n={len(items)} prompts x {p.final_samples} answers), proxy "
-        f"{sft_ev.proxy:.3f} -> {ev.proxy:.3f}, KL {ev.kl:.2f}")
-    return {"gold_win_rate_vs_sft": round(ev.win_rate, 4), "gold_reward": round(ev.gold, 4),
-            "sft_gold": round(sft_ev.gold, 4), "proxy_reward": round(ev.proxy, 4),
-            "kl": round(ev.kl, 4), "n": len(items), "samples_per_prompt": p.final_samples}
+def _cached_json(path: Path, compute) -> dict:
+    """`compute()`'s result, kept in `path` so that a resumed stage does not measure again."""
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            pass  # cut by a kill: measured again
+    result = compute()
+    atomic_write_json(path, result)
+    return result

@@ -4,6 +4,7 @@ Held-out accuracy per task family is measured before and after, greedy and sampl
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -22,15 +23,10 @@ from echolm.data.chat import (
 )
 from echolm.evaluate import task_accuracy, wilson_interval
 from echolm.model import Transformer
+from echolm.runtime import autocast, check_seq_len, finished_stage, setup_distributed
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
-from echolm.train.loop import (
-    Trainer,
-    autocast,
-    check_seq_len,
-    finished_stage,
-    setup_distributed,
-)
+from echolm.trainer import Trainer
 
 SAMPLED_TEMPERATURE = 0.7
 
@@ -52,19 +48,9 @@ def evaluate_tasks(model: Transformer, tok: Tokenizer, specs: list[str], n: int,
     return out
 
 
-def sft_rows(cfg: Config, tok: Tokenizer, rows: int) -> PackedSampler:
-    """Rows of the SFT mixture, `rows` per micro-batch, for RLHF's and DPO's "ptx" term
-    (InstructGPT's PPO-ptx): a reward model or a preference signal that cannot check an answer
-    (a 5M model's cannot check a sum) lets the policy drift from right answers while it gains
-    elsewhere; the SFT likelihood keeps what SFT taught. A different order from SFT's own."""
-    data, sft = cfg.data, cfg.sft
-    convs = load_conversations(data.sft, data.tasks, data.task_examples, sft.seed,
-                               data.open_examples, data.pretrain, data.val_fraction)
-    return PackedSampler(encode_conversations(tok, convs, sft.seq_len + 1), tok.pad,
-                         sft.seq_len, rows, 1, sft.seed + 1)
-
-
 def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
+    """One step = one optimizer update on `micro_batch x grad_accum` packed rows per process."""
+    started = time.perf_counter()
     out, done = run_dir / "sft", run_dir / "sft" / "done.json"
     if (finished := finished_stage(out, "sft", force, log)) is not None:
         return finished
@@ -86,13 +72,15 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                                 tcfg.seq_len, tcfg.micro_batch, 1, 0)
 
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, tcfg, out, "sft", run_dir, d)
+    trainer = Trainer(model, tcfg, out, "sft", run_dir, d, started=started)
     if trainer.resume():
-        log(f"sft: resuming from step {trainer.step_idx}")
+        log(f"sft: resuming from step {trainer.step}")
     elif d.main:
         log(f"sft: {len(convs):,} conversations -> {len(sampler._rows(0)):,} packed rows of "
             f"{tcfg.seq_len} tokens; evaluating the base model first")
+        t0 = time.perf_counter()
         trainer.extra["base_eval"] = evaluate_tasks(model, tok, data.tasks, data.eval_problems)
+        trainer.extra["eval_seconds"] = time.perf_counter() - t0
     ctx = autocast(d.device, trainer.dtype)
 
     def loss_fn(m: torch.nn.Module, batch: tuple) -> torch.Tensor:
@@ -107,13 +95,23 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         model.train()
         return sum(losses) / len(losses)
 
-    def periodic(step: int) -> dict:
-        if d.main and tcfg.eval_every and step % tcfg.eval_every == 0:
-            return {"val_loss": round(val_loss(), 5)}
-        return {}
-
+    # the evaluation after training takes about as long as the one before (the base model's
+    # answers run longer, so this errs on the safe side); periodic validation is timed once
+    t0 = time.perf_counter()
+    val_before = val_loss() if d.main else 0.0
+    val_s = time.perf_counter() - t0
+    trainer.plan(reserve_s=trainer.extra.get("eval_seconds", 0.0) + val_s + 5.0,
+                 periodic_s=val_s / tcfg.eval_every if tcfg.eval_every else 0.0)
+    if trainer.step == 0:
+        trainer.metrics.write(step=0, val_loss=round(val_before, 5))
     tokens_per_step = tcfg.micro_batch * tcfg.grad_accum * tcfg.seq_len
-    trainer.fit(sampler.micro_batches, loss_fn, tokens_per_step, periodic, sampler.epoch)
+    while trainer.running():
+        loss = trainer.update(sampler.micro_batches(trainer.step), loss_fn, tokens_per_step)
+        record: dict = {"loss": loss, "epoch": round(sampler.epoch(trainer.step + 1), 4)}
+        if d.main and tcfg.eval_every and (trainer.step + 1) % tcfg.eval_every == 0:
+            record["val_loss"] = round(val_loss(), 5)
+        trainer.end_step(record, show=("loss", "val_loss"))
+    facts = trainer.finish(tcfg.seq_len)
 
     result: dict = {}
     if d.main:
@@ -128,12 +126,13 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                             "sft_ci95": [round(x, 4) for x in wilson_interval(a["correct"],
                                                                              a["n"])]}
         save_model(model, out)
-        result = {"tasks": tasks, "val_loss": round(val_loss(), 4), "steps": trainer.step_idx,
-                  "conversations": len(convs), "minutes": round(trainer.elapsed / 60, 2),
-                  "sampled_temperature": SAMPLED_TEMPERATURE}
+        facts["minutes"] = round(trainer.clock.seconds() / 60, 2)
+        result = {"tasks": tasks, "val_loss": round(val_loss(), 4), "conversations": len(convs),
+                  **facts, "sampled_temperature": SAMPLED_TEMPERATURE}
         atomic_write_json(out / "examples.json", {k: v["examples"] for k, v in after.items()})
         update_summary(run_dir, "sft", result)
         atomic_write_json(done, result)
+        log(f"sft: {facts['schedule']}, {facts['minutes']:.1f} min")
         for label, t in tasks.items():
             log(f"sft: {label:>14}: base {t['base']:.1%} -> sft {t['sft']:.1%} greedy, "
                 f"{t['base_sampled']:.1%} -> {t['sft_sampled']:.1%} sampled (n={t['n']})")

@@ -12,9 +12,9 @@ from echolm.checkpoint import atomic_write_json
 from echolm.config import Config
 from echolm.data.text import iter_documents
 from echolm.errors import EchoError
+from echolm.runtime import setup_distributed
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer, iter_texts, train_tokenizer
-from echolm.train.loop import setup_distributed
 
 
 def bytes_per_token(tok: Tokenizer, docs: list[str]) -> float:

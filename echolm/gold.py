@@ -1,0 +1,133 @@
+"""A policy measured against the gold annotator: held-out RLHF prompts answered, scored by the
+reward model (proxy) and by the simulated annotator (gold: what people want), with the KL to
+a reference, length and repetition; and a stage's gold win rate against the SFT model. The
+RLHF guard and the final figures of RLHF and DPO measure this way (`echolm eval` scores one
+greedy answer per prompt with the same annotator: scorecard.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from echolm.annotator import gold_score
+from echolm.checkpoint import atomic_write_json, file_fingerprint, load_model
+from echolm.config import Config, PPOConfig
+from echolm.data.prompts import PromptItem, rlhf_prompts
+from echolm.model import Transformer
+from echolm.reward import load_reward_model
+from echolm.rollout import pad_batch, response_logprobs, sample_responses
+from echolm.tokenizer import Tokenizer
+
+FINAL_EVAL_SEED = 1  # not the seed the guard chose by
+
+
+def repetition(text: str) -> float:
+    """Share of word 3-grams that repeat an earlier one (0 = none)."""
+    words = text.split()
+    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+@dataclass
+class EvalResult:
+    proxy: float
+    gold: float
+    kl: float
+    length: float
+    repetition: float
+    finished: float
+    win_rate: float | None = None
+
+
+@torch.inference_mode()
+def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: Tokenizer,
+                    items: list[PromptItem], p: PPOConfig, seed: int = 0,
+                    baseline: list[float] | None = None, samples: int = 1
+                    ) -> tuple[EvalResult, list[float], list[str]]:
+    """Answer held-out prompts `samples` times each (fixed seed) and measure proxy, gold, KL,
+    length, repetition; gold is averaged per prompt (returned, one per prompt), and the win
+    rate compares those per-prompt means with `baseline`'s (ties count half). More samples
+    per prompt make a single temperature-1 answer's luck matter less. reference None: the
+    model is its own reference (the SFT model itself), KL 0 without two forward passes."""
+    prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
+    sampled = sample_responses(model, tok, prompts, samples, p.max_tokens, p.temperature, seed)
+    texts = [tok.decode(r[:-1] if done else r) for r, done in sampled]
+    finished = [done for _, done in sampled]
+    rows = [it for it in items for _ in range(samples)]  # prompt-major, as sampled
+    proxy = rm.score(tok, [it.text for it in rows], texts, finished).float()
+    scores = [gold_score(it, t, f) for it, t, f in zip(rows, texts, finished, strict=True)]
+    gold = [sum(scores[i * samples:(i + 1) * samples]) / samples for i in range(len(items))]
+    kl = 0.0
+    if reference is not None:
+        x, y, mask = pad_batch([q for q in prompts for _ in range(samples)],
+                               [r for r, _ in sampled], tok.pad)
+        kl_seq = []
+        for i in range(0, len(x), 64):  # 1,024 answers' logits at once: ~2 GB per model
+            xs, ys = x[i:i + 64], y[i:i + 64]
+            diff = response_logprobs(model(xs), ys) - response_logprobs(reference(xs), ys)
+            kl_seq.append((diff * mask[i:i + 64]).sum(1))
+        kl = float(torch.cat(kl_seq).mean())
+    win = None
+    if baseline is not None:
+        win = sum(1.0 if g > b else 0.5 if g == b else 0.0
+                  for g, b in zip(gold, baseline, strict=True)) / len(gold)
+    res = EvalResult(proxy=float(proxy.mean()), gold=sum(gold) / len(gold), kl=kl,
+                     length=sum(len(r) for r, _ in sampled) / len(sampled),
+                     repetition=sum(map(repetition, texts)) / len(texts),
+                     finished=sum(finished) / len(finished), win_rate=win)
+    return res, gold, texts
+
+
+def sft_baseline(cfg: Config, run_dir: Path) -> dict:
+    """SFT's answers to the held-out prompts as the final figures compare against: gold per
+    prompt, proxy, and how long measuring one model took (a stage times its budget by it).
+    `final_samples` answers per prompt, with a sampling seed no model was selected with.
+    Kept in DIR/sft_baseline.json for the same SFT model, reward model and settings (RLHF
+    and DPO share it; a retrained model or a changed setting measures again)."""
+    p = cfg.ppo
+    path = run_dir / "sft_baseline.json"
+    key = "/".join([file_fingerprint(run_dir / "sft" / "model.safetensors"),
+                    file_fingerprint(run_dir / "rm" / "model.safetensors"),
+                    str((p.eval_prompts, p.final_samples, p.max_tokens, p.temperature))])
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached
+    except (OSError, ValueError):
+        pass  # none yet, or cut by a kill: measured (again)
+    t0 = time.perf_counter()
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    rm = load_reward_model(run_dir / "rm")
+    items = rlhf_prompts("val", p.eval_prompts, 0)
+    ev, gold, _ = evaluate_policy(load_model(run_dir / "sft"), None, rm, tok, items, p,
+                                  seed=FINAL_EVAL_SEED, samples=p.final_samples)
+    result = {"gold": gold, "mean_gold": ev.gold, "proxy": ev.proxy,
+              "seconds": round(time.perf_counter() - t0, 2), "key": key}
+    atomic_write_json(path, result)
+    return result
+
+
+def gold_win_rate(cfg: Config, run_dir: Path, stage: str, baseline: dict | None = None,
+                  log=print) -> dict:
+    """Gold reward of `stage`'s answers to the held-out RLHF prompts and its win rate against
+    SFT's (`baseline` from `sft_baseline`, measured here if None): same prompts,
+    `final_samples` answers each, gold averaged per prompt, ties count half."""
+    p = cfg.ppo
+    baseline = baseline or sft_baseline(cfg, run_dir)
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    sft = load_model(run_dir / "sft")
+    rm = load_reward_model(run_dir / "rm")
+    items = rlhf_prompts("val", p.eval_prompts, 0)
+    ev, _, _ = evaluate_policy(load_model(run_dir / stage), sft, rm, tok, items, p,
+                               seed=FINAL_EVAL_SEED, samples=p.final_samples,
+                               baseline=baseline["gold"])
+    log(f"{stage}: gold {baseline['mean_gold']:.3f} (SFT) -> {ev.gold:.3f}, win rate vs SFT "
+        f"{ev.win_rate:.1%} (n={len(items)} prompts x {p.final_samples} answers), proxy "
+        f"{baseline['proxy']:.3f} -> {ev.proxy:.3f}, KL {ev.kl:.2f}")
+    return {"gold_win_rate_vs_sft": round(ev.win_rate, 4), "gold_reward": round(ev.gold, 4),
+            "sft_gold": round(baseline["mean_gold"], 4), "proxy_reward": round(ev.proxy, 4),
+            "kl": round(ev.kl, 4), "n": len(items), "samples_per_prompt": p.final_samples}

@@ -1,0 +1,52 @@
+"""Rollouts: sampled answers to chat prompts, and the padded batches the RL objectives read
+them back from. Shared by RL, RLHF, ranking and evaluation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from echolm.engine import SamplingParams, generate_ids
+from echolm.model import Transformer
+from echolm.tokenizer import Tokenizer
+
+
+@torch.inference_mode()
+def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[list[int]], n: int,
+                     max_tokens: int, temperature: float, seed: int
+                     ) -> list[tuple[list[int], bool]]:
+    """`n` sampled responses to every prompt (prompt-major order): the generated ids,
+    including the end-of-turn token when the model stopped, and whether it stopped."""
+    stops = (tok.assistant_end, tok.bos)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                            stop_ids=stops)
+    was_training = model.training
+    model.eval()
+    flat = [p for p in prompts for _ in range(n)]
+    responses: list[list[int]] = [[] for _ in flat]
+    for step in generate_ids(model, flat, params, pad_id=tok.pad):
+        for i, t in enumerate(step.tolist()):
+            if t >= 0:
+                responses[i].append(t)
+    model.train(was_training)
+    return [(r, bool(r) and r[-1] in stops) for r in responses]
+
+
+def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad: int
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """(inputs, targets, mask) right-padded; mask is 1 where the target is a response token."""
+    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+    T = max(len(s) for s in seqs) - 1
+    x = torch.full((len(seqs), T), pad, dtype=torch.long)
+    y = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
+        x[i, :len(s) - 1] = torch.tensor(s[:-1])
+        y[i, :len(s) - 1] = torch.tensor(s[1:])
+        mask[i, len(p) - 1:len(s) - 1] = 1
+    return x, y, mask
+
+
+def response_logprobs(logits: Tensor, y: Tensor) -> Tensor:
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1)

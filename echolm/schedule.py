@@ -1,0 +1,123 @@
+"""How many steps a stage runs, and its learning-rate shape: fitted to the time budget.
+
+A stage with a budget (`max_minutes` > 0) covers everything in it with that budget:
+evaluation before and after, periodic evaluation, sampling, saving. It times its first
+steps, then fixes its schedule once so that the whole schedule (warmdown included) and the
+work after training fit: `fit_steps`. A faster machine runs the planned `max_steps`; a
+slower one fewer, and says so ("planned 300 steps; this machine fits 140 in 8.0 min: ran
+140"). The fitted schedule is saved with the run (`schedule.json` and every checkpoint), so
+a resumed run follows exactly the schedule the interrupted one fixed. If the machine then
+slows down and the stage hits its budget anyway, it stops and is marked as cut short.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+
+from echolm.config import TrainConfig
+
+FIT_AFTER = 3  # steps timed before the schedule is fixed (the first is a warm-up, not counted)
+MARGIN = 0.1  # the fitted schedule assumes steps 10% slower than measured (load, evals vary)
+
+
+@dataclass
+class Schedule:
+    """The steps a stage runs and the learning-rate multiplier at each: linear warmup over
+    `warmup` steps, constant, then a linear warmdown to `final_lr_frac` over the last
+    `warmdown_frac` of `steps`."""
+
+    planned: int  # the configured max_steps
+    steps: int  # the steps this run makes: `planned`, or fewer when fitted to the budget
+    warmup: int
+    warmdown_frac: float
+    final_lr_frac: float
+    budget_s: float = 0.0  # 0 = no budget
+    fitted: bool = False  # fixed from measured step times (False: the plan, unchanged)
+    step_s: float | None = None  # measured seconds per step (whole iteration)
+    periodic_s: float = 0.0  # periodic evaluation, seconds per step on average
+    reserve_s: float = 0.0  # seconds kept for what follows training (final eval, save)
+    fitted_at: float | None = None  # stage seconds when the schedule was fixed
+
+    @property
+    def warmdown(self) -> int:
+        return int(self.warmdown_frac * self.steps)
+
+    def lr_multiplier(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        left = self.steps - step
+        if self.warmdown > 0 and left <= self.warmdown:
+            return self.final_lr_frac + (1 - self.final_lr_frac) * left / self.warmdown
+        return 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Schedule:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def fit_steps(planned: int, done: int, elapsed_s: float, step_s: float, budget_s: float,
+              reserve_s: float = 0.0) -> int:
+    """The total number of steps that fit: `done` already taken after `elapsed_s` seconds of
+    the stage, `step_s` seconds for each further one, `reserve_s` kept for what follows
+    training, within `budget_s`. Never more than `planned`, never fewer than `done`, at
+    least one step."""
+    left = budget_s - elapsed_s - reserve_s
+    more = math.floor(left / step_s) if step_s > 0 else planned
+    return max(1, done, min(planned, done + max(0, more)))
+
+
+def fitted(schedule: Schedule, done: int, elapsed_s: float, step_s: float) -> Schedule:
+    """`schedule` fixed for the measured `step_s` (see `fit_steps`), with the margin; warmup
+    shortened when the fitted run is too short for it (at most a quarter of the steps)."""
+    per_step = step_s * (1 + MARGIN) + schedule.periodic_s
+    steps = fit_steps(schedule.planned, done, elapsed_s, per_step, schedule.budget_s,
+                      schedule.reserve_s)
+    warmup = min(schedule.warmup, max(1, steps // 4)) if steps < schedule.planned else (
+        schedule.warmup)
+    return Schedule(schedule.planned, steps, warmup, schedule.warmdown_frac,
+                    schedule.final_lr_frac, schedule.budget_s, True, round(step_s, 4),
+                    round(schedule.periodic_s, 4), round(schedule.reserve_s, 2),
+                    round(elapsed_s, 2))
+
+
+def describe(schedule: Schedule, ran: int, cut_short: bool, unit: str = "steps") -> str:
+    """One line a person reads: what was planned, what this machine fits, what ran."""
+    budget = f"{schedule.budget_s / 60:.1f} min"
+    if cut_short:
+        return (f"CUT SHORT by the {budget} budget: ran {ran} of {schedule.steps} {unit} "
+                f"(planned {schedule.planned}); the learning rate never finished its warmdown")
+    if not schedule.fitted or schedule.steps >= schedule.planned:
+        fits = f" (fits the {budget} budget)" if schedule.budget_s else ""
+        return f"ran {ran} {unit} as planned{fits}"
+    return (f"planned {schedule.planned} {unit}; this machine fits {schedule.steps} in "
+            f"{budget} ({schedule.step_s:.2f} s each): ran {ran}")
+
+
+class StageClock:
+    """Seconds a stage has run: what earlier runs of it recorded (a resumed run) plus the time
+    since `start` (a `time.perf_counter()` reading; default now)."""
+
+    def __init__(self, before: float = 0.0, start: float | None = None) -> None:
+        self.before = before
+        self.start = time.perf_counter() if start is None else start
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def restore(self, seconds: float) -> None:
+        """Continue from `seconds` (a checkpoint's stage time) from now on."""
+        self.before, self.start = seconds, time.perf_counter()
+
+
+def capped_steps(tcfg: TrainConfig, epochs: float, n_examples: int) -> TrainConfig:
+    """`tcfg` with max_steps capped at `epochs` passes over n_examples (0 = no cap)."""
+    if epochs <= 0 or n_examples <= 0:
+        return tcfg
+    per_step = tcfg.micro_batch * tcfg.grad_accum
+    return replace(tcfg, max_steps=min(tcfg.max_steps,
+                                       max(1, math.ceil(epochs * n_examples / per_step))))
