@@ -217,6 +217,7 @@ class PreferenceConfig:
     annotator: str = ""  # only this annotator's rankings ("" = everyone's)
     # `echolm run` ranks with the simulated annotator (people use `echolm rank` or the page)
     rank_prompts: int = 300  # prompts whose sampled answers get ranked
+    rank_minutes: float = 0.0  # > 0: rank as many of them as fit this budget (0 = all)
     rank_k: int = 4  # answers per prompt (InstructGPT: 4 to 9)
     # sampling temperatures of the K answers `echolm run` ranks (answer j at [j % len]):
     # mixing in a higher one makes answers differ more (some fluent, some garbled)

@@ -44,9 +44,11 @@ def run_rank_stage(cfg: Config, run_dir: Path, force: bool = False, log=print) -
     p = cfg.pref
     annotator = SimulatedAnnotator(temperature=p.annotator_noise, seed=cfg.sft.seed)
     result = collect_rankings(run_dir, p.rank_prompts, p.rank_k, annotator,
-                              temperature=p.rank_temperatures, log=log)
+                              temperature=p.rank_temperatures, budget_s=60 * p.rank_minutes,
+                              log=log)
     keep = {k: result[k] for k in ("prompts", "ranked", "responses", "annotator",
-                                   "gold_agreement", "seconds") if k in result}
+                                   "gold_agreement", "seconds", "planned_prompts", "fitted",
+                                   "cut_short", "budget_minutes", "schedule") if k in result}
     update_summary(run_dir, "rank", keep)
     atomic_write_json(done, result)
     return result
@@ -80,12 +82,28 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def record_machine(cfg: Config, run_dir: Path) -> dict:
+    """DIR/machine.json: what the run trains on (the report's Machine section)."""
+    import torch
+
+    from echolm.machine import describe
+    from echolm.runtime import resolve_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = {**describe(measure=True, device=device),
+            "dtype": str(resolve_dtype(cfg.pretrain.dtype, device)).removeprefix("torch."),
+            "processes": int(os.environ.get("WORLD_SIZE", "1"))}
+    atomic_write_json(run_dir / "machine.json", info)
+    return info
+
+
 def run_pipeline(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     """Every stage in order. A stage that fails leaves the earlier ones intact; the report
     is still written and says which stage failed and why, then the error propagates."""
     from echolm.report import build_report
 
     t_all = time.time()
+    record_machine(cfg, run_dir)
     timings_path = run_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     atomic_write_json(run_dir / "status.json", {"running": True})

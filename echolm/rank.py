@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
+from tqdm import tqdm
 
 from echolm.annotator import SimulatedAnnotator, gold_score, pair_agreement
 from echolm.checkpoint import file_fingerprint
@@ -41,6 +42,7 @@ from echolm.data.text import read_jsonl
 from echolm.errors import EchoError
 from echolm.prefs import PreferenceStore
 from echolm.rollout import sample_responses
+from echolm.schedule import Schedule, describe, fitted
 from echolm.tasks import get_task
 from echolm.tasks.base import Problem, stable_hash
 
@@ -163,6 +165,39 @@ class Policy:
                 break
         return texts, metas
 
+    @torch.inference_mode()
+    def sample_batch(self, items: list[PromptItem], k: int, seed: int,
+                     temperature: float | list[float], max_tokens: int
+                     ) -> list[tuple[list[str], list[dict]]]:
+        """`sample` for many prompts in one batched generation per temperature (far faster
+        than one prompt at a time). The answers depend on the seed and on the batch's prompts
+        (one random stream for the batch). A prompt left with fewer than `k` different answers
+        is sampled again alone, as `sample` does (its own seed, several rounds)."""
+        tok = self.tok
+        prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
+        room = self.model.cfg.max_seq_len - max(len(p) for p in prompts)
+        if room < 8:  # a prompt too long for the context: `sample` says which
+            return [self.sample(it, k, prompt_seed(seed, it.text), temperature, max_tokens)
+                    for it in items]
+        limit = min(max_tokens, room)
+        temps = [temperature] if isinstance(temperature, int | float) else list(temperature)
+        want = Counter(temps[j % len(temps)] for j in range(k))
+        out: list[tuple[list[str], list[dict]]] = [([], []) for _ in items]
+        for n_t, t in enumerate(sorted(want)):
+            s = seed + n_t * 7_919
+            sampled = sample_responses(self.model, tok, prompts, want[t], limit, t, s)
+            for j, (row, stopped) in enumerate(sampled):
+                texts, metas = out[j // want[t]]
+                text = tok.decode(row[:-1] if stopped else row).strip()
+                if text not in texts:
+                    texts.append(text)
+                    metas.append({"temperature": t, "top_k": 0, "max_tokens": limit,
+                                  "seed": s, "row": j, "stopped": stopped,
+                                  "weights": self.weights})
+        return [got if len(got[0]) >= k else
+                self.sample(it, k, prompt_seed(seed, it.text), temperature, max_tokens)
+                for it, got in zip(items, out, strict=True)]
+
 
 # ---- one prompt's question ------------------------------------------------------------------
 @dataclass
@@ -182,13 +217,20 @@ def already_ranked(store: PreferenceStore, prompt_id: int, annotator: str,
     return any(set(json.loads(r[0])) <= response_ids for r in rows)
 
 
-def prepare(store: PreferenceStore, policy: Policy, item: PromptItem, k: int, seed: int,
-            temperature: float | list[float], max_tokens: int, annotator: str) -> Question | str:
-    """The question for one prompt, or why there is none ("ranked": this annotator already
-    ranked this model's answers; "identical": fewer than two different answers)."""
+def stored_answers(store: PreferenceStore, policy: Policy, item: PromptItem) -> tuple[int, list]:
+    """The prompt's id in the store and the answers this model (same weights) gave it."""
     pid = store.add_prompt(item.text, source=item.source)
-    mine = [r for r in store.responses(pid)
-            if r["stage"] == policy.stage and r["sampling"].get("weights") == policy.weights]
+    return pid, [r for r in store.responses(pid) if r["stage"] == policy.stage
+                 and r["sampling"].get("weights") == policy.weights]
+
+
+def prepare(store: PreferenceStore, policy: Policy, item: PromptItem, k: int, seed: int,
+            temperature: float | list[float], max_tokens: int, annotator: str,
+            sampled: tuple[list[str], list[dict]] | None = None) -> Question | str:
+    """The question for one prompt, or why there is none ("ranked": this annotator already
+    ranked this model's answers; "identical": fewer than two different answers). `sampled`:
+    answers already sampled for it (in a batch), used when the store has none."""
+    pid, mine = stored_answers(store, policy, item)
     if mine and already_ranked(store, pid, annotator, {r["id"] for r in mine}):
         return "ranked"
     if len(mine) >= 2:
@@ -197,7 +239,8 @@ def prepare(store: PreferenceStore, policy: Policy, item: PromptItem, k: int, se
                         [bool(r["sampling"].get("stopped", True)) for r in mine], True)
     if mine:
         return "identical"
-    texts, metas = policy.sample(item, k, prompt_seed(seed, item.text), temperature, max_tokens)
+    texts, metas = sampled or policy.sample(item, k, prompt_seed(seed, item.text), temperature,
+                                            max_tokens)
     ids = store.add_responses(pid, texts, stage=policy.stage, checkpoint=policy.checkpoint,
                               sampling=metas)
     if len(texts) < 2:
@@ -211,29 +254,43 @@ Chooser = Callable[[Question, int, int], "list[int] | str"]
 def rank_prompts(store: PreferenceStore, policy: Policy, items: list[PromptItem], k: int,
                  annotator: str, choose: Chooser, seed: int = 0,
                  temperature: float | list[float] = TEMPERATURE, max_tokens: int = MAX_TOKENS,
-                 on_question: Callable[[Question, list[int]], None] | None = None) -> dict:
+                 on_question: Callable[[Question, list[int]], None] | None = None,
+                 batch: int = 1, keep_going: Callable[[int], bool] | None = None) -> dict:
     """Ask `choose` (a person or the simulated annotator) to rank each prompt's answers;
-    store each ranking at once. Returns counts."""
+    store each ranking at once. Returns counts. `batch` > 1 samples the answers of that many
+    prompts together (the same batches again on a resumed run, so the same answers);
+    `keep_going(done)` is asked before each batch (a time budget), after `done` prompts."""
     counts = {"prompts": len(items), "ranked": 0, "already_ranked": 0, "skipped": 0,
               "identical": 0, "sampled": 0, "reused": 0, "responses": 0, "quit": False}
-    for n, item in enumerate(items, 1):
-        q = prepare(store, policy, item, k, seed, temperature, max_tokens, annotator)
-        if isinstance(q, str):
-            counts["already_ranked" if q == "ranked" else "identical"] += 1
-            continue
-        counts["reused" if q.reused else "sampled"] += 1
-        order = choose(q, n, len(items))
-        if order == QUIT:
-            counts["quit"] = True
+    for start in range(0, len(items), batch):
+        if keep_going is not None and not keep_going(start):
+            counts["prompts"] = start
             break
-        if order == SKIP:
-            counts["skipped"] += 1
-            continue
-        store.add_ranking(q.prompt_id, [q.response_ids[i] for i in order], annotator)
-        counts["ranked"] += 1
-        counts["responses"] += len(order)
-        if on_question is not None:
-            on_question(q, order)
+        chunk = items[start:start + batch]
+        presampled: list = [None] * len(chunk)
+        if batch > 1 and any(not stored_answers(store, policy, it)[1] for it in chunk):
+            chunk_seed = stable_hash(f"rank:{seed}:" + "\n".join(it.text for it in chunk))
+            presampled = policy.sample_batch(chunk, k, chunk_seed % 2**31, temperature,
+                                             max_tokens)
+        for n, (item, sampled) in enumerate(zip(chunk, presampled, strict=True), start + 1):
+            q = prepare(store, policy, item, k, seed, temperature, max_tokens, annotator,
+                        sampled)
+            if isinstance(q, str):
+                counts["already_ranked" if q == "ranked" else "identical"] += 1
+                continue
+            counts["reused" if q.reused else "sampled"] += 1
+            order = choose(q, n, len(items))
+            if order == QUIT:
+                counts["quit"] = True
+                return counts
+            if order == SKIP:
+                counts["skipped"] += 1
+                continue
+            store.add_ranking(q.prompt_id, [q.response_ids[i] for i in order], annotator)
+            counts["ranked"] += 1
+            counts["responses"] += len(order)
+            if on_question is not None:
+                on_question(q, order)
     return counts
 
 
@@ -330,16 +387,19 @@ def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
                      items: list[PromptItem] | None = None, split: str = "train",
                      seed: int = 0, temperature: float | list[float] = TEMPERATURE,
                      max_tokens: int = MAX_TOKENS, device: str | None = None,
+                     batch: int = 32, budget_s: float = 0.0,
                      log: Callable[[str], None] = print) -> dict:
     """Rank `n_prompts` prompts (default: `rlhf_prompts(split, n_prompts, seed)`) with the
-    simulated annotator, end to end, into DIR/prefs.sqlite. Resumable like the terminal.
+    simulated annotator, end to end, into DIR/prefs.sqlite, answers sampled `batch` prompts
+    at a time. Resumable like the terminal. With `budget_s` > 0 the number of prompts is
+    fitted to the budget once two batches are timed (as a training stage fits its steps).
 
     Returns counts (prompts, ranked, already_ranked, identical, sampled, reused, responses),
     the annotator label, gold statistics of the answers ranked now (gold_mean: mean gold score
     of all of them; gold_best_mean: of the best per prompt; gold_agreement: share of answer
     pairs with different gold scores that the noisy rankings order as gold does), the store's
-    totals and the seconds it took."""
-    t0 = time.time()
+    totals, the plan (planned and fitted prompts, cut short) and the seconds it took."""
+    t0 = time.perf_counter()
     _check_k(k)
     annotator = annotator or SimulatedAnnotator()
     if items is None:
@@ -350,6 +410,10 @@ def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
     golds: list[float] = []
     best: list[float] = []
     agree = pairs = 0
+    plan = Schedule(len(items), len(items), 0, 0.0, 1.0, budget_s)
+    marks: list[tuple[int, float]] = []
+    cut_short = False
+    bar = tqdm(total=len(items), desc="rank", unit="prompt", dynamic_ncols=True)
 
     def choose(q: Question, n: int, total: int) -> list[int]:
         return annotator.rank(q.item, q.texts, q.finished)
@@ -362,12 +426,38 @@ def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
         a, p = pair_agreement(order, scores)
         agree, pairs = agree + a, pairs + p
 
+    def keep_going(done: int) -> bool:
+        """Progress, and the budget: fitted after two timed batches (the first pays for
+        warm-up), a whole number of batches; a batch that no longer fits stops the stage."""
+        nonlocal plan, cut_short
+        bar.update(done - bar.n)
+        elapsed = time.perf_counter() - t0
+        marks.append((done, elapsed))
+        if done >= plan.steps:
+            return False
+        if budget_s <= 0 or len(marks) < 3:
+            return True
+        per_prompt = (marks[-1][1] - marks[1][1]) / (marks[-1][0] - marks[1][0])
+        if not plan.fitted:
+            plan = fitted(plan, done, elapsed, per_prompt)
+            plan.steps = max(done + batch, plan.steps // batch * batch)
+            if plan.steps < plan.planned:
+                bar.total = plan.steps
+                bar.set_description(f"rank ({plan.steps} of {plan.planned} planned fit "
+                                    f"{budget_s / 60:g} min)")
+            return done < plan.steps
+        cut_short = elapsed + per_prompt * batch > budget_s
+        return not cut_short
+
     try:
         counts = rank_prompts(store, policy, items, k, annotator.label, choose, seed,
-                              temperature, max_tokens, on_question=measure)
+                              temperature, max_tokens, on_question=measure, batch=batch,
+                              keep_going=keep_going)
         totals = store.counts()
     finally:
         store.close()
+        bar.update(bar.total - bar.n if not cut_short else 0)
+        bar.close()
     counts.pop("quit")
     counts.pop("skipped")
     result = {**counts, "annotator": annotator.label, "stage": policy.stage, "k": k,
@@ -375,11 +465,14 @@ def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
               "gold_best_mean": round(sum(best) / len(best), 4) if best else None,
               "gold_agreement": round(agree / pairs, 4) if pairs else None,
               "store": str(store_path(run_dir)), "store_counts": totals,
-              "seconds": round(time.time() - t0, 2)}
+              "planned_prompts": plan.planned, "fitted": plan.fitted, "cut_short": cut_short,
+              "budget_minutes": round(budget_s / 60, 2),
+              "schedule": describe(plan, counts["prompts"], cut_short, "prompts"),
+              "seconds": round(time.perf_counter() - t0, 2)}
     log(f"rank: {result['ranked']} prompts ranked by {annotator.label} "
         f"({result['already_ranked']} already ranked, {result['identical']} with identical "
         f"answers) in {result['seconds']:.1f}s; gold mean {result['gold_mean']}, "
-        f"agreement with gold {result['gold_agreement']}")
+        f"agreement with gold {result['gold_agreement']}; {result['schedule']}")
     return result
 
 

@@ -133,6 +133,70 @@ def yue_verdict(t: dict) -> str:
     return f"Inconclusive: RL did not raise pass@1 here ({100 * d1:+.1f} points)."
 
 
+TRAINING_STAGES = ("base", "sft", "rl", "rm", "rlhf", "dpo")
+
+
+def cut_short_warning(summary: dict) -> list[str]:
+    """A line nobody can miss for every stage a time budget stopped before its schedule."""
+    out = []
+    for stage in (*TRAINING_STAGES, "rank"):
+        d = summary.get(stage) or {}
+        if d.get("cut_short"):
+            out.append(f"> **WARNING: `{stage}` was CUT SHORT by its time budget**: "
+                       f"{d.get('schedule', '')}. Its figures are those of an unfinished "
+                       "stage.")
+        u = d.get("unguarded") or {}
+        if u.get("cut_short"):
+            out.append(f"> **WARNING: the unguarded RLHF run was CUT SHORT**: {u['schedule']}.")
+    return out + ([""] if out else [])
+
+
+def schedule_table(summary: dict) -> list[str]:
+    """What each stage planned, what this machine fitted into its budget, what ran."""
+    rows = ["| stage | budget | planned | ran | what happened | time | tokens/s | MFU |",
+            "|---|---|---|---|---|---|---|---|"]
+    for stage in (*TRAINING_STAGES, "rank"):
+        d = summary.get(stage)
+        if not d or "schedule" not in d:
+            continue
+        budget = f"{d['budget_minutes']:g} min" if d.get("budget_minutes") else "none"
+        planned = d.get("planned_steps", d.get("planned_prompts", "–"))
+        ran = d.get("steps", d.get("prompts", "–"))
+        minutes = d.get("minutes", (d.get("seconds") or 0) / 60)
+        tok_s = f"{d['tok_per_s']:,}" if d.get("tok_per_s") else "–"
+        mfu = _pct(d["mfu"]) if "mfu" in d else "–"
+        rows.append(f"| {stage} | {budget} | {planned} | {ran} | {d['schedule']} | "
+                    f"{minutes:.1f} min | {tok_s} | {mfu} |")
+    if len(rows) == 2:
+        return []
+    return ["## Schedules fitted to the time budgets", "",
+            "A stage with a budget times its first steps, then fixes its schedule (warmdown "
+            "included) so that the whole stage, evaluations and saving included, fits; a "
+            "slower machine runs fewer steps and says so here. MFU: model FLOPs per second "
+            "over the measured matmul peak of the dtype the stage trained in (see Machine).",
+            "", *rows, ""]
+
+
+def machine_section(run_dir: Path) -> list[str]:
+    m = _json(run_dir / "machine.json")
+    if not m:
+        return []
+    peaks = m.get("peak_tflops", {})
+    lines = ["## Machine", "",
+             f"- CPU: {m['cpu']} ({m['cores']} cores); instruction sets: "
+             f"{', '.join(m['isa']) or 'unknown'}; torch kernels: {m['cpu_capability']}",
+             f"- bf16 matmul native: {'yes' if m['native_bf16'] else 'no (emulated)'}; "
+             f"training dtype: {m.get('dtype', '?')}; processes: {m.get('processes', 1)} x "
+             f"{m['torch_threads']} torch thread(s)"]
+    if peaks:
+        lines.append(f"- measured matmul peak (1024^3 fp32, {m['torch_threads']} threads): "
+                     f"fp32 {1000 * peaks['fp32']:.0f} GFLOP/s, bf16 "
+                     f"{1000 * peaks['bf16']:.1f} GFLOP/s")
+    if m.get("gpu"):
+        lines.append(f"- GPU: {m['gpu']}")
+    return lines + [""]
+
+
 def build_report(run_dir: Path, log=print) -> Path:
     summary = read_summary(run_dir)
     stages = [s for s in MODEL_STAGES if (run_dir / s / "model.safetensors").exists()]
@@ -151,7 +215,9 @@ def build_report(run_dir: Path, log=print) -> Path:
     if status.get("failed_stage"):
         md += [f"> **Stage `{status['failed_stage']}` failed:** {status.get('error', '')}. "
                "Earlier stages' results are intact.", ""]
+    md += cut_short_warning(summary)
     md += ["## Summary", ""] + summary_table(evals, stages) + [""]
+    md += schedule_table(summary) + machine_section(run_dir)
     if any(evals.values()) is False:
         md += ["(Run `echolm eval --run DIR` to fill this table.)", ""]
 

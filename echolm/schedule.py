@@ -89,8 +89,8 @@ def describe(schedule: Schedule, ran: int, cut_short: bool, unit: str = "steps")
     """One line a person reads: what was planned, what this machine fits, what ran."""
     budget = f"{schedule.budget_s / 60:.1f} min"
     if cut_short:
-        return (f"CUT SHORT by the {budget} budget: ran {ran} of {schedule.steps} {unit} "
-                f"(planned {schedule.planned}); the learning rate never finished its warmdown")
+        return (f"CUT SHORT by the {budget} budget: ran {ran} of the {schedule.steps} {unit} "
+                f"it had planned to (of {schedule.planned} configured)")
     if not schedule.fitted or schedule.steps >= schedule.planned:
         fits = f" (fits the {budget} budget)" if schedule.budget_s else ""
         return f"ran {ran} {unit} as planned{fits}"

@@ -321,6 +321,7 @@ class Trainer:
             sched = box[0]
         self.schedule = sched
         if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.out / SCHEDULE_FILE, sched.to_dict())
             self.metrics.write(step=self.step, schedule=describe(sched, self.step, False,
                                                                  self.unit + "s"))

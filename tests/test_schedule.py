@@ -1,0 +1,110 @@
+"""Schedules fitted to a stage's time budget (schedule.py, Trainer.plan/running/end_step):
+the arithmetic by hand, a fitted schedule that a resumed run follows exactly, and a loop that
+the clock stops, reported as cut short."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from echolm.config import TrainConfig, load_config
+from echolm.model import Transformer
+from echolm.runtime import Dist
+from echolm.schedule import FIT_AFTER, MARGIN, Schedule, describe, fit_steps, fitted
+from echolm.trainer import SCHEDULE_FILE, Trainer
+
+
+def test_fit_steps_by_hand() -> None:
+    # 600 s budget, 100 s gone over 10 steps, 60 s kept for the final evaluation:
+    # (600 - 100 - 60) / 2 s = 220 more steps -> 230 in all, under the planned 300
+    assert fit_steps(300, 10, 100.0, 2.0, 600.0, 60.0) == 230
+    assert fit_steps(100, 10, 100.0, 2.0, 600.0, 60.0) == 100  # the plan fits: unchanged
+    assert fit_steps(300, 10, 590.0, 2.0, 600.0, 60.0) == 10  # no time left: what was done
+    assert fit_steps(300, 0, 0.0, 2.0, 1.0, 5.0) == 1  # at least one step
+
+
+def test_fitted_schedule_keeps_a_margin_and_ends_with_its_warmdown() -> None:
+    plan = Schedule(planned=300, steps=300, warmup=20, warmdown_frac=0.4, final_lr_frac=0.05,
+                    budget_s=600.0, periodic_s=0.2, reserve_s=60.0)
+    got = fitted(plan, done=3, elapsed_s=30.0, step_s=2.0)
+    per_step = 2.0 * (1 + MARGIN) + 0.2  # 2.4 s
+    assert got.steps == 3 + int((600 - 30 - 60) / per_step) == 215
+    assert got.fitted and got.step_s == 2.0 and got.planned == 300
+    assert got.warmup == 20 and got.warmdown == int(0.4 * 215)
+    assert got.lr_multiplier(0) == pytest.approx(1 / 20)
+    assert got.lr_multiplier(100) == 1.0
+    assert got.lr_multiplier(214) == pytest.approx(0.05 + 0.95 * 1 / 86)  # the last step
+    short = fitted(plan, done=3, elapsed_s=500.0, step_s=2.0)  # 16 more fit: warmup shrinks
+    assert short.steps == 3 + int(40 / 2.4) == 19 and short.warmup == 19 // 4
+    assert describe(got, 215, False) == ("planned 300 steps; this machine fits 215 in 10.0 "
+                                         "min (2.00 s each): ran 215")
+    assert "CUT SHORT" in describe(got, 120, True)
+    assert describe(plan, 300, False) == "ran 300 steps as planned (fits the 10.0 min budget)"
+
+
+def _trainer(tmp: Path, cfg: TrainConfig, budget_s: float) -> Trainer:
+    torch.manual_seed(0)
+    model = Transformer(load_config("micro").model)
+    return Trainer(model, cfg, tmp / "out", "base", tmp, Dist(), budget_s=budget_s)
+
+
+def _step(trainer: Trainer, pause: float = 0.0) -> None:
+    rows = torch.randint(512, (2, 9), generator=torch.Generator().manual_seed(trainer.step))
+
+    def loss_fn(m: torch.nn.Module, b: torch.Tensor) -> torch.Tensor:
+        time.sleep(pause)  # a step of a known minimum length
+        return m(b[:, :-1], targets=b[:, 1:])
+
+    trainer.update([rows], loss_fn, 16)
+    trainer.end_step({"loss": 0.0})
+
+
+def test_the_fitted_schedule_is_fixed_once_and_a_resumed_run_follows_it(tmp_path: Path) -> None:
+    cfg = TrainConfig(max_steps=10_000, warmup_steps=2, warmdown_frac=0.5, ckpt_every=1000,
+                      dtype="fp32", seq_len=8, micro_batch=2)
+    a = _trainer(tmp_path, cfg, budget_s=3.0)
+    a.resume()
+    while a.running() and a.step < FIT_AFTER:
+        _step(a, pause=0.05)
+    sched = a.schedule
+    assert sched.fitted and 20 < sched.steps < 10_000  # ~3 s / ~0.06 s per step
+    saved = json.loads((tmp_path / "out" / SCHEDULE_FILE).read_text())
+    assert Schedule.from_dict(saved) == sched
+    a.save()
+    b = _trainer(tmp_path, cfg, budget_s=3.0)  # a restart: measures nothing, same plan
+    assert b.resume() and b.step == FIT_AFTER and b.schedule == sched
+    other = TrainConfig(**{**cfg.__dict__, "max_steps": 500})  # another plan: fitted anew
+    c = _trainer(tmp_path / "c", other, budget_s=3.0)
+    c.resume()
+    assert not c.schedule.fitted and c.schedule.steps == 500
+
+
+def test_a_loop_that_overruns_its_budget_is_cut_short(tmp_path: Path) -> None:
+    cfg = TrainConfig(max_steps=10_000, warmup_steps=1, ckpt_every=1000, dtype="fp32",
+                      seq_len=8, micro_batch=2)
+    t = _trainer(tmp_path, cfg, budget_s=1.5)
+    t.resume()
+    while t.running():
+        _step(t, pause=0.01 if t.step < FIT_AFTER else 0.3)  # the machine slows down 30x
+    facts = t.finish()
+    assert facts["cut_short"] and facts["steps"] < facts["scheduled_steps"]
+    assert facts["schedule"].startswith("CUT SHORT by the 0.0 min budget")
+    assert (tmp_path / "out" / "ckpt" / f"step_{t.step:06d}").is_dir()  # what ran is kept
+    assert t.clock.seconds() < 1.5 + 0.3 + 1.0  # stopped within one slow step of the budget
+
+
+def test_without_a_budget_the_plan_runs_unchanged(tmp_path: Path) -> None:
+    cfg = TrainConfig(max_steps=5, warmup_steps=1, ckpt_every=1000, dtype="fp32", seq_len=8,
+                      micro_batch=2)
+    t = _trainer(tmp_path, cfg, budget_s=0.0)
+    t.resume()
+    while t.running():
+        _step(t)
+    facts = t.finish()
+    assert (facts["steps"], facts["fitted"], facts["cut_short"]) == (5, False, False)
+    assert facts["schedule"] == "ran 5 steps as planned"
+    assert not (tmp_path / "out" / SCHEDULE_FILE).exists()
