@@ -9,6 +9,7 @@ PRESET ?= cpu
 RUN ?= runs/demo
 
 .PHONY: demo test lint setup clean-venv bench
+SHELL := /bin/bash
 
 setup: $(VENV)/.installed
 
@@ -47,8 +48,21 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
-bench: setup
-	$(BIN)/python bench/pretrain_throughput.py
+# Every benchmark against its peer (TRL and transformers come with the `bench` extra), each
+# printing its comparison and a last JSON line; the output is also kept in runs/bench/.
+BENCHES := muon_step.py pretrain_throughput.py "pretrain_throughput.py --preset cpu" decode_speed.py \
+	grpo_step.py dpo_step.py serve_load.py gpu_mfu.py
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	@touch $@
+
+bench: $(VENV)/.bench
+	@mkdir -p runs/bench
+	@set -e; for b in $(BENCHES); do \
+	  name=$$(echo $$b | sed 's/\.py//; s/ --/_/g; s/ /_/g'); echo "== bench/$$b"; \
+	  $(BIN)/python bench/$$b 2>&1 | tee runs/bench/$$name.log; \
+	  test $${PIPESTATUS[0]} -eq 0; done
 
 clean-venv:
 	rm -rf $(VENV)

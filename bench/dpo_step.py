@@ -13,12 +13,12 @@ both sides see the same token sequences (no hub access: ``HF_HUB_OFFLINE=1``).
 One step = one optimizer update on 8 pairs (16 sequences, chosen and rejected in one
 forward), loss sigmoid DPO, beta 0.1, gradient clipping 1.0. Timed from the end of one step to
 the end of the next, so batch assembly (collation), logging and everything else a step does
-is included. Excluded, as one-off setup: building the models, TRL's dataset tokenisation,
-and Echo's reference log-prob pass (computed ONCE over the whole dataset and cached; its
-time is reported in the detail). TRL by default (``precompute_ref_log_probs=False``) keeps a
-second, frozen copy of the model and runs the reference forward pass again in EVERY step;
-that is part of what is compared. ``--peer-precompute`` adds a third side: TRL with
-``precompute_ref_log_probs=True`` (its reference pass also happens once, in setup).
+is included. Excluded, as one-off setup: building the models and TRL's dataset tokenisation.
+Both Echo (as `echolm dpo` does) and TRL by default (``precompute_ref_log_probs=False``) keep
+a second, frozen copy of the model and run the reference forward pass (no gradients) in
+EVERY step, on that step's pairs only. ``--peer-precompute`` adds a third side: TRL with
+``precompute_ref_log_probs=True`` (its reference pass happens once, over every pair, in
+setup).
 Optimizers are each side's own defaults for this job: Echo's Muon (hidden matrices) + AdamW
 (embedding, head, norms); TRL's AdamW. ``--ours-adamw`` adds Echo with AdamW for everything
 (``dpo.optimizer = "adamw"``), the same optimizer family as the peer.
@@ -108,24 +108,19 @@ def make_pairs(n: int, seed: int) -> list[tuple[list[int], list[int], list[int]]
 # ---- one side, in its own process ----------------------------------------------------------
 
 def echo_side(args: argparse.Namespace) -> dict[str, Any]:
+    import copy
+
     from echolm.config import PreferenceConfig, TrainConfig
     from echolm.rankings import step_indices
     from echolm.runtime import Dist
-    from echolm.train.dpo import (
-        EncodedPair,
-        compute_ref_logps,
-        dpo_batch_loss,
-        make_pair_batch,
-    )
+    from echolm.train.dpo import EncodedPair, dpo_batch_loss, make_pair_batch, reference_logps
     from echolm.trainer import Trainer
 
     model = echo_model(args.seed)
     data = make_pairs(args.pairs, args.seed + 1)
     enc = [EncodedPair(p + c + [EOS_ID], p + r + [EOS_ID], len(p), len(p)) for p, c, r in data]
+    reference = copy.deepcopy(model).eval().requires_grad_(False)  # frozen, as the stage's
     rss_model = current_rss_mb()
-    t0 = time.perf_counter()
-    ref = compute_ref_logps(model, enc, PAD_ID)  # once, for the whole dataset (setup)
-    ref_s = time.perf_counter() - t0
     tcfg = TrainConfig(seq_len=128, micro_batch=args.batch, max_steps=10**6, warmup_steps=0,
                        warmdown_frac=0.0, dtype="fp32", grad_clip=1.0,
                        optimizer="adamw" if args.side == "echo_adamw" else "muon")
@@ -135,7 +130,7 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
     stats: dict[str, float] = {}
 
     def loss_fn(_m, b):
-        return dpo_batch_loss(trainer.model, b, ref, pref, stats)
+        return dpo_batch_loss(trainer.model, b, reference_logps(reference, b), pref, stats)
 
     def one_step(step: int) -> None:
         idx = step_indices(len(enc), args.batch, step, 0)
@@ -158,7 +153,7 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
             times.append(now - last)
         last = now
     return {"side": args.side, "step_s": median(times), "steps_s": times,
-            "ref_precompute_s": ref_s, "pairs": len(enc),
+            "pairs": len(enc),
             "reward_acc_last": stats.get("reward_acc"),
             "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb(),
             "threads": torch.get_num_threads()}
@@ -295,10 +290,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "rounds_peer": [round(v, 4) for v in step_s["trl"]],
         "peak_rss_mb_ours": round(max(rss["echo"]), 1),
         "peak_rss_mb_peer": round(max(rss["trl"]), 1),
-        "ours_ref_precompute_s": round(last["echo"]["ref_precompute_s"], 3),
-        "ours_ref_precompute_s_per_step_equiv": round(
-            last["echo"]["ref_precompute_s"] * args.batch / last["echo"]["pairs"], 4),
-        "peer_recomputes_ref_each_step": True,
+        "ours_recomputes_ref_each_step": True, "peer_recomputes_ref_each_step": True,
         "peer_ref_model_in_memory": last["trl"]["ref_model_in_memory"],
         "batch_pairs": args.batch, "max_length": 128, "dtype": "fp32",
         "warmup_steps": args.warmup, "timed_steps": args.steps, "rounds": args.rounds,

@@ -25,6 +25,7 @@ MFU = tokens/s x Echo's ``flops_per_token(seq_len)`` / the best rate of a 1024^3
 in the same dtype, measured in the same run (before, between and after the rounds; best).
 
     python bench/pretrain_throughput.py                 # fp32, the "7M" shape
+    python bench/pretrain_throughput.py --preset cpu    # the cpu preset's shape and dtype
     python bench/pretrain_throughput.py --dtype bf16
     python bench/pretrain_throughput.py --threads 1     # steadier on a busy machine
     python bench/pretrain_throughput.py --side echo --profile 1   # where one side's time goes
@@ -302,8 +303,30 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def from_preset(args: argparse.Namespace) -> None:
+    """The preset's model shape, sequence length, micro-batch and dtype into `args`."""
+    from echolm.config import load_config
+    from echolm.machine import fast_dtype
+
+    cfg = load_config(args.preset)
+    m, t = cfg.model, cfg.pretrain
+    args.hidden, args.layers, args.heads = m.n_embd, m.n_layer, m.n_head
+    args.kv_heads, args.vocab, args.qk_norm = m.n_kv_head, m.vocab_size, m.qk_norm
+    args.seq_len, args.batch = t.seq_len, t.micro_batch
+    if t.dtype == "auto":
+        args.dtype = "bf16" if fast_dtype("cpu") == torch.bfloat16 else "fp32"
+    else:
+        args.dtype = t.dtype
+    print(f"preset {args.preset}: hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
+          f"/ {args.kv_heads} KV, vocab {args.vocab}, seq {args.seq_len}, batch {args.batch}, "
+          f"QK-norm {args.qk_norm} (Echo only: Llama has none), {args.dtype}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="", help="take the shape (and QK-norm), sequence "
+                   "length, micro-batch and dtype of this preset's model and pretraining; "
+                   "dtype auto = the machine's fast one")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -327,6 +350,8 @@ def main() -> None:
     p.add_argument("--profile-rows", type=int, default=30)
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # compare's child
     args = p.parse_args()
+    if args.preset and not args.side:
+        from_preset(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.side and args.serve:

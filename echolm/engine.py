@@ -190,6 +190,10 @@ def generate_ids(model: Transformer, prompts: list[list[int]], p: SamplingParams
 
     Prompts of different lengths are left-padded into one batch; one forward pass per step.
     `fast` (default: on CPU) decodes through `FastDecoder`, else through `Transformer.forward`.
+    Once half of the rows still computed have finished, they are dropped from the batch
+    (their cache rows too): answers of very different lengths cost what the long ones need,
+    not batch x the longest. Sampling then draws for fewer rows, so a seeded batch's answers
+    are those of this procedure (deterministic for a seed and batch, as before).
     """
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
@@ -218,6 +222,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], p: SamplingParams
     use_fast = fast if fast is not None else device.type == "cpu"
     decoder = FastDecoder.get(model, B) if use_fast else None
     stop = torch.tensor(list(p.stop_ids), device=device) if p.stop_ids else None
+    rows = torch.arange(B, device=device)  # the original row of each row still computed
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(idx, cache, valid)[:, -1]
     for i in range(n_new):
@@ -225,12 +230,21 @@ def generate_ids(model: Transformer, prompts: list[list[int]], p: SamplingParams
         if stop is not None:
             nxt = nxt.masked_fill(done, -1)
             done |= torch.isin(nxt, stop)
-        yield nxt
+        if len(rows) == B:
+            yield nxt
+        else:
+            yield torch.full((B,), -1, dtype=nxt.dtype, device=device).index_copy_(0, rows, nxt)
         if i == n_new - 1 or (stop is not None and bool(done.all())):
             return
         feed = nxt.clamp(min=0) if stop is not None else nxt  # finished rows feed any token
         if history is not None:
             history = torch.cat([history, feed[:, None]], 1)
+        if stop is not None and 2 * int(done.sum()) >= len(rows) > 1:
+            keep = (~done).nonzero().squeeze(1)
+            cache.reorder(keep)
+            rows, done, feed = rows[keep], done[keep], feed[keep]
+            history = history[keep] if history is not None else None
+            decoder = FastDecoder.get(model, len(rows)) if use_fast else None
         logits = decoder(feed, cache) if decoder else model(feed[:, None], cache)[:, -1]
 
 

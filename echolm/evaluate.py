@@ -1,11 +1,18 @@
-"""Evaluation shared by the stages: bits per byte on held-out text (more to come: task
-accuracy, pass@k, reward-model accuracy)."""
+"""Evaluation shared by the stages: bits per byte on held-out text, task accuracy and pass@k
+(answers generated in the chat format, checked by each task's verifier), Wilson intervals,
+and a cache of results per model file, so a model is not measured twice the same way (SFT's
+own evaluation and `echolm eval`'s)."""
 
 from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from echolm.checkpoint import atomic_write_json, file_fingerprint
 from echolm.engine import SamplingParams, generate
 from echolm.losses import bits_per_byte, token_cross_entropy
 from echolm.model import Transformer
@@ -111,3 +118,23 @@ def task_pass_at_k(model: Transformer, tok: Tokenizer, task: Task, problems: lis
              for k in ks if k <= n_samples}
     return {"pass@k": curve, "n": len(problems), "samples_per_problem": n_samples,
             "temperature": temperature}
+
+
+def bpb_key(seq_len: int, eval_tokens: int) -> str:
+    return f"bpb:val:seq_len={seq_len}:tokens={eval_tokens}"
+
+
+def cached(cache_dir: Path, weights: Path, key: str, compute: Callable[[], dict]) -> dict:
+    """`compute()`'s result for the model in `weights` measured as `key` says, computed once:
+    kept in `cache_dir`/<hash of the weights>.json, so that a retrained model (other bytes) is
+    measured again and the same one never twice."""
+    path = cache_dir / f"{file_fingerprint(weights)}.json"
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        entries = {}  # none yet, or unreadable: measured again
+    if key not in entries:
+        entries[key] = compute()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, entries)
+    return entries[key]

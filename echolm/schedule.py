@@ -2,12 +2,16 @@
 
 A stage with a budget (`max_minutes` > 0) covers everything in it with that budget:
 evaluation before and after, periodic evaluation, sampling, saving. It times its first
-steps, then fixes its schedule once so that the whole schedule (warmdown included) and the
-work after training fit: `fit_steps`. A faster machine runs the planned `max_steps`; a
-slower one fewer, and says so ("planned 300 steps; this machine fits 140 in 8.0 min: ran
-140"). The fitted schedule is saved with the run (`schedule.json` and every checkpoint), so
-a resumed run follows exactly the schedule the interrupted one fixed. If the machine then
-slows down and the stage hits its budget anyway, it stops and is marked as cut short.
+`FIT_AFTER` steps and fits its schedule so that the whole schedule (warmdown included) and
+the work after training fit (`fit_steps`), with a 10% margin; once `REFIT_AT` of those steps
+have run (steps settle after the first few, and periodic evaluations have been timed), it
+refines the count once more with a 3% margin and then keeps it: the learning rate is still
+constant then, so the warmdown is always whole. A faster machine runs the planned
+`max_steps`; a slower one fewer, and says so ("planned 300 steps; this machine fits 140 in
+8.0 min: ran 140"). The schedule is saved with the run (`schedule.json` and every
+checkpoint), so a resumed run follows the schedule the interrupted one fixed. If the
+machine slows down and the stage hits its budget anyway, it stops and is marked as cut
+short.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from dataclasses import asdict, dataclass, replace
 
 from echolm.config import TrainConfig
 
-FIT_AFTER = 3  # steps timed before the schedule is fixed (the first is a warm-up, not counted)
-MARGIN = 0.1  # the fitted schedule assumes steps 10% slower than measured (load, evals vary)
+FIT_AFTER = 6  # steps timed before the schedule is fitted (the first is a warm-up, not counted)
+MARGIN = 0.1  # the first fit assumes steps 10% slower than measured (load, evals vary)
+REFIT_AT = 0.2  # share of the fitted steps after which the count is refined, then kept
+FINAL_MARGIN = 0.03  # the refined fit, from many more steps, assumes them 3% slower
 
 
 @dataclass
@@ -38,7 +44,13 @@ class Schedule:
     step_s: float | None = None  # measured seconds per step (whole iteration)
     periodic_s: float = 0.0  # periodic evaluation, seconds per step on average
     reserve_s: float = 0.0  # seconds kept for what follows training (final eval, save)
-    fitted_at: float | None = None  # stage seconds when the schedule was fixed
+    fitted_at: float | None = None  # stage seconds when the schedule was fitted
+    final: bool = False  # fitted for good (refined, or too short to refine)
+
+    @property
+    def refit_step(self) -> int:
+        """The step after which a first fit is refined (when the run is long enough)."""
+        return max(2 * FIT_AFTER, math.ceil(REFIT_AT * self.steps))
 
     @property
     def warmdown(self) -> int:
@@ -71,18 +83,29 @@ def fit_steps(planned: int, done: int, elapsed_s: float, step_s: float, budget_s
     return max(1, done, min(planned, done + max(0, more)))
 
 
-def fitted(schedule: Schedule, done: int, elapsed_s: float, step_s: float) -> Schedule:
-    """`schedule` fixed for the measured `step_s` (see `fit_steps`), with the margin; warmup
-    shortened when the fitted run is too short for it (at most a quarter of the steps)."""
-    per_step = step_s * (1 + MARGIN) + schedule.periodic_s
+def fitted(schedule: Schedule, done: int, elapsed_s: float, step_s: float,
+           final: bool = False) -> Schedule:
+    """`schedule` fitted for the measured `step_s` (see `fit_steps`). The first fit keeps a
+    10% margin and shortens the warmup when the run is too short for it (at most a quarter of
+    the steps); the refined one (`final`) a 3% margin, the warmup as it was, and never ends
+    so early that the warmdown would already have begun."""
+    per_step = step_s * (1 + (FINAL_MARGIN if final else MARGIN)) + schedule.periodic_s
     steps = fit_steps(schedule.planned, done, elapsed_s, per_step, schedule.budget_s,
                       schedule.reserve_s)
-    warmup = min(schedule.warmup, max(1, steps // 4)) if steps < schedule.planned else (
-        schedule.warmup)
-    return Schedule(schedule.planned, steps, warmup, schedule.warmdown_frac,
-                    schedule.final_lr_frac, schedule.budget_s, True, round(step_s, 4),
-                    round(schedule.periodic_s, 4), round(schedule.reserve_s, 2),
-                    round(elapsed_s, 2))
+    if final:
+        warmup = schedule.warmup
+        steps = max(steps, min(schedule.planned,
+                               math.ceil(done / max(1e-9, 1 - schedule.warmdown_frac))))
+    else:
+        warmup = min(schedule.warmup, max(1, steps // 4)) if steps < schedule.planned else (
+            schedule.warmup)
+    out = Schedule(schedule.planned, steps, warmup, schedule.warmdown_frac,
+                   schedule.final_lr_frac, schedule.budget_s, True, round(step_s, 4),
+                   round(schedule.periodic_s, 4), round(schedule.reserve_s, 2),
+                   round(elapsed_s, 2), final)
+    if not final and out.refit_step > steps // 2:  # too short to refine: this is the fit
+        out.final = True
+    return out
 
 
 def describe(schedule: Schedule, ran: int, cut_short: bool, unit: str = "steps") -> str:

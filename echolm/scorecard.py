@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 from echolm.checkpoint import MODEL_STAGES, atomic_write_json, load_model
 from echolm.config import Config
 from echolm.data.chat import problems_up_to, task_from_spec, task_label
 from echolm.data.shards import load_tokens
-from echolm.evaluate import eval_bpb, task_accuracy, wilson_interval
+from echolm.evaluate import bpb_key, cached, eval_bpb, task_accuracy, wilson_interval
 from echolm.model import Transformer
 from echolm.tokenizer import Tokenizer
 
@@ -49,14 +50,18 @@ def evaluate_stage(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
     out: dict = {"stage": stage}
     val = run_dir / "tokens"
     if (val / "meta.json").exists():
-        ev = eval_bpb(model, tok, load_tokens(val, "val"), cfg.pretrain.seq_len,
-                      cfg.pretrain.eval_tokens)
+        seq_len, n = cfg.pretrain.seq_len, cfg.pretrain.eval_tokens
+        ev = cached(run_dir / "eval" / "cache", run_dir / stage / "model.safetensors",
+                    bpb_key(seq_len, n), lambda: eval_bpb(model, tok, load_tokens(val, "val"),
+                                                          seq_len, n))
         out["val_bpb"] = {"value": round(ev["bpb"], 4), "tokens": ev["tokens"]}
     tasks = {}
     for spec in cfg.data.tasks:
         task = task_from_spec(spec)
         problems = problems_up_to(task, "val", cfg.data.eval_problems, 0)
-        acc = task_accuracy(model, tok, task, problems)
+        key = f"tasks:{spec}:n={cfg.data.eval_problems}:seed=0:greedy"  # as SFT measures
+        acc = cached(run_dir / "eval" / "cache", run_dir / stage / "model.safetensors", key,
+                     partial(task_accuracy, model, tok, task, problems))
         lo, hi = wilson_interval(acc["correct"], acc["n"])
         tasks[task_label(spec, cfg.data.tasks)] = {
             "accuracy": round(acc["accuracy"], 4), "n": acc["n"], "ci95": [round(lo, 4),

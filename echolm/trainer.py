@@ -18,7 +18,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,10 @@ class Trainer:
         self.extra: dict[str, Any] = {}  # stage-specific state saved with checkpoints
         self.cut_short = False
         self.last: dict[str, float] = {}
-        self._marks: list[tuple[int, float]] = []  # (step, clock) at each end_step here
+        # (step, clock, evaluation seconds so far) at each end_step in this process
+        self._marks: list[tuple[int, float, float]] = []
+        self.eval_times: list[float] = []  # seconds of each periodic evaluation (`evaluating`)
+        self._every = 0  # steps between periodic evaluations (`plan`)
         self._saved_at = -1
         self._step_stats = {"tokens": 0, "seconds": 0.0}
         self._bar: tqdm | None = None
@@ -209,16 +212,31 @@ class Trainer:
         return unsharded_copy(self.model, self.d.device, self.d.main)
 
     # ---- the loop's calls -------------------------------------------------------------
-    def plan(self, reserve_s: float | None = None, periodic_s: float | None = None) -> None:
+    def plan(self, reserve_s: float | None = None, periodic_s: float | None = None,
+             every: int | None = None) -> None:
         """What the schedule must leave time for, in seconds: `reserve_s` after training
-        (final evaluation, saving), `periodic_s` per step on average (periodic evaluation).
-        Used when the schedule is fitted, and by the clock that stops an overrunning loop."""
-        if self.schedule.fitted:
+        (final evaluation, saving), and periodic evaluation: `periodic_s` per step on
+        average, or (`every` steps) the time of the evaluations the loop runs inside
+        `evaluating()`. Used when the schedule is fitted, and by the clock that stops an
+        overrunning loop."""
+        if every is not None:
+            self._every = every
+        if self.schedule.final:
             return  # fixed already (a resumed run): it keeps what it was fitted with
         if reserve_s is not None:
             self.schedule.reserve_s = max(0.0, reserve_s)
         if periodic_s is not None:
             self.schedule.periodic_s = max(0.0, periodic_s)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Around a periodic evaluation in the loop: its time is not a step's; the schedule
+        counts it apart (once per `every` steps, see `plan`)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.eval_times.append(time.perf_counter() - t0)
 
     def running(self) -> bool:
         """True while the schedule has steps left and the budget has time for one more (less
@@ -283,7 +301,7 @@ class Trainer:
         and at the end of the schedule. Returns the metrics line."""
         self.step += 1
         now = self.clock.seconds()
-        self._marks.append((self.step, now))
+        self._marks.append((self.step, now, sum(self.eval_times)))
         rec: dict[str, Any] = {"step": self.step, **(record or {})}
         if self.last:
             st = self._step_stats
@@ -294,7 +312,7 @@ class Trainer:
         rec = {k: round(v, 6) if isinstance(v, float) else v for k, v in rec.items()}
         self._step_stats = {"tokens": 0, "seconds": 0.0}
         self.metrics.write(**rec)
-        if not self.schedule.fitted and self.schedule.budget_s > 0:
+        if not self.schedule.final and self.schedule.budget_s > 0:
             self._fit()
         bar = self._progress()
         bar.update(self.step - bar.n)
@@ -308,13 +326,22 @@ class Trainer:
         return rec
 
     def _fit(self) -> None:
-        """Fix the schedule from the measured time per step (FIT_AFTER steps timed here,
-        the first not counted: it pays for warm-up). Rank 0 decides for every process."""
-        if len(self._marks) < FIT_AFTER:
+        """Fit the schedule to the measured time per step: first after FIT_AFTER steps timed
+        here (the first not counted: it pays for warm-up), then once more, refined, after
+        REFIT_AT of the steps. Periodic evaluations are timed apart. Rank 0 decides for
+        every process."""
+        sched = self.schedule
+        if not sched.fitted and len(self._marks) >= FIT_AFTER:
+            first = self._marks[0]
+        elif sched.fitted and self.step >= sched.refit_step and len(self._marks) > FIT_AFTER:
+            first = self._marks[FIT_AFTER - 1]  # settled steps only
+        else:
             return
-        (s0, t0), (s1, t1) = self._marks[0], self._marks[-1]
-        step_s = (t1 - t0) / (s1 - s0)
-        sched = fitted(self.schedule, self.step, t1, step_s)
+        (s0, t0, e0), (s1, t1, e1) = first, self._marks[-1]
+        step_s = (t1 - t0 - (e1 - e0)) / (s1 - s0)
+        if self._every and self.eval_times:
+            sched.periodic_s = sum(self.eval_times) / len(self.eval_times) / self._every
+        sched = fitted(sched, self.step, t1, step_s, final=sched.fitted)
         if self.d.world > 1:
             box = [sched]
             dist.broadcast_object_list(box, src=0)
@@ -324,7 +351,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.out / SCHEDULE_FILE, sched.to_dict())
             self.metrics.write(step=self.step, schedule=describe(sched, self.step, False,
-                                                                 self.unit + "s"))
+                                                                 plural(self.unit)))
         if self._bar is not None:
             self._bar.total = sched.steps
             self._bar.set_description(self._bar_label())
@@ -360,7 +387,7 @@ class Trainer:
             "steps": self.step, "planned_steps": s.planned, "scheduled_steps": s.steps,
             "fitted": s.fitted, "cut_short": self.cut_short,
             "budget_minutes": round(s.budget_s / 60, 2),
-            "schedule": describe(s, self.step, self.cut_short, self.unit + "s"),
+            "schedule": describe(s, self.step, self.cut_short, plural(self.unit)),
             "step_seconds": s.step_s, "minutes": round(self.clock.seconds() / 60, 2),
             "train_minutes": round(self.train_seconds / 60, 2), "tokens": self.tokens,
             "tok_per_s": round(self.tokens / max(self.train_seconds, 1e-9)),
@@ -373,6 +400,10 @@ class Trainer:
             facts["mfu"] = round(achieved / (peak * self.d.world), 4)
             facts["peak_tflops"] = round(peak, 4)
         return facts
+
+
+def plural(unit: str) -> str:
+    return unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")
 
 
 _PEAKS: dict[tuple, float] = {}

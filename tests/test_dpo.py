@@ -1,5 +1,5 @@
-"""DPO / IPO: answer log-probs computed right, the implicit reward learns the rankings, the
-reference is computed once and read back on resume."""
+"""DPO / IPO: answer log-probs computed right, the frozen reference scores each batch as the
+SFT model does, the implicit reward learns the rankings, a cut-off run resumes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from test_reward_model import pref_run, pref_template, quiet  # noqa: F401  (fixtures)
 
 from echolm.checkpoint import load_model, stage_dir
-from echolm.config import load_config
+from echolm.config import PreferenceConfig, load_config
+from echolm.rankings import load_rankings
+from echolm.tokenizer import Tokenizer
 
 
 def _cfg(*overrides: str):
@@ -46,27 +48,17 @@ def _metrics(run) -> list[dict]:
     return [r for r in recs if r["stage"] == "dpo"]
 
 
-def test_dpo_learns_the_rankings_and_never_recomputes_the_reference(pref_run,  # noqa: F811
-                                                                    monkeypatch):
+def test_dpo_learns_the_rankings_and_resumes(pref_run):  # noqa: F811
     from echolm.train import dpo
 
     logs: list[str] = []
     dpo.run_dpo(_cfg("dpo.max_steps=10"), pref_run, log=logs.append)
-    cache = pref_run / "dpo" / "ref_logps.pt"
-    assert any("computed once" in m for m in logs)
-    stamp = cache.stat().st_mtime_ns
     first = _metrics(pref_run)[0]
     assert abs(first["margin"]) < 1e-2  # policy == reference at the start
 
     (pref_run / "dpo" / "done.json").unlink()  # cut off: resume to 20 steps
-
-    def never(*_a, **_k):
-        raise AssertionError("reference log-probs recomputed on resume")
-
-    monkeypatch.setattr(dpo, "compute_ref_logps", never)
     res = dpo.run_dpo(_cfg("dpo.max_steps=20"), pref_run, log=logs.append)
     assert any("resuming from step 10" in m for m in logs)
-    assert any("read from" in m for m in logs) and cache.stat().st_mtime_ns == stamp
     recs = _metrics(pref_run)
     assert [r["step"] for r in recs] == list(range(1, 21))
     assert res["reward_accuracy"] >= 0.8 and res["margin"] > 0.5, res
@@ -80,19 +72,23 @@ def test_dpo_learns_the_rankings_and_never_recomputes_the_reference(pref_run,  #
     load_model(pref_run / "dpo")  # a plain model, loadable by chat / export
 
 
-def test_reference_cache_is_recomputed_when_the_pairs_change(pref_run):  # noqa: F811
-    from echolm.prefs import PreferenceStore
-    from echolm.train import dpo
+def test_the_reference_scores_a_batch_as_the_sft_model_scores_every_pair(pref_run):  # noqa: F811
+    from echolm.train.dpo import (
+        encode_pairs,
+        make_pair_batch,
+        pair_logps,
+        ranking_pairs,
+        reference_logps,
+    )
 
-    logs: list[str] = []
-    dpo.run_dpo(_cfg("dpo.max_steps=1"), pref_run, log=logs.append)
-    store = PreferenceStore(pref_run / "prefs.sqlite")
-    pid = store.add_prompt("What is 9 + 9?")
-    ids = store.add_responses(pid, ["9 + 9 = 18.", "The moon is quiet tonight."])
-    store.add_ranking(pid, ids, "synthetic")
-    store.close()
-    dpo.run_dpo(_cfg("dpo.max_steps=1"), pref_run, force=True, log=logs.append)
-    assert sum("computed once" in m for m in logs) == 2
+    tok = Tokenizer.load(pref_run / "tokenizer")
+    sft = load_model(pref_run / "sft").eval()
+    pairs = encode_pairs(tok, ranking_pairs(load_rankings(pref_run, PreferenceConfig()))[:12],
+                         128)
+    batch = make_pair_batch(pairs, list(range(len(pairs))), tok.pad)
+    lp, cnt = reference_logps(sft, batch)
+    every = pair_logps(sft, pairs, tok.pad)  # batched differently (sorted by length)
+    assert torch.allclose(lp, every["logps"], atol=1e-4) and torch.equal(cnt, every["counts"])
 
 
 def test_ipo_runs_and_learns(pref_run):  # noqa: F811

@@ -129,6 +129,30 @@ def test_stop_token_finishes_rows_at_different_times():
         assert out == (ref if f is None else ref[:f])
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_finished_rows_leave_the_batch_and_the_others_go_on_unchanged(fast):
+    """Once half the rows still computed have stopped, they are dropped (cache rows too):
+    every row's tokens stay those of its own greedy decoding, and the decoder ends up built
+    for fewer rows."""
+    m = _model()
+    prompts = [[i % 97, (7 * i) % 97, (3 * i + 1) % 97][: 1 + i % 3] for i in range(1, 13)]
+    full = [_greedy_no_cache(m, x, 24) for x in prompts]
+    counts: dict[int, int] = {}
+    for row in full:
+        for t in row[:12]:
+            counts[t] = counts.get(t, 0) + 1
+    # the two commonest early tokens stop rows at many different steps
+    stops = sorted(counts, key=counts.get)[-2:]
+    finish = [min((row.index(s) for s in stops if s in row), default=None) for row in full]
+    assert len(set(finish)) > 3 and sum(f is not None for f in finish) > len(prompts) // 2
+    p = SamplingParams(max_tokens=24, temperature=0.0, stop_ids=tuple(stops))
+    for row, ref, f in zip(_steps(m, prompts, p, fast=fast), full, finish, strict=True):
+        assert row[:len(ref) if f is None else f + 1] == (ref if f is None else ref[:f + 1])
+        assert set(row[(len(ref) if f is None else f + 1):]) <= {-1}
+    if fast:
+        assert FastDecoder._last[m].batch < len(prompts)  # the batch shrank
+
+
 def test_max_tokens_and_max_seq_len():
     m = _model()  # max_seq_len 64
     assert [len(r) for r in _steps(m, PROMPTS, SamplingParams(max_tokens=5, temperature=0))] \

@@ -290,3 +290,18 @@ def test_answers_can_be_sampled_at_a_mix_of_temperatures(rank_run: Path):
             "SELECT sampling FROM responses WHERE prompt_id = ?", (pid,)))
         assert set(temps) <= {0.5, 2.0} and temps.count(2.0) <= 2 and temps.count(0.5) <= 2
         assert 2.0 in temps  # a temperature of 2 always gives distinct answers here
+
+
+def test_a_ranking_budget_fits_the_number_of_prompts_and_is_resumable(rank_run: Path):
+    """With a budget, two batches are timed, then as many whole batches as fit are ranked;
+    the result says what was planned and what ran, and the same batches resume exactly."""
+    torch.set_num_threads(1)
+    kw = {"max_tokens": 8, "log": lambda _m: None, "batch": 4}
+    got = collect_rankings(rank_run, 400, 2, SimulatedAnnotator(), budget_s=2.0, **kw)
+    assert got["fitted"] and got["planned_prompts"] == 400
+    assert 8 <= got["prompts"] < 400 and got["prompts"] % 4 == 0
+    assert got["ranked"] + got["identical"] == got["prompts"]
+    assert got["schedule"].startswith("planned 400 prompts; this machine fits") or \
+        got["cut_short"]
+    again = collect_rankings(rank_run, got["prompts"], 2, SimulatedAnnotator(), **kw)
+    assert again["already_ranked"] == got["ranked"] and again["sampled"] == 0

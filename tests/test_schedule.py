@@ -63,22 +63,30 @@ def _step(trainer: Trainer, pause: float = 0.0) -> None:
     trainer.end_step({"loss": 0.0})
 
 
-def test_the_fitted_schedule_is_fixed_once_and_a_resumed_run_follows_it(tmp_path: Path) -> None:
+def test_the_fitted_schedule_is_refined_once_and_a_resumed_run_follows_it(
+        tmp_path: Path) -> None:
     cfg = TrainConfig(max_steps=10_000, warmup_steps=2, warmdown_frac=0.5, ckpt_every=1000,
                       dtype="fp32", seq_len=8, micro_batch=2)
-    a = _trainer(tmp_path, cfg, budget_s=3.0)
+    a = _trainer(tmp_path, cfg, budget_s=6.0)
     a.resume()
     while a.running() and a.step < FIT_AFTER:
         _step(a, pause=0.05)
     sched = a.schedule
-    assert sched.fitted and 20 < sched.steps < 10_000  # ~3 s / ~0.06 s per step
+    assert sched.fitted and 40 < sched.steps < 10_000  # ~6 s / ~0.06 s per step
     saved = json.loads((tmp_path / "out" / SCHEDULE_FILE).read_text())
     assert Schedule.from_dict(saved) == sched
     a.save()
-    b = _trainer(tmp_path, cfg, budget_s=3.0)  # a restart: measures nothing, same plan
+    b = _trainer(tmp_path, cfg, budget_s=6.0)  # a restart: measures nothing, same plan
     assert b.resume() and b.step == FIT_AFTER and b.schedule == sched
+    while b.running() and b.step < sched.refit_step:  # then refined once, and kept
+        _step(b, pause=0.05)
+    assert b.schedule.final and not sched.final and b.schedule.warmup == sched.warmup
+    assert abs(b.schedule.steps - sched.steps) < sched.steps * 0.2
+    assert b.schedule.steps >= b.step / (1 - cfg.warmdown_frac)  # the warmdown is whole
+    assert Schedule.from_dict(json.loads((tmp_path / "out" / SCHEDULE_FILE).read_text())
+                              ) == b.schedule
     other = TrainConfig(**{**cfg.__dict__, "max_steps": 500})  # another plan: fitted anew
-    c = _trainer(tmp_path / "c", other, budget_s=3.0)
+    c = _trainer(tmp_path / "c", other, budget_s=6.0)
     c.resume()
     assert not c.schedule.fitted and c.schedule.steps == 500
 

@@ -3,12 +3,13 @@ reward model and no sampling. Every ranking gives pairs (better, worse); the los
 policy's log-probability ratio to the frozen SFT reference on the better answer over the
 worse one (DPO, sigmoid) or regresses that gap to 1 / (2 beta) (IPO).
 
-The reference never changes, so its log-probabilities are computed ONCE over the whole pair
-set before training, kept in memory and in DIR/dpo/ref_logps.pt (a resumed run reads them
-back instead of recomputing); no second model sits in memory during training. Log-probs are
-computed only where they are needed: the final hidden states of the answer tokens go through
-the output head, not those of the prompt. Train / held-out split by prompt, the same as the
-reward model's, so both stages leave the same prompts unseen.
+The reference (the SFT model, frozen) scores each batch's answers right before the update,
+without gradients: only the pairs a run actually visits are scored (a run fitted to a short
+budget visits a fraction of the pairs: scoring all of them first took longer than the
+training, 72 s for 5,952 pairs on a 2-core AVX2 CPU). The frozen copy costs the memory of
+one more model. Log-probs are computed only where they are needed: the final hidden states of
+the answer tokens go through the output head, not those of the prompt. Train / held-out split
+by prompt, the same as the reward model's, so both stages leave the same prompts unseen.
 
 Writes DIR/dpo/model.safetensors (a plain model: `echolm chat --stage dpo`), metrics.jsonl
 (per step: implicit-reward accuracy and margins), and summary.json's `dpo`.
@@ -16,8 +17,6 @@ Writes DIR/dpo/model.safetensors (a plain model: `echolm chat --stage dpo`), met
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,8 +44,6 @@ from echolm.schedule import capped_steps
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
 from echolm.trainer import Trainer
-
-REF_FILE = "ref_logps.pt"
 
 
 @dataclass
@@ -155,48 +152,6 @@ def pair_logps(model: Transformer, encoded: list[EncodedPair], pad: int, ctx=Non
     return {"logps": logps, "counts": counts}
 
 
-def compute_ref_logps(model: Transformer, encoded: list[EncodedPair], pad: int,
-                      ctx=None) -> dict[str, Tensor]:
-    """The reference's log-probs of every pair (`model` must hold the reference weights)."""
-    return pair_logps(model, encoded, pad, ctx)
-
-
-def ref_fingerprint(encoded: list[EncodedPair], sft_file: Path, dtype: torch.dtype) -> str:
-    """Identifies what a cached reference was computed from: the pairs' ids, the SFT model
-    file and the precision."""
-    h = hashlib.sha256()
-    st = sft_file.stat()
-    h.update(f"{st.st_size}:{st.st_mtime_ns}:{dtype}".encode())
-    for e in encoded:
-        h.update(json.dumps([e.chosen, e.rejected, e.chosen_prompt, e.rejected_prompt]
-                            ).encode())
-    return h.hexdigest()
-
-
-def load_or_compute_ref(path: Path, key: str, model: Transformer, encoded: list[EncodedPair],
-                        pad: int, ctx, log=print) -> dict[str, Tensor]:
-    """The cached reference log-probs at `path` if they were computed from the same pairs and
-    model; else compute them with `model` (which must hold the reference weights) and cache."""
-    if path.exists():
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-            if cached.get("key") == key:
-                log(f"dpo: reference log-probs of {len(encoded):,} pairs read from {path}")
-                return cached
-            log(f"dpo: {path} was computed from other pairs or another model: recomputing")
-        except Exception as e:  # a cut or corrupt cache is only a cache
-            log(f"dpo: {path} unreadable ({' '.join(str(e).split())[:120]}): recomputing")
-    t0 = time.perf_counter()
-    ref = compute_ref_logps(model, encoded, pad, ctx)
-    ref["key"] = key
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ref, tmp)
-    tmp.replace(path)
-    log(f"dpo: reference log-probs of {len(encoded):,} pairs computed once in "
-        f"{time.perf_counter() - t0:.1f}s, cached in {path}")
-    return ref
-
-
 def pair_logratios(logps: Tensor, counts: Tensor, kind: str) -> tuple[Tensor, Tensor]:
     """(chosen, rejected) log-probs as the objective uses them: sums for DPO, per-token means
     for IPO (as TRL does: IPO's squared target 1/(2 beta) assumes no length scale)."""
@@ -205,18 +160,26 @@ def pair_logratios(logps: Tensor, counts: Tensor, kind: str) -> tuple[Tensor, Te
     return logps[..., 0], logps[..., 1]
 
 
-def dpo_batch_loss(model: Transformer, batch: PairBatch, ref: dict[str, Tensor],
+def as_pairs(logps: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """A batch's per-row log-probs and counts (2B,) (chosen rows, then rejected) as (B, 2)."""
+    B = logps.shape[0] // 2
+    return (torch.stack([logps[:B], logps[B:]], dim=1),
+            torch.stack([counts[:B], counts[B:]], dim=1))
+
+
+@torch.no_grad()
+def reference_logps(reference: Transformer, batch: PairBatch) -> tuple[Tensor, Tensor]:
+    """The frozen reference's (B, 2) log-probs and answer lengths of a batch of pairs."""
+    return as_pairs(*sequence_logps(reference, batch.x, batch.y, batch.mask))
+
+
+def dpo_batch_loss(model: Transformer, batch: PairBatch, ref: tuple[Tensor, Tensor],
                    pref: PreferenceConfig, stats: dict[str, float]) -> Tensor:
-    """The DPO/IPO loss of one batch of pairs against the cached reference; fills `stats`
-    (implicit-reward accuracy, margin, chosen and rejected rewards)."""
-    device = batch.x.device
-    lp, cnt = sequence_logps(model, batch.x, batch.y, batch.mask)
-    B = lp.shape[0] // 2
-    pol = torch.stack([lp[:B], lp[B:]], dim=1)
-    pc, pr = pair_logratios(pol, torch.stack([cnt[:B], cnt[B:]], dim=1), pref.dpo_loss)
-    idx = batch.index
-    rc, rr = pair_logratios(ref["logps"][idx].to(device), ref["counts"][idx].to(device),
-                            pref.dpo_loss)
+    """The DPO/IPO loss of one batch of pairs against the reference's (log-probs, counts),
+    each (B, 2); fills `stats` (implicit-reward accuracy, margin, chosen/rejected rewards)."""
+    pol, cnt = as_pairs(*sequence_logps(model, batch.x, batch.y, batch.mask))
+    pc, pr = pair_logratios(pol, cnt, pref.dpo_loss)
+    rc, rr = pair_logratios(ref[0], ref[1], pref.dpo_loss)
     loss, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, pref.dpo_beta, pref.dpo_loss)
     m = chosen_r - rejected_r
     stats.update(reward_acc=float((m > 0).float().mean()), margin=float(m.mean()),
@@ -226,15 +189,14 @@ def dpo_batch_loss(model: Transformer, batch: PairBatch, ref: dict[str, Tensor],
 
 @torch.no_grad()
 def implicit_rewards(model: Transformer, encoded: list[EncodedPair], ref: dict[str, Tensor],
-                     offset: int, pad: int, pref: PreferenceConfig, ctx=None) -> dict:
+                     pad: int, pref: PreferenceConfig, ctx=None) -> dict:
     """Implicit-reward accuracy and mean margin of `model` over pairs `encoded`, whose
-    reference log-probs sit at rows offset.. of `ref`."""
+    reference log-probs are `ref` (`pair_logps` of the reference over the same pairs)."""
     if not encoded:
         return {"reward_accuracy": None, "margin": None, "n_pairs": 0}
     pol = pair_logps(model, encoded, pad, ctx)
-    rows = slice(offset, offset + len(encoded))
     pc, pr = pair_logratios(pol["logps"], pol["counts"], pref.dpo_loss)
-    rc, rr = pair_logratios(ref["logps"][rows], ref["counts"][rows], pref.dpo_loss)
+    rc, rr = pair_logratios(ref["logps"], ref["counts"], pref.dpo_loss)
     _, cr, rj = dpo_loss(pc, pr, rc, rr, pref.dpo_beta, pref.dpo_loss)
     m = cr - rj
     return {"reward_accuracy": round(float((m > 0).float().mean()), 4),
@@ -243,10 +205,14 @@ def implicit_rewards(model: Transformer, encoded: list[EncodedPair], ref: dict[s
             "rejected_reward": round(float(rj.mean()), 4)}
 
 
+MONITOR_PAIRS = 256  # held-out pairs the periodic evaluation reads (all of them at the end)
+
+
 def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     """One step = one optimizer update on `micro_batch x grad_accum` pairs. Then the implicit
-    rewards on every pair, and the gold win rate against SFT on the held-out RLHF prompts
-    (the same measurement as RLHF's final figure), all within `dpo.max_minutes`."""
+    rewards on the held-out pairs (and as many training pairs, sampled), and the gold win
+    rate against SFT on the held-out RLHF prompts (RLHF's final figure, measured the same
+    way), all within `dpo.max_minutes`."""
     started = time.perf_counter()
     out, done = run_dir / "dpo", run_dir / "dpo" / "done.json"
     if (finished := finished_stage(out, "dpo", force, log)) is not None:
@@ -256,6 +222,7 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     d = single_process("dpo")
     tok = Tokenizer.load(run_dir / "tokenizer")
     policy = load_model(run_dir / "sft", d.device)
+    reference = load_model(run_dir / "sft", d.device).eval().requires_grad_(False)
     check_seq_len("dpo", tcfg.seq_len, policy.cfg.max_seq_len)
     train_r, held_r = split_by_prompt(load_rankings(run_dir, pref), pref.heldout_fraction)
     train_pairs, held_pairs = ranking_pairs(train_r), ranking_pairs(held_r)
@@ -264,18 +231,15 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     train_enc = encode_pairs(tok, train_pairs, tcfg.seq_len)
     tcfg = capped_steps(tcfg, pref.dpo_epochs, len(train_enc))
     held_enc = encode_pairs(tok, held_pairs, tcfg.seq_len)
-    everything = train_enc + held_enc
     gold = (run_dir / "rm" / "model.safetensors").exists()  # the gold evaluation reads it
 
     out.mkdir(parents=True, exist_ok=True)
-    dtype = resolve_dtype(tcfg.dtype, d.device)
-    ctx = autocast(d.device, dtype)
-    # the policy still holds the SFT weights here (a checkpoint is loaded only below): it is
-    # the reference, read once
-    key = ref_fingerprint(everything, run_dir / "sft" / "model.safetensors", dtype)
+    ctx = autocast(d.device, resolve_dtype(tcfg.dtype, d.device))
+    # the reference's side of the held-out pairs, once (timed: the final pass costs as much)
     t0 = time.perf_counter()
-    ref = load_or_compute_ref(out / REF_FILE, key, policy, everything, tok.pad, ctx, log)
-    ref_s = time.perf_counter() - t0
+    held_ref = pair_logps(reference, held_enc, tok.pad, ctx) if held_enc else None
+    held_s = time.perf_counter() - t0
+    monitor = held_enc[:MONITOR_PAIRS]
     # SFT's side of the gold figure, first: measuring DPO's side later takes about as long
     # (plus a KL pass), so this times what the budget must keep for it
     baseline = sft_baseline(cfg, run_dir) if gold else None
@@ -287,7 +251,7 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     else:
         log(f"dpo: {len(train_pairs):,} pairs from {len(train_r)} rankings to train on, "
             f"{len(held_pairs):,} held out by prompt; {pref.dpo_loss}, beta {pref.dpo_beta}, "
-            f"{tcfg.max_steps} steps ({tcfg.max_steps * per_step / len(train_enc):.1f} "
+            f"{tcfg.max_steps} steps planned ({tcfg.max_steps * per_step / len(train_enc):.2f} "
             "epochs)")
     model = trainer.model
     stats: dict[str, float] = {}
@@ -305,7 +269,7 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     def loss_fn(_m: torch.nn.Module, item: tuple[PairBatch, tuple | None]) -> Tensor:
         b, rows = item
         b = PairBatch(b.x.to(d.device), b.y.to(d.device), b.mask.to(d.device), b.index)
-        loss = dpo_batch_loss(model, b, ref, pref, stats)
+        loss = dpo_batch_loss(model, b, reference_logps(reference, b), pref, stats)
         if rows is not None:  # + the SFT loss on rows of the SFT mixture (see sft_rows)
             x, y, m = (t.to(d.device) for t in rows)
             sft_loss = model(x, targets=y, loss_mask=m)
@@ -313,27 +277,35 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             loss = loss + pref.dpo_ptx_coef * sft_loss
         return loss
 
-    # after training: implicit rewards on every pair (one pass over them: as long as the
-    # reference's, when that was computed here) and the gold measurement
-    held_share = len(held_enc) / len(everything)
-    trainer.plan(reserve_s=ref_s + (1.3 * baseline["seconds"] if baseline else 0.0) + 5.0,
-                 periodic_s=ref_s * held_share / tcfg.eval_every if tcfg.eval_every else 0.0)
+    # after training: the policy's side of the held-out pairs and as many training pairs
+    # (~2x the reference's pass), the gold measurement; the periodic one reads MONITOR_PAIRS
+    monitor_s = held_s * len(monitor) / max(len(held_enc), 1)
+    trainer.plan(reserve_s=2 * held_s + (1.3 * baseline["seconds"] if baseline else 0.0) + 5,
+                 periodic_s=monitor_s / tcfg.eval_every if tcfg.eval_every else 0.0,
+                 every=tcfg.eval_every)
+    monitor_ref = ({k: v[:len(monitor)] for k, v in held_ref.items()} if held_ref else None)
     while trainer.running():
         loss = trainer.update(batches(trainer.step), loss_fn, int(per_step * avg_len))
         record: dict = {"loss": loss, "epoch": round((trainer.step + 1) * per_step
                                                      / len(train_enc), 4),
                         **{k: round(v, 5) for k, v in stats.items()}}
-        if held_enc and tcfg.eval_every and (trainer.step + 1) % tcfg.eval_every == 0:
-            h = implicit_rewards(model, held_enc, ref, len(train_enc), tok.pad, pref, ctx)
+        if monitor and tcfg.eval_every and (trainer.step + 1) % tcfg.eval_every == 0:
+            with trainer.evaluating():
+                h = implicit_rewards(model, monitor, monitor_ref, tok.pad, pref, ctx)
             record.update(val_reward_acc=h["reward_accuracy"], val_margin=h["margin"])
         trainer.end_step(record, show=("loss", "reward_acc", "val_reward_acc"))
     facts = trainer.finish(tcfg.seq_len)
 
-    log("dpo: measuring implicit rewards on every pair")
-    train_m = implicit_rewards(model, train_enc, ref, 0, tok.pad, pref, ctx)
-    held_m = implicit_rewards(model, held_enc, ref, len(train_enc), tok.pad, pref, ctx)
+    log("dpo: measuring implicit rewards")
+    held_m = implicit_rewards(model, held_enc, held_ref, tok.pad, pref, ctx)
+    # training pairs: a seeded sample as large as the held-out set (all of them when fewer)
+    n_train = min(len(train_enc), max(len(held_enc), MONITOR_PAIRS))
+    sample = [train_enc[i] for i in step_indices(len(train_enc), n_train, 0, tcfg.seed + 1)]
+    train_m = implicit_rewards(model, sample, pair_logps(reference, sample, tok.pad, ctx),
+                               tok.pad, pref, ctx)
     save_model(model, out)
-    result = {**train_m, "heldout_reward_accuracy": held_m["reward_accuracy"],
+    result = {**train_m, "train_pairs": len(train_enc),
+              "heldout_reward_accuracy": held_m["reward_accuracy"],
               "heldout_margin": held_m["margin"], "heldout_n_pairs": held_m["n_pairs"],
               "objective": pref.dpo_loss, "beta": pref.dpo_beta,
               "epochs": round(trainer.step * per_step / len(train_enc), 3), **facts,
@@ -345,8 +317,8 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     update_summary(run_dir, "dpo", result)
     atomic_write_json(done, result)
     held = held_m["reward_accuracy"]
-    log(f"dpo: implicit-reward accuracy {train_m['reward_accuracy']:.1%} on {len(train_enc):,} "
-        f"training pairs (margin {train_m['margin']:.3f}), "
+    log(f"dpo: implicit-reward accuracy {train_m['reward_accuracy']:.1%} on {len(sample):,} "
+        f"sampled training pairs (margin {train_m['margin']:.3f}), "
         f"{'n/a' if held is None else f'{held:.1%}'} on {len(held_enc):,} held-out pairs; "
         f"{facts['schedule']}, {result['minutes']:.1f} min")
     return result

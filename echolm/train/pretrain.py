@@ -16,7 +16,7 @@ from echolm.data.shards import BatchSampler, load_tokens, write_meta, write_shar
 from echolm.data.text import iter_documents
 from echolm.engine import SamplingParams, generate
 from echolm.errors import EchoError
-from echolm.evaluate import eval_bpb
+from echolm.evaluate import bpb_key, cached, eval_bpb
 from echolm.model import Transformer
 from echolm.runtime import autocast, check_seq_len, finished_stage, setup_distributed
 from echolm.summary import update_summary
@@ -101,21 +101,20 @@ def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
             return None
         return eval_bpb(model, tok, val_tokens, tcfg.seq_len, tcfg.eval_tokens, autocast_ctx=ctx)
 
-    # A budget must leave room for the final evaluation and the periodic ones: the first is
-    # timed right after the first step (FSDP: evaluation only ever follows a training step)
+    # A budget leaves room for the final evaluation and the periodic ones: the first is timed
+    # right after the first step (FSDP: evaluation only ever follows a training step)
     tokens_per_step = tcfg.micro_batch * tcfg.grad_accum * tcfg.seq_len
-    eval_s = 0.0
+    trainer.plan(every=tcfg.eval_every)
     while trainer.running():
         loss = trainer.update(sampler.micro_batches(trainer.step), loss_fn, tokens_per_step)
         record: dict = {"loss": loss, "epoch": round(sampler.epoch(trainer.step + 1), 4)}
-        untimed = eval_s == 0 and trainer.schedule.budget_s > 0 and not trainer.schedule.fitted
+        untimed = not trainer.eval_times and trainer.schedule.budget_s > 0
         if (tcfg.eval_every and (trainer.step + 1) % tcfg.eval_every == 0) or untimed:
-            t0 = time.perf_counter()
-            if (ev := evaluate()) is not None and d.main:
+            with trainer.evaluating():
+                ev = evaluate()
+            if ev is not None and d.main:
                 record["val_bpb"] = round(ev["bpb"], 5)
-            eval_s = time.perf_counter() - t0
-            trainer.plan(reserve_s=eval_s + 5.0, periodic_s=eval_s / max(tcfg.eval_every, 1)
-                         if tcfg.eval_every else 0.0)
+            trainer.plan(reserve_s=trainer.eval_times[-1] + 5.0)  # the final one, and saving
         if tcfg.sample_every and (trainer.step + 1) % tcfg.sample_every == 0:
             whole = trainer.unsharded()  # FSDP: gathered on rank 0 (every process joins)
             if d.main:
@@ -129,6 +128,9 @@ def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
     if d.main and ev is not None and whole is not None:
         samples = sample_texts(whole, tok, SAMPLE_PROMPTS)
         save_model(whole, out)
+        # `echolm eval` measures the same bits per byte of the same file: it reads this one
+        cached(run_dir / "eval" / "cache", out / "model.safetensors",
+               bpb_key(tcfg.seq_len, tcfg.eval_tokens), lambda: ev)
         facts["minutes"] = round(trainer.clock.seconds() / 60, 2)
         result = {"val_bpb": round(ev["bpb"], 4), "val_loss": round(ev["loss"], 4),
                   "params": whole.num_params(), "params_non_embedding": whole.num_params(True),

@@ -285,15 +285,15 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         return pair_metrics(*ranking_pairs(data.heldout_ids, scores))
 
     # held-out accuracy before training, timed: the periodic evaluations take as long, and
-    # the scoring of every answer after training that times the share of answers held out
-    t0 = time.perf_counter()
+    # scoring every answer after training (n_all of them) that much per held-out answer
     if data.heldout and trainer.step == 0:
-        m0 = heldout_metrics()
+        with trainer.evaluating():
+            m0 = heldout_metrics()
         trainer.metrics.write(step=0, val_acc=m0["accuracy"], val_loss=m0["loss"])
-    eval_s = time.perf_counter() - t0
+    eval_s = trainer.eval_times[-1] if trainer.eval_times else 0.0
     n_all = len(data.train_ids) + len(data.heldout_ids)
     trainer.plan(reserve_s=eval_s * n_all / max(len(data.heldout_ids), 1) + 5.0,
-                 periodic_s=eval_s / tcfg.eval_every if tcfg.eval_every else 0.0)
+                 every=tcfg.eval_every)
     tokens_per_step = int(tcfg.micro_batch * tcfg.grad_accum * avg_len
                           * n_answers / max(len(data.train_ids), 1))
     while trainer.running():
@@ -301,7 +301,8 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         record: dict = {"loss": loss, "epoch": round(sampler.epoch(trainer.step + 1), 4),
                         **{k: round(v, 4) for k, v in stats.items()}}
         if data.heldout and tcfg.eval_every and (trainer.step + 1) % tcfg.eval_every == 0:
-            m = heldout_metrics()
+            with trainer.evaluating():
+                m = heldout_metrics()
             record.update(val_acc=m["accuracy"], val_loss=m["loss"])
         trainer.end_step(record, show=("loss", "val_acc"))
     facts = trainer.finish()

@@ -117,12 +117,14 @@ def _policy_loss(model: nn.Module, item: tuple, p: PPOConfig, stats: dict) -> Te
 
 def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainConfig,
              stage: str, started: float, budget_s: float, reserve_s: float = 0.0,
-             log=print) -> tuple[dict, Transformer, dict]:
+             sft_eval: dict | None = None, log=print) -> tuple[dict, Transformer, dict]:
     """One RLHF run into `out` (the guarded main run, or the unguarded curve run) within
     `budget_s` seconds of the stage's clock (started at `started`), leaving `reserve_s` for
     what follows; returns its state (evaluation history ...), the trained policy, and the
     Trainer's facts. One step = one batch of `prompts_per_step` x `samples_per_prompt`
-    answers, learned from in `epochs x minibatches` updates."""
+    answers, learned from in `epochs x minibatches` updates. `sft_eval`: the SFT model's
+    evaluation from an earlier run with the same settings (the curve run reuses the main
+    run's), else it is measured first."""
     d = single_process(stage, "generation is not sharded")
     tok = Tokenizer.load(run_dir / "tokenizer")
     policy = load_model(run_dir / "sft")
@@ -139,6 +141,10 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
     if trainer.resume():
         log(f"{stage}: resuming from step {trainer.step}")
     ex = trainer.extra
+    if "sft_gold" not in ex and sft_eval is not None:
+        ex.update(sft_gold=sft_eval["sft_gold"], eval_seconds=sft_eval["eval_seconds"],
+                  history=sft_eval["history"][:1], best_gold=sft_eval["history"][0]["gold"],
+                  moments=(0, 0.0, 0.0), stopped_by_guard=False)
     if "sft_gold" not in ex:
         t0 = time.perf_counter()
         sft_eval, ex["sft_gold"], _ = evaluate_policy(policy, None, rm, tok, eval_items, p,
@@ -148,7 +154,8 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
         ex["best_gold"], ex["moments"], ex["stopped_by_guard"] = sft_eval.gold, (0, 0.0, 0.0), False
         log(f"{stage}: SFT model: proxy {sft_eval.proxy:.3f}, gold {sft_eval.gold:.3f}")
     # a guard evaluation also runs the reference over every answer (the KL): ~1.3x the SFT one
-    trainer.plan(reserve_s=reserve_s, periodic_s=1.3 * ex["eval_seconds"] / p.eval_every)
+    trainer.plan(reserve_s=reserve_s, periodic_s=1.3 * ex["eval_seconds"] / p.eval_every,
+                 every=p.eval_every)
     moments = RunningMoments()
     moments.n, moments.mean, moments.m2 = ex["moments"]
     ctx = autocast(d.device, trainer.dtype)
@@ -213,8 +220,9 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
                "length_train": round(float(mask.sum(1).float().mean()), 2), **{
                    s: round(v, 5) for s, v in stats.items()}}
         if (step + 1) % p.eval_every == 0 or step + 1 == trainer.schedule.steps:
-            ev, _, _ = evaluate_policy(policy, reference, rm, tok, eval_items, p,
-                                       baseline=ex["sft_gold"], samples=p.eval_samples)
+            with trainer.evaluating():
+                ev, _, _ = evaluate_policy(policy, reference, rm, tok, eval_items, p,
+                                           baseline=ex["sft_gold"], samples=p.eval_samples)
             ex["history"].append({"step": step + 1, **ev.__dict__})
             rec.update({f"eval_{k2}": round(v, 4) for k2, v in ev.__dict__.items()})
             if ev.gold > ex["best_gold"]:
@@ -292,7 +300,8 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
                        lr_embed=tcfg.lr_embed * m, lr_head=tcfg.lr_head * m,
                        lr_scalar=tcfg.lr_scalar * m)
         curve, _, curve_facts = optimise(cfg, run_dir, run_dir / "rlhf_unguarded", free, fast,
-                                         "rlhf_unguarded", started, budget, log=log)
+                                         "rlhf_unguarded", started, budget, sft_eval=ex,
+                                         log=log)
     minutes = round((time.perf_counter() - started) / 60, 2)
     result = {**final, "guard_stopped": ex["stopped_by_guard"], "best_step": best["step"],
               "selection": {k: round(best[k], 4) for k in ("gold", "win_rate", "proxy", "kl")},

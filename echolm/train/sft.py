@@ -5,6 +5,7 @@ Held-out accuracy per task family is measured before and after, greedy and sampl
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from echolm.data.chat import (
     task_from_spec,
     task_label,
 )
-from echolm.evaluate import task_accuracy, wilson_interval
+from echolm.evaluate import cached, task_accuracy, wilson_interval
 from echolm.model import Transformer
 from echolm.runtime import autocast, check_seq_len, finished_stage, setup_distributed
 from echolm.summary import update_summary
@@ -32,15 +33,20 @@ SAMPLED_TEMPERATURE = 0.7
 
 
 def evaluate_tasks(model: Transformer, tok: Tokenizer, specs: list[str], n: int,
-                   seed: int = 0) -> dict[str, dict]:
-    """Held-out accuracy of every task family, greedy and sampled (fixed seeds)."""
+                   weights: Path, seed: int = 0) -> dict[str, dict]:
+    """Held-out accuracy of every task family, greedy and sampled (fixed seeds), of the model
+    saved in `weights` (kept in the run's eval cache: `echolm eval` reads the greedy ones)."""
+    cache_dir = weights.parent.parent / "eval" / "cache"
     out = {}
     for spec in specs:
         task = task_from_spec(spec)
         problems = problems_up_to(task, "val", n, seed)
-        greedy = task_accuracy(model, tok, task, problems, temperature=0.0)
-        sampled = task_accuracy(model, tok, task, problems, temperature=SAMPLED_TEMPERATURE,
-                                seed=seed)
+        greedy = cached(cache_dir, weights, f"tasks:{spec}:n={n}:seed={seed}:greedy",
+                        partial(task_accuracy, model, tok, task, problems, temperature=0.0))
+        sampled = cached(cache_dir, weights, f"tasks:{spec}:n={n}:seed={seed}:"
+                         f"T={SAMPLED_TEMPERATURE}",
+                         partial(task_accuracy, model, tok, task, problems,
+                                 temperature=SAMPLED_TEMPERATURE, seed=seed))
         out[task_label(spec, specs)] = {"greedy": greedy["accuracy"],
                                         "sampled": sampled["accuracy"], "n": greedy["n"],
                                         "correct": greedy["correct"],
@@ -79,7 +85,8 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         log(f"sft: {len(convs):,} conversations -> {len(sampler._rows(0)):,} packed rows of "
             f"{tcfg.seq_len} tokens; evaluating the base model first")
         t0 = time.perf_counter()
-        trainer.extra["base_eval"] = evaluate_tasks(model, tok, data.tasks, data.eval_problems)
+        trainer.extra["base_eval"] = evaluate_tasks(model, tok, data.tasks, data.eval_problems,
+                                                    run_dir / "base" / "model.safetensors")
         trainer.extra["eval_seconds"] = time.perf_counter() - t0
     ctx = autocast(d.device, trainer.dtype)
 
@@ -96,27 +103,27 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         return sum(losses) / len(losses)
 
     # the evaluation after training takes about as long as the one before (the base model's
-    # answers run longer, so this errs on the safe side); periodic validation is timed once
-    t0 = time.perf_counter()
-    val_before = val_loss() if d.main else 0.0
-    val_s = time.perf_counter() - t0
-    trainer.plan(reserve_s=trainer.extra.get("eval_seconds", 0.0) + val_s + 5.0,
-                 periodic_s=val_s / tcfg.eval_every if tcfg.eval_every else 0.0)
-    if trainer.step == 0:
-        trainer.metrics.write(step=0, val_loss=round(val_before, 5))
+    # answers run longer, so this errs on the safe side); validation runs every eval_every
+    if trainer.step == 0 and d.main:
+        with trainer.evaluating():
+            trainer.metrics.write(step=0, val_loss=round(val_loss(), 5))
+    trainer.plan(reserve_s=trainer.extra.get("eval_seconds", 0.0) + 10.0, every=tcfg.eval_every)
     tokens_per_step = tcfg.micro_batch * tcfg.grad_accum * tcfg.seq_len
     while trainer.running():
         loss = trainer.update(sampler.micro_batches(trainer.step), loss_fn, tokens_per_step)
         record: dict = {"loss": loss, "epoch": round(sampler.epoch(trainer.step + 1), 4)}
         if d.main and tcfg.eval_every and (trainer.step + 1) % tcfg.eval_every == 0:
-            record["val_loss"] = round(val_loss(), 5)
+            with trainer.evaluating():
+                record["val_loss"] = round(val_loss(), 5)
         trainer.end_step(record, show=("loss", "val_loss"))
     facts = trainer.finish(tcfg.seq_len)
 
     result: dict = {}
     if d.main:
         log("sft: evaluating the fine-tuned model")
-        after = evaluate_tasks(model, tok, data.tasks, data.eval_problems)
+        save_model(model, out)
+        after = evaluate_tasks(model, tok, data.tasks, data.eval_problems,
+                               out / "model.safetensors")
         before = trainer.extra["base_eval"]
         tasks = {}
         for label, a in after.items():
@@ -125,7 +132,6 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                             "base_sampled": b["sampled"], "sft_sampled": a["sampled"],
                             "sft_ci95": [round(x, 4) for x in wilson_interval(a["correct"],
                                                                              a["n"])]}
-        save_model(model, out)
         facts["minutes"] = round(trainer.clock.seconds() / 60, 2)
         result = {"tasks": tasks, "val_loss": round(val_loss(), 4), "conversations": len(convs),
                   **facts, "sampled_temperature": SAMPLED_TEMPERATURE}
