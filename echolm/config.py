@@ -237,6 +237,9 @@ class PreferenceConfig:
     # + dpo_ptx_coef x the SFT loss on ppo.ptx_rows rows of the SFT mixture per micro-batch
     # (as RLHF's ptx_coef): keeps what the rankings cannot check, like right sums
     dpo_ptx_coef: float = 0.0
+    # DPO learns only from pairs of answers both sampled at one of these temperatures (the
+    # policy's own answers: T=1); [] = every pair. The reward model reads every ranking.
+    dpo_temperatures: list[float] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.rm_loss not in ("bt", "pl"):

@@ -29,6 +29,8 @@ class RankedExample:
     responses: list[str]
     ended: list[bool]
     annotator: str = ""
+    # the temperature each answer was sampled at (None: not recorded, e.g. imported)
+    temperatures: list[float | None] | None = None
 
 
 def load_rankings(run_dir: Path, pref: PreferenceConfig) -> list[RankedExample]:
@@ -42,7 +44,8 @@ def load_rankings(run_dir: Path, pref: PreferenceConfig) -> list[RankedExample]:
         for r in store.rankings(pref.annotator or None):
             meta = {x["id"]: x["sampling"] for x in store.responses(r.prompt_id)}
             ended = [bool(meta.get(i, {}).get("stopped", True)) for i in r.response_ids]
-            out.append(RankedExample(r.prompt, r.responses, ended, r.annotator))
+            temps = [meta.get(i, {}).get("temperature") for i in r.response_ids]
+            out.append(RankedExample(r.prompt, r.responses, ended, r.annotator, temps))
     finally:
         store.close()
     if not out:

@@ -55,13 +55,20 @@ class PrefPair:
     rejected_ended: bool = True
 
 
-def ranking_pairs(rankings: list[RankedExample]) -> list[PrefPair]:
-    """Every (better, worse) pair the rankings imply; identical answers make no pair."""
+def ranking_pairs(rankings: list[RankedExample], temperatures: list[float] | None = None
+                  ) -> list[PrefPair]:
+    """Every (better, worse) pair the rankings imply; identical answers make no pair. With
+    `temperatures`, only pairs of answers both sampled at one of them (an answer whose
+    temperature was not recorded always counts)."""
+    def kept(t: float | None) -> bool:
+        return not temperatures or t is None or any(abs(t - x) < 1e-9 for x in temperatures)
+
     out = []
     for r in rankings:
+        temps = r.temperatures or [None] * len(r.responses)
         for i in range(len(r.responses)):
             for j in range(i + 1, len(r.responses)):
-                if r.responses[i] != r.responses[j]:
+                if r.responses[i] != r.responses[j] and kept(temps[i]) and kept(temps[j]):
                     out.append(PrefPair(r.prompt, r.responses[i], r.responses[j], r.ended[i],
                                         r.ended[j]))
     return out
@@ -225,7 +232,8 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     reference = load_model(run_dir / "sft", d.device).eval().requires_grad_(False)
     check_seq_len("dpo", tcfg.seq_len, policy.cfg.max_seq_len)
     train_r, held_r = split_by_prompt(load_rankings(run_dir, pref), pref.heldout_fraction)
-    train_pairs, held_pairs = ranking_pairs(train_r), ranking_pairs(held_r)
+    train_pairs = ranking_pairs(train_r, pref.dpo_temperatures)
+    held_pairs = ranking_pairs(held_r, pref.dpo_temperatures)
     if not train_pairs:
         raise EchoError("dpo: the rankings give no pair of different answers to train on")
     train_enc = encode_pairs(tok, train_pairs, tcfg.seq_len)
