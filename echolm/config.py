@@ -237,6 +237,8 @@ class PreferenceConfig:
     # + dpo_ptx_coef x the SFT loss on ppo.ptx_rows rows of the SFT mixture per micro-batch
     # (as RLHF's ptx_coef): keeps what the rankings cannot check, like right sums
     dpo_ptx_coef: float = 0.0
+    # + dpo_nll_coef x the chosen answers' NLL per token (RPO, Pang et al. 2024)
+    dpo_nll_coef: float = 0.0
     # DPO learns only from pairs of answers both sampled at one of these temperatures (the
     # policy's own answers: T=1); [] = every pair. The reward model reads every ranking.
     dpo_temperatures: list[float] = field(default_factory=list)
@@ -250,6 +252,8 @@ class PreferenceConfig:
             raise EchoError(f"pref.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
         if self.dpo_beta <= 0:
             raise EchoError(f"pref.dpo_beta={self.dpo_beta} must be positive")
+        if self.dpo_nll_coef < 0:
+            raise EchoError(f"pref.dpo_nll_coef={self.dpo_nll_coef} must be >= 0")
         if self.dpo_ptx_coef < 0:
             raise EchoError(f"pref.dpo_ptx_coef={self.dpo_ptx_coef} must be >= 0")
         if self.center_coef < 0 or self.margin < 0:

@@ -223,6 +223,14 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     return (loss.mean(), beta * chosen_logratio.detach(), beta * rejected_logratio.detach())
 
 
+def chosen_nll(chosen_logps: Tensor, chosen_counts: Tensor) -> Tensor:
+    """RPO's extra term (Pang et al. 2024): the chosen answers' negative log-likelihood per
+    token, averaged over pairs. chosen_logps (N,) summed log-probs, chosen_counts (N,) their
+    token counts. Added to DPO's loss, it keeps the preferred answers likely: DPO alone can
+    lower both answers of a pair while it widens the gap between them."""
+    return (-chosen_logps / chosen_counts.clamp(min=1).to(chosen_logps.dtype)).mean()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i weights[i] * CE(h[i] @ w.T, targets[i]), `chunk` rows at a time.
 

@@ -30,7 +30,7 @@ from echolm.config import Config, PreferenceConfig
 from echolm.data.chat import sft_rows
 from echolm.errors import EchoError
 from echolm.gold import gold_win_rate, sft_baseline
-from echolm.losses import dpo_loss
+from echolm.losses import chosen_nll, dpo_loss
 from echolm.model import Transformer
 from echolm.rankings import (
     RankedExample,
@@ -188,6 +188,10 @@ def dpo_batch_loss(model: Transformer, batch: PairBatch, ref: tuple[Tensor, Tens
     pc, pr = pair_logratios(pol, cnt, pref.dpo_loss)
     rc, rr = pair_logratios(ref[0], ref[1], pref.dpo_loss)
     loss, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, pref.dpo_beta, pref.dpo_loss)
+    if pref.dpo_nll_coef > 0:  # RPO: the chosen answers stay likely
+        nll = chosen_nll(pol[:, 0], cnt[:, 0])
+        loss = loss + pref.dpo_nll_coef * nll
+        stats["chosen_nll"] = float(nll.detach())
     m = chosen_r - rejected_r
     stats.update(reward_acc=float((m > 0).float().mean()), margin=float(m.mean()),
                  chosen_reward=float(chosen_r.mean()), rejected_reward=float(rejected_r.mean()))
@@ -249,7 +253,8 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     held_s = time.perf_counter() - t0
     monitor = held_enc[:MONITOR_PAIRS]
     # SFT's side of the gold figure, first: measuring DPO's side later takes about as long
-    # (plus a KL pass), so this times what the budget must keep for it
+    # (plus a KL pass, and its answers may run longer: 1.5x), so this times what the budget
+    # must keep for it
     baseline = sft_baseline(cfg, run_dir) if gold else None
 
     per_step = tcfg.micro_batch * tcfg.grad_accum
@@ -288,7 +293,7 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     # after training: the policy's side of the held-out pairs and as many training pairs
     # (~2x the reference's pass), the gold measurement; the periodic one reads MONITOR_PAIRS
     monitor_s = held_s * len(monitor) / max(len(held_enc), 1)
-    trainer.plan(reserve_s=2 * held_s + (1.3 * baseline["seconds"] if baseline else 0.0) + 5,
+    trainer.plan(reserve_s=2 * held_s + (1.5 * baseline["seconds"] if baseline else 0.0) + 5,
                  periodic_s=monitor_s / tcfg.eval_every if tcfg.eval_every else 0.0,
                  every=tcfg.eval_every)
     monitor_ref = ({k: v[:len(monitor)] for k, v in held_ref.items()} if held_ref else None)
