@@ -226,6 +226,18 @@ def test_dpo_loss_gradient_by_hand():
     assert abs(pc.grad.item() + 0.05) < 1e-7 and abs(pr.grad.item() - 0.05) < 1e-7
 
 
+def test_chosen_nll_by_hand():
+    from echolm.losses import chosen_nll
+
+    # answers of 4 and 2 tokens with summed log-probs -2 and -3: per token 0.5 and 1.5
+    lp = torch.tensor([-2.0, -3.0], requires_grad=True)
+    loss = chosen_nll(lp, torch.tensor([4, 2]))
+    assert abs(loss.item() - 1.0) < 1e-7  # (0.5 + 1.5) / 2
+    loss.backward()  # d/dlp_i of mean(-lp_i / n_i) = -1 / (2 n_i)
+    assert torch.allclose(lp.grad, torch.tensor([-0.125, -0.25]))
+    assert chosen_nll(torch.tensor([-1.0]), torch.tensor([0])).item() == 1.0  # no 0 division
+
+
 from echolm.losses import linear_cross_entropy  # noqa: E402
 
 
