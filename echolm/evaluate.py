@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from echolm.checkpoint import atomic_write_json, file_fingerprint
 from echolm.engine import SamplingParams, generate
@@ -39,7 +40,8 @@ def eval_bpb(model: Transformer, tok: Tokenizer, tokens: np.ndarray, seq_len: in
     nll_sum, byte_sum, tok_count = 0.0, 0, 0
     was_training = model.training
     model.eval()
-    for r0 in range(0, n_rows, batch):
+    for r0 in tqdm(range(0, n_rows, batch), desc="bits per byte", unit="batch", leave=False,
+                   dynamic_ncols=True):
         rows = [tokens[r * seq_len: r * seq_len + seq_len + 1] for r in range(r0, min(n_rows,
                                                                                     r0 + batch))]
         t = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
@@ -71,7 +73,8 @@ def task_accuracy(model: Transformer, tok: Tokenizer, task: Task, problems: list
     was_training = model.training
     model.eval()
     responses: list[str] = []
-    for i in range(0, len(prompts), batch):
+    for i in tqdm(range(0, len(prompts), batch), desc=f"{task.name}: answering", leave=False,
+                  unit="batch", dynamic_ncols=True):
         outs = generate(model, tok, prompts[i:i + batch], params)
         responses += [tok.decode(o) for o in outs]
     model.train(was_training)
@@ -108,7 +111,8 @@ def task_pass_at_k(model: Transformer, tok: Tokenizer, task: Task, problems: lis
     was_training = model.training
     model.eval()
     correct = [0] * len(problems)
-    for i in range(0, len(flat), batch):
+    for i in tqdm(range(0, len(flat), batch), desc=f"{task.name}: pass@k samples", leave=False,
+                  unit="batch", dynamic_ncols=True):
         chunk = flat[i:i + batch]
         outs = generate(model, tok, [pr for _, pr in chunk], params)
         for (j, _), o in zip(chunk, outs, strict=True):

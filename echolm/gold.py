@@ -54,7 +54,8 @@ def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: 
     per prompt make a single temperature-1 answer's luck matter less. reference None: the
     model is its own reference (the SFT model itself), KL 0 without two forward passes."""
     prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
-    sampled = sample_responses(model, tok, prompts, samples, p.max_tokens, p.temperature, seed)
+    sampled = sample_responses(model, tok, prompts, samples, p.max_tokens, p.temperature, seed,
+                               desc=f"gold: {len(prompts)} prompts x {samples}")
     texts = [tok.decode(r[:-1] if done else r) for r, done in sampled]
     finished = [done for _, done in sampled]
     rows = [it for it in items for _ in range(samples)]  # prompt-major, as sampled

@@ -42,7 +42,7 @@ from echolm.data.text import read_jsonl
 from echolm.errors import EchoError
 from echolm.prefs import PreferenceStore
 from echolm.rollout import sample_responses
-from echolm.schedule import Schedule, describe, fitted
+from echolm.schedule import Schedule, describe
 from echolm.tasks import get_task
 from echolm.tasks.base import Problem, stable_hash
 
@@ -391,8 +391,8 @@ def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
                      log: Callable[[str], None] = print) -> dict:
     """Rank `n_prompts` prompts (default: `rlhf_prompts(split, n_prompts, seed)`) with the
     simulated annotator, end to end, into DIR/prefs.sqlite, answers sampled `batch` prompts
-    at a time. Resumable like the terminal. With `budget_s` > 0 the number of prompts is
-    fitted to the budget once two batches are timed (as a training stage fits its steps).
+    at a time. Resumable like the terminal. With `budget_s` > 0, as many whole batches as
+    the budget fits (the result says how many of the planned prompts that was).
 
     Returns counts (prompts, ranked, already_ranked, identical, sampled, reused, responses),
     the annotator label, gold statistics of the answers ranked now (gold_mean: mean gold score
@@ -412,7 +412,6 @@ def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
     agree = pairs = 0
     plan = Schedule(len(items), len(items), 0, 0.0, 1.0, budget_s)
     marks: list[tuple[int, float]] = []
-    cut_short = False
     bar = tqdm(total=len(items), desc="rank", unit="prompt", dynamic_ncols=True)
 
     def choose(q: Question, n: int, total: int) -> list[int]:
@@ -427,27 +426,25 @@ def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
         agree, pairs = agree + a, pairs + p
 
     def keep_going(done: int) -> bool:
-        """Progress, and the budget: fitted after two timed batches (the first pays for
-        warm-up), a whole number of batches; a batch that no longer fits stops the stage."""
-        nonlocal plan, cut_short
+        """Progress, and the budget: another batch is ranked while one more fits (timed over
+        the batches so far, the first one's warm-up included, with a 5% margin). Nothing
+        here is scheduled ahead (no learning rate), so the count is decided batch by batch
+        and the stage is never left half done."""
         bar.update(done - bar.n)
         elapsed = time.perf_counter() - t0
         marks.append((done, elapsed))
         if done >= plan.steps:
             return False
-        if budget_s <= 0 or len(marks) < 3:
+        if budget_s <= 0 or len(marks) < 2:
             return True
-        per_prompt = (marks[-1][1] - marks[1][1]) / (marks[-1][0] - marks[1][0])
-        if not plan.fitted:
-            plan = fitted(plan, done, elapsed, per_prompt)
-            plan.steps = max(done + batch, plan.steps // batch * batch)
-            if plan.steps < plan.planned:
-                bar.total = plan.steps
-                bar.set_description(f"rank ({plan.steps} of {plan.planned} planned fit "
-                                    f"{budget_s / 60:g} min)")
-            return done < plan.steps
-        cut_short = elapsed + per_prompt * batch > budget_s
-        return not cut_short
+        per_prompt = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
+        plan.step_s = round(per_prompt, 4)
+        if elapsed + 1.05 * per_prompt * min(batch, plan.steps - done) <= budget_s:
+            return True
+        plan.steps, plan.fitted = done, True
+        bar.total = done
+        bar.set_description(f"rank ({done} of {plan.planned} planned fit {budget_s / 60:g} min)")
+        return False
 
     try:
         counts = rank_prompts(store, policy, items, k, annotator.label, choose, seed,
@@ -456,7 +453,6 @@ def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
         totals = store.counts()
     finally:
         store.close()
-        bar.update(bar.total - bar.n if not cut_short else 0)
         bar.close()
     counts.pop("quit")
     counts.pop("skipped")
@@ -465,9 +461,9 @@ def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
               "gold_best_mean": round(sum(best) / len(best), 4) if best else None,
               "gold_agreement": round(agree / pairs, 4) if pairs else None,
               "store": str(store_path(run_dir)), "store_counts": totals,
-              "planned_prompts": plan.planned, "fitted": plan.fitted, "cut_short": cut_short,
+              "planned_prompts": plan.planned, "fitted": plan.fitted, "cut_short": False,
               "budget_minutes": round(budget_s / 60, 2),
-              "schedule": describe(plan, counts["prompts"], cut_short, "prompts"),
+              "schedule": describe(plan, counts["prompts"], False, "prompts"),
               "seconds": round(time.perf_counter() - t0, 2)}
     log(f"rank: {result['ranked']} prompts ranked by {annotator.label} "
         f"({result['already_ranked']} already ranked, {result['identical']} with identical "

@@ -189,7 +189,7 @@ def machine_section(run_dir: Path) -> list[str]:
              f"training dtype: {m.get('dtype', '?')}; processes: {m.get('processes', 1)} x "
              f"{m['torch_threads']} torch thread(s)"]
     if peaks:
-        lines.append(f"- measured matmul peak (1024^3 fp32, {m['torch_threads']} threads): "
+        lines.append(f"- measured matmul peak ({m['torch_threads']} threads): "
                      f"fp32 {1000 * peaks['fp32']:.0f} GFLOP/s, bf16 "
                      f"{1000 * peaks['bf16']:.1f} GFLOP/s")
     if m.get("gpu"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 from echolm.engine import SamplingParams, generate_ids
 from echolm.model import Transformer
@@ -14,10 +15,11 @@ from echolm.tokenizer import Tokenizer
 
 @torch.inference_mode()
 def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[list[int]], n: int,
-                     max_tokens: int, temperature: float, seed: int
+                     max_tokens: int, temperature: float, seed: int, desc: str | None = None
                      ) -> list[tuple[list[int], bool]]:
     """`n` sampled responses to every prompt (prompt-major order): the generated ids,
-    including the end-of-turn token when the model stopped, and whether it stopped."""
+    including the end-of-turn token when the model stopped, and whether it stopped. With
+    `desc`, a progress bar of the answers finished (it goes when done)."""
     stops = (tok.assistant_end, tok.bos)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                             stop_ids=stops)
@@ -25,10 +27,15 @@ def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[list[int]
     model.eval()
     flat = [p for p in prompts for _ in range(n)]
     responses: list[list[int]] = [[] for _ in flat]
+    bar = tqdm(total=len(flat), desc=desc, unit="answer", leave=False, dynamic_ncols=True,
+               disable=desc is None)
     for step in generate_ids(model, flat, params, pad_id=tok.pad):
         for i, t in enumerate(step.tolist()):
             if t >= 0:
                 responses[i].append(t)
+                if t in stops:
+                    bar.update(1)
+    bar.close()
     model.train(was_training)
     return [(r, bool(r) and r[-1] in stops) for r in responses]
 

@@ -3,10 +3,10 @@
 A stage with a budget (`max_minutes` > 0) covers everything in it with that budget:
 evaluation before and after, periodic evaluation, sampling, saving. It times its first
 `FIT_AFTER` steps and fits its schedule so that the whole schedule (warmdown included) and
-the work after training fit (`fit_steps`), with a 10% margin; once `REFIT_AT` of those steps
-have run (steps settle after the first few, and periodic evaluations have been timed), it
-refines the count once more with a 5% margin and then keeps it: the learning rate is still
-constant then, so the warmdown is always whole. A faster machine runs the planned
+the work after training fit (`fit_steps`), with a 10% margin; at the last step before the
+warmdown would begin (halfway without one), with many steps timed, it refines the count once
+more with a 5% margin and then keeps it: the learning rate is still constant until then, so
+the warmdown, fixed once, is always whole. A faster machine runs the planned
 `max_steps`; a slower one fewer, and says so ("planned 300 steps; this machine fits 140 in
 8.0 min: ran 140"). The schedule is saved with the run (`schedule.json` and every
 checkpoint), so a resumed run follows the schedule the interrupted one fixed. If the
@@ -24,7 +24,6 @@ from echolm.config import TrainConfig
 
 FIT_AFTER = 6  # steps timed before the schedule is fitted (the first is a warm-up, not counted)
 MARGIN = 0.1  # the first fit assumes steps 10% slower than measured (load, evals vary)
-REFIT_AT = 0.2  # share of the fitted steps after which the count is refined, then kept
 FINAL_MARGIN = 0.05  # the refined fit, from many more steps, assumes them 5% slower
 
 
@@ -49,8 +48,10 @@ class Schedule:
 
     @property
     def refit_step(self) -> int:
-        """The step after which a first fit is refined (when the run is long enough)."""
-        return max(2 * FIT_AFTER, math.ceil(REFIT_AT * self.steps))
+        """The step after which a first fit is refined: the last of the constant learning rate
+        (the warmdown starts after it), or halfway without a warmdown."""
+        start = self.steps - self.warmdown if self.warmdown else self.steps // 2
+        return max(2 * FIT_AFTER, start - 1)
 
     @property
     def warmdown(self) -> int:
@@ -103,7 +104,7 @@ def fitted(schedule: Schedule, done: int, elapsed_s: float, step_s: float,
                    schedule.final_lr_frac, schedule.budget_s, True, round(step_s, 4),
                    round(schedule.periodic_s, 4), round(schedule.reserve_s, 2),
                    round(elapsed_s, 2), final)
-    if not final and out.refit_step > steps // 2:  # too short to refine: this is the fit
+    if not final and out.refit_step >= steps:  # too short to refine: this is the fit
         out.final = True
     return out
 

@@ -327,9 +327,9 @@ class Trainer:
 
     def _fit(self) -> None:
         """Fit the schedule to the measured time per step: first after FIT_AFTER steps timed
-        here (the first not counted: it pays for warm-up), then once more, refined, after
-        REFIT_AT of the steps. Periodic evaluations are timed apart. Rank 0 decides for
-        every process."""
+        here (the first not counted: it pays for warm-up), then once more, refined, just
+        before the warmdown would start. Periodic evaluations are timed apart. Rank 0 decides
+        for every process."""
         sched = self.schedule
         if not sched.fitted and len(self._marks) >= FIT_AFTER:
             first = self._marks[0]

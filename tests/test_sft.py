@@ -120,7 +120,16 @@ def test_micro_pipeline_end_to_end_writes_the_summary_contract(tmp_path, corpus,
     for stage in ("rl", "rm", "rlhf", "dpo"):  # every later stage reports too
         assert stage in s, stage
     assert 0 <= s["rlhf"]["gold_win_rate_vs_sft"] <= 1 and s["rm"]["n"] > 0
-    assert (run / "report" / "report.md").exists()
+    assert 0 <= s["dpo"]["gold_win_rate_vs_sft"] <= 1  # measured by the dpo stage itself
+    for stage in ("base", "sft", "rl", "rm", "rlhf", "dpo"):  # what ran, in words and numbers
+        d = s[stage]
+        assert d["steps"] == d["planned_steps"] and d["cut_short"] is False, (stage, d)
+        assert d["schedule"].startswith(f"ran {d['steps']} "), d["schedule"]
+    assert s["base"]["mfu"] > 0 and s["base"]["tok_per_s"] > 0
+    report = (run / "report" / "report.md").read_text()
+    assert "## Schedules fitted to the time budgets" in report and "CUT SHORT" not in report
+    machine = json.loads((run / "machine.json").read_text())
+    assert machine["peak_tflops"]["fp32"] > 0 and machine["cpu"] in report
     for t in s["sft"]["tasks"].values():
         assert 0 <= t["base"] <= 1 and 0 <= t["sft"] <= 1 and t["n"] > 0
     assert json.loads((run / "report" / "summary.json").read_text()) == s

@@ -306,7 +306,10 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     result = {**final, "guard_stopped": ex["stopped_by_guard"], "best_step": best["step"],
               "selection": {k: round(best[k], 4) for k in ("gold", "win_rate", "proxy", "kl")},
               "algorithm": p.algorithm, "kl_beta": p.kl_beta, "ptx_coef": p.ptx_coef,
-              **facts, "minutes": minutes, "history": ex["history"],
+              **facts, "minutes": minutes, "budget_minutes": round(budget / 60, 2),
+              "schedule": (f"guarded run: {facts['schedule']}" + (
+                  f"; unguarded run: {curve_facts['schedule']}" if curve else "")),
+              "history": ex["history"],
               "unguarded_history": curve["history"] if curve else None,
               "unguarded": ({k: curve_facts[k] for k in ("steps", "planned_steps",
                                                           "schedule", "cut_short")}

@@ -1,0 +1,55 @@
+"""The report says what each stage's budget did to it: the schedules table, and a warning
+nobody can miss for a stage the clock stopped; the machine it ran on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from echolm.report import cut_short_warning, machine_section, schedule_table
+
+
+def _summary() -> dict:
+    return {
+        "base": {"steps": 142, "planned_steps": 300, "cut_short": False, "budget_minutes": 8.0,
+                 "schedule": "planned 300 steps; this machine fits 142 in 8.0 min (2.66 s "
+                             "each): ran 142", "minutes": 6.5, "tok_per_s": 3421, "mfu": 0.49},
+        "rm": {"steps": 58, "planned_steps": 211, "cut_short": True, "budget_minutes": 1.5,
+               "schedule": "CUT SHORT by the 1.5 min budget: ran 58 of the 71 steps it had "
+                           "planned to (of 211 configured)", "minutes": 1.45},
+        "rank": {"prompts": 992, "planned_prompts": 1000, "cut_short": False,
+                 "budget_minutes": 2.5, "seconds": 144.7,
+                 "schedule": "planned 1000 prompts; this machine fits 992 in 2.5 min (0.13 s "
+                             "each): ran 992"},
+    }
+
+
+def test_a_cut_short_stage_is_announced_and_the_others_are_not() -> None:
+    lines = cut_short_warning(_summary())
+    assert len([ln for ln in lines if ln]) == 1
+    assert "`rm` was CUT SHORT" in lines[0] and "ran 58 of the 71" in lines[0]
+    assert cut_short_warning({"base": _summary()["base"]}) == []
+
+
+def test_the_schedule_table_has_one_row_per_budgeted_stage() -> None:
+    rows = [r for r in schedule_table(_summary()) if r.startswith("| ")]
+    assert rows[0].startswith("| stage | budget | planned | ran |")
+    base, rm, rank = rows[1:]
+    assert base == ("| base | 8 min | 300 | 142 | planned 300 steps; this machine fits 142 in "
+                    "8.0 min (2.66 s each): ran 142 | 6.5 min | 3,421 | 49.0% |")
+    assert "| rm | 1.5 min | 211 | 58 | CUT SHORT" in rm
+    assert rank.startswith("| rank | 2.5 min | 1000 | 992 |") and "| 2.4 min |" in rank
+    assert schedule_table({}) == []
+
+
+def test_the_machine_section_names_the_cpu_its_instruction_sets_and_peaks(tmp_path: Path
+                                                                          ) -> None:
+    (tmp_path / "machine.json").write_text(json.dumps({
+        "cpu": "AMD EPYC", "isa": ["AVX2"], "cores": 2, "torch_threads": 2,
+        "cpu_capability": "AVX2", "native_bf16": False, "dtype": "float32", "processes": 1,
+        "peak_tflops": {"fp32": 0.169, "bf16": 0.0013}}))
+    text = "\n".join(machine_section(tmp_path))
+    assert "AMD EPYC (2 cores); instruction sets: AVX2" in text
+    assert "bf16 matmul native: no (emulated); training dtype: float32" in text
+    assert "fp32 169 GFLOP/s, bf16 1.3 GFLOP/s" in text
+    assert machine_section(tmp_path / "none") == []
