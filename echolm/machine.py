@@ -69,10 +69,11 @@ def isa(flags: frozenset[str] | None = None) -> list[str]:
 
 
 def matmul_peak_tflops(dtype: torch.dtype, device: torch.device | str = "cpu",
-                       n: int | None = None, repeats: int = 5) -> float:
+                       n: int | None = None, repeats: int = 20) -> float:
     """Best observed rate of an n x n @ n x n matmul in `dtype` with the current threads, in
-    TFLOP/s: the practical peak to take MFU against. An emulated dtype (bf16 on an AVX2 CPU)
-    is measured at n = 256, where one product still takes only ~25 ms."""
+    TFLOP/s: the practical peak to take MFU against (the best of `repeats`: a shared machine's
+    neighbours slow some of them). An emulated dtype (bf16 on an AVX2 CPU) is measured at
+    n = 256, where one product still takes only ~25 ms."""
     device = torch.device(device)
     if n is None:
         n = 8192 if device.type == "cuda" else (

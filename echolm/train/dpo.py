@@ -307,7 +307,7 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                 h = implicit_rewards(model, monitor, monitor_ref, tok.pad, pref, ctx)
             record.update(val_reward_acc=h["reward_accuracy"], val_margin=h["margin"])
         trainer.end_step(record, show=("loss", "reward_acc", "val_reward_acc"))
-    facts = trainer.finish(tcfg.seq_len)
+    facts = trainer.finish()  # no MFU: a step also runs the reference and the SFT rows
 
     log("dpo: measuring implicit rewards")
     held_m = implicit_rewards(model, held_enc, held_ref, tok.pad, pref, ctx)
