@@ -65,7 +65,9 @@ def clipped_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask
       "token"    sum over all tokens / number of tokens (DAPO: long answers weigh more),
       "sequence" mean within each sequence, then mean over sequences (original GRPO),
       "constant" sum / (B * max_tokens) (Dr. GRPO: no length bias at all).
-    Returns the loss and statistics (clip fraction, mean ratio).
+    Returns the loss and statistics: clip fraction, mean ratio, and approx_kl, the k3 estimate
+    of KL(old || new) per token, mean((ratio - 1) - log ratio): how far this update has moved
+    the policy from the one that sampled (cleanRL's diagnostic; >~0.05 means steps too big).
     """
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - logp_old)
@@ -84,9 +86,23 @@ def clipped_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask
     else:
         raise ValueError(f"aggregation must be token, sequence or constant, got {aggregation!r}")
     n = mask.sum().clamp(min=1)
+    log_ratio = (logp - logp_old).detach()
     stats = {"clip_frac": ((clipped != unclipped).to(logp.dtype) * mask).sum() / n,
-             "ratio": (ratio * mask).sum() / n}
+             "ratio": (ratio.detach() * mask).sum() / n,
+             "approx_kl": (((log_ratio.exp() - 1) - log_ratio) * mask).sum() / n}
     return loss, stats
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens: 1 when the critic
+    predicts the returns exactly, 0 when it does no better than their mean, negative when
+    worse. NaN when the returns do not vary. (Population variances, as numpy's var.)"""
+    m = mask.bool()
+    y, v = returns[m].double(), values[m].double()
+    var_y = y.var(unbiased=False) if y.numel() else torch.tensor(0.0)
+    if var_y == 0:
+        return float("nan")
+    return float(1 - (y - v).var(unbiased=False) / var_y)
 
 
 def kl_k3(logp: Tensor, logp_ref: Tensor) -> Tensor:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from echolm.checkpoint import MODEL_STAGES, atomic_write_json, load_model
 from echolm.config import Config
-from echolm.data.chat import problems_up_to, task_from_spec, task_label
 from echolm.data.shards import load_tokens
 from echolm.evaluate import bpb_key, cached, eval_bpb, task_accuracy, wilson_interval
 from echolm.model import Transformer
+from echolm.tasks.spec import problems_up_to, task_from_spec, task_label
 from echolm.tokenizer import Tokenizer
 
 # the stage each one is compared against for the gold win rate

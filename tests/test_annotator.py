@@ -12,9 +12,9 @@ from echolm.annotator import (
     gold_score,
     gold_terms,
     pair_agreement,
-    rime,
 )
 from echolm.data.prompts import PromptItem, topic_words
+from echolm.english import rime
 from echolm.tasks import get_task
 from echolm.tasks.base import Problem
 

@@ -77,6 +77,9 @@ def test_clipped_policy_loss_by_hand():
     loss, stats = clipped_policy_loss(logp, logp_old, adv, mask, 0.2, 0.2, "token")
     assert abs(loss.item() - (-1.2 - 1.0 + 0.8) / 3) < 1e-6
     assert abs(stats["clip_frac"].item() - 2 / 3) < 1e-6
+    # approx_kl = mean of (r - 1) - ln r over the 3 tokens: r = 1.5, 1.0, 0.5
+    # (0.5 - 0.405465) + 0 + (-0.5 + 0.693147) = 0.287682; / 3 = 0.095894
+    assert abs(stats["approx_kl"].item() - 0.095894) < 1e-5
     loss, _ = clipped_policy_loss(logp, logp_old, adv, mask, 0.2, 0.2, "sequence")
     assert abs(loss.item() - ((-1.2 - 1.0) / 2 + 0.8) / 2) < 1e-6
     loss, _ = clipped_policy_loss(logp, logp_old, adv, mask, 0.2, 0.2, "constant", max_tokens=4)
@@ -255,3 +258,18 @@ def test_fused_linear_cross_entropy_equals_the_plain_one():
         fh, fw = torch.autograd.grad(got, (h, w))
         assert torch.allclose(got, ref, atol=1e-6)
         assert torch.allclose(fh, gh, atol=1e-6) and torch.allclose(fw, gw, atol=1e-6)
+
+
+from echolm.losses import explained_variance  # noqa: E402
+
+
+def test_explained_variance_by_hand():
+    # masked returns 1, 2, 3 (mean 2, variance 2/3); values 1, 2, 2 leave residuals 0, 0, 1
+    # (mean 1/3, variance 2/9): 1 - (2/9) / (2/3) = 2/3. The padded 4th token is ignored.
+    returns = torch.tensor([[1.0, 2.0], [3.0, 100.0]])
+    values = torch.tensor([[1.0, 2.0], [2.0, -50.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    assert abs(explained_variance(values, returns, mask) - 2 / 3) < 1e-9
+    assert explained_variance(returns, returns, mask) == 1.0
+    assert abs(explained_variance(torch.full((2, 2), 2.0), returns, mask)) < 1e-9  # the mean
+    assert math.isnan(explained_variance(values, torch.ones(2, 2), mask))  # nothing to explain

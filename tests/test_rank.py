@@ -24,7 +24,8 @@ from echolm.annotator import SimulatedAnnotator
 from echolm.cli import main
 from echolm.data.prompts import TASK_SPECS, open_prompts, rlhf_prompts
 from echolm.errors import EchoError
-from echolm.rank import collect_rankings, parse_order, read_prompt_file
+from echolm.rank import collect_rankings, read_prompt_file
+from echolm.rank_terminal import parse_order
 from echolm.tasks import get_task
 
 FAST = ["--max-tokens", "24"]  # short answers: the micro model rarely stops by itself

@@ -1,5 +1,6 @@
 """GRPO pieces that are not pure objectives: response-only log-probs and batch assembly."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -32,3 +33,27 @@ def test_response_only_logprobs_equal_the_full_computation():
     assert torch.allclose(logp[:, 5:], full[:, 5:], atol=1e-5)
     assert torch.all(logp[:, :5] == 0) and torch.all(entropy[:, :5] == 0)
     assert torch.all(entropy[:, 5:] > 0)
+
+
+def test_policy_loss_logs_clip_fraction_and_approx_kl_per_update():
+    """The GRPO loss appends each update's diagnostics: with the sampling policy's log-probs
+    lowered by 0.1 everywhere, every ratio is e^0.1 = 1.105 (inside the 0.2 clip) and
+    approx_kl = (r - 1) - ln r = 0.105171 - 0.1 = 0.005171 per token."""
+    from echolm.config import GRPOConfig
+    from echolm.train.grpo import PolicyBatch, policy_loss
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, n_kv_head=2))
+    x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    mask = torch.tensor([[0] * 3 + [1] * 5, [0] * 3 + [1] * 4 + [0]])
+    with torch.no_grad():
+        now = token_logprobs(m, x, y, first_response_position(mask))[0]
+    stats: dict = {}
+    g = GRPOConfig(kl_beta=0.0)
+    batch = PolicyBatch(x, y, mask, torch.tensor([1.0, -1.0]), now - 0.1, None)
+    policy_loss(m, (batch, torch.arange(2)), g, stats)
+    policy_loss(m, (PolicyBatch(x, y, mask, torch.tensor([1.0, -1.0]), now, None),
+                    torch.arange(2)), g, stats)
+    assert stats["approx_kl"][0] == pytest.approx(0.005171, abs=1e-5)
+    assert stats["approx_kl"][1] == pytest.approx(0.0, abs=1e-6)
+    assert stats["clip_frac"] == [0.0, 0.0] and len(stats["entropy"]) == 2

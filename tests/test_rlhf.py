@@ -91,7 +91,8 @@ def test_ptx_adds_the_sft_loss_to_the_policy_loss(tiny):
     sft = model(rows[0], targets=rows[1], loss_mask=rows[2])
     sft = float(sft.detach())
     assert float((with_ptx - without).detach()) == pytest.approx(0.5 * sft, rel=1e-5)
-    assert stats["ptx_loss"] == pytest.approx(sft, rel=1e-5)
+    assert stats["ptx_loss"] == pytest.approx([sft], rel=1e-5)  # one update: one value
+    assert stats["approx_kl"] == [0.0] and stats["clip_frac"] == [0.0]  # old == new policy
 
 
 @pytest.mark.parametrize("algorithm", ["rloo", "best"])
@@ -120,3 +121,4 @@ def test_critic_free_rlhf_with_ptx_trains_and_evaluates(pref_run, corpus,  # noq
     recs = [json.loads(ln) for ln in (pref_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r.get("stage") == "rlhf" and "proxy_train" in r]
     assert len(steps) == 2 and all(r["ptx_loss"] > 0 for r in steps)
+    assert all(r["approx_kl"] >= 0 and 0 <= r["clip_frac"] <= 1 for r in steps)  # diagnostics

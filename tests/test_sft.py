@@ -12,11 +12,10 @@ from echolm.data.chat import (
     Encoded,
     PackedSampler,
     builtin_mixture,
-    parse_task_spec,
     read_chat_file,
-    task_from_spec,
 )
 from echolm.errors import EchoError
+from echolm.tasks.spec import parse_task_spec, task_from_spec
 
 
 def _examples() -> list[Encoded]:
@@ -136,8 +135,14 @@ def test_micro_pipeline_end_to_end_writes_the_summary_contract(tmp_path, corpus,
     assert (run / "report" / "pretrain.png").stat().st_size > 10_000
     for stage in ("base", "sft"):
         assert (run / stage / "model.safetensors").exists()
-    # a second run is a no-op: every stage is already finished, nothing trains again
+    # RLHF logs PPO's diagnostics every step (micro's RLHF is PPO; its GRPO groups are all
+    # wrong, so nothing to learn: tests/test_rl.py checks GRPO's)
     metrics = (run / "metrics.jsonl").read_text()
+    rows = [json.loads(ln) for ln in metrics.splitlines()]
+    rows = [r for r in rows if r.get("stage") == "rlhf" and "loss" in r]
+    assert rows and all(k in r for r in rows for k in (
+        "clip_frac", "approx_kl", "value_loss", "explained_variance")), rows[:2]
+    # a second run is a no-op: every stage is already finished, nothing trains again
     r = echolm_cli(*_run_args(run, corpus), timeout=120)
     assert r.returncode == 0 and r.stdout.count("already finished") >= 2, r.stdout
     assert (run / "metrics.jsonl").read_text() == metrics

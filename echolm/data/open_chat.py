@@ -40,8 +40,8 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 
-from echolm.annotator import rime
 from echolm.data.prompts import open_prompts
+from echolm.english import rime
 from echolm.errors import EchoError
 
 LITERARY = ("austen", "shakespeare", "milton", "web-bible", "fortunes")

@@ -22,9 +22,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from echolm.data.chat import problems_up_to, task_from_spec
 from echolm.errors import EchoError
 from echolm.tasks.base import Problem, check_split, split_of
+from echolm.tasks.spec import problems_up_to, task_from_spec
 
 # Task families whose problems are asked (about half of all prompts), in rotation.
 TASK_SPECS = ("arithmetic:difficulty=1", "arithmetic:difficulty=2", "spelling", "letter_count",

@@ -23,7 +23,6 @@ from torch import Tensor
 
 from echolm.checkpoint import atomic_write_json, load_model, save_model
 from echolm.config import Config, GRPOConfig
-from echolm.data.chat import problems_up_to, task_from_spec, task_label
 from echolm.errors import EchoError
 from echolm.evaluate import task_pass_at_k
 from echolm.losses import clipped_policy_loss, group_advantages, kl_k3, overlong_penalty
@@ -32,6 +31,7 @@ from echolm.rollout import pad_batch, sample_responses
 from echolm.runtime import autocast, finished_stage, single_process
 from echolm.summary import update_summary
 from echolm.tasks import Problem, Task
+from echolm.tasks.spec import problems_up_to, task_from_spec, task_label
 from echolm.tokenizer import Tokenizer
 from echolm.trainer import Trainer
 
@@ -103,8 +103,9 @@ class PolicyBatch:
 
 
 def policy_loss(model: torch.nn.Module, item: tuple[PolicyBatch, Tensor], g: GRPOConfig,
-                stats: dict[str, float]) -> Tensor:
-    """The GRPO objective on rows `idx` of the batch (+ beta * KL); fills `stats`."""
+                stats: dict[str, list[float]]) -> Tensor:
+    """The GRPO objective on rows `idx` of the batch (+ beta * KL); appends this update's
+    diagnostics to `stats` (the step logs their means over its updates)."""
     b, idx = item
     mask = b.mask[idx]
     logp, entropy = token_logprobs(model, b.x[idx], b.y[idx], first_response_position(mask))
@@ -116,9 +117,10 @@ def policy_loss(model: torch.nn.Module, item: tuple[PolicyBatch, Tensor], g: GRP
     if b.logp_ref is not None:
         kl = (kl_k3(logp, b.logp_ref[idx]) * mk).sum() / n
         loss = loss + g.kl_beta * kl
-        stats["kl"] = float(kl)
-    stats["clip_frac"] = float(st["clip_frac"])
-    stats["entropy"] = float((entropy.detach() * mk).sum() / n)
+        stats.setdefault("kl", []).append(float(kl))
+    for k in ("clip_frac", "approx_kl"):  # approx_kl: 0 on a step's first update (old = new)
+        stats.setdefault(k, []).append(float(st[k]))
+    stats.setdefault("entropy", []).append(float((entropy.detach() * mk).sum() / n))
     return loss
 
 
@@ -200,13 +202,13 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                        else None)
                 ref = token_logprobs(reference, x, y, start)[0] if reference is not None else None
             batch = PolicyBatch(x, y, mask, adv, old, ref)
-            stats: dict[str, float] = {}
+            stats: dict[str, list[float]] = {}
             loss_fn = partial(policy_loss, g=g, stats=stats)
             order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(step))
             losses = [trainer.update([(batch, idx)], loss_fn, int(mask[idx].sum()))
                       for _ in range(g.epochs) for idx in order.chunk(g.minibatches)]
             rec["loss"] = sum(losses) / len(losses)
-            rec.update({k: round(v, 5) for k, v in stats.items()})
+            rec.update({k: round(sum(v) / len(v), 5) for k, v in stats.items()})
         # else: every group was all-right or all-wrong: nothing to learn from this step
         rec.update({
             "reward_mean": round(sum(rewards_all) / max(len(rewards_all), 1), 4),

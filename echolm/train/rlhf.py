@@ -37,6 +37,7 @@ from echolm.losses import (
     best_of_group_advantages,
     clipped_policy_loss,
     clipped_value_loss,
+    explained_variance,
     gae,
     group_advantages,
     rloo_advantages,
@@ -90,7 +91,8 @@ class RunningMoments:
 
 def _policy_loss(model: nn.Module, item: tuple, p: PPOConfig, stats: dict) -> Tensor:
     """PPO (per-token advantages + value loss) or critic-free (per-sequence advantages),
-    plus `ptx_coef` x the SFT loss on a micro-batch of SFT rows when one is given."""
+    plus `ptx_coef` x the SFT loss on a micro-batch of SFT rows when one is given. Appends
+    this update's diagnostics to `stats` (the step logs their means over its updates)."""
     batch, idx, ptx = item
     x, y, mask = batch["x"][idx], batch["y"][idx], batch["mask"][idx]
     if p.algorithm == "ppo":
@@ -104,14 +106,15 @@ def _policy_loss(model: nn.Module, item: tuple, p: PPOConfig, stats: dict) -> Te
         vloss = clipped_value_loss(values, batch["values_old"][idx], batch["returns"][idx],
                                    mask, p.value_clip)
         loss = loss + p.vf_coef * vloss
-        stats["value_loss"] = float(vloss.detach())
-    stats["clip_frac"] = float(st["clip_frac"])
+        stats.setdefault("value_loss", []).append(float(vloss.detach()))
+    for k in ("clip_frac", "approx_kl"):
+        stats.setdefault(k, []).append(float(st[k]))
     if ptx is not None:
         policy = model.policy if isinstance(model, PolicyWithValue) else model
         x_sft, y_sft, m_sft = (t.to(x.device) for t in ptx)
         sft_loss = policy(x_sft, targets=y_sft, loss_mask=m_sft)
         loss = loss + p.ptx_coef * sft_loss
-        stats["ptx_loss"] = float(sft_loss.detach())
+        stats.setdefault("ptx_loss", []).append(float(sft_loss.detach()))
     return loss
 
 
@@ -195,6 +198,8 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
             m = mask.bool()
             adv = (adv - adv[m].mean()) / (adv[m].std() + 1e-8) * mask  # whitened
             batch.update(adv=adv, returns=returns, values_old=values_old)
+            # how much of the returns' variance the critic explained before this step's updates
+            explained = explained_variance(values_old, returns, mask)
         else:
             seq_reward = (score - p.kl_beta * kl_tok.sum(1)).view(-1, k)
             if k < 2:
@@ -202,7 +207,7 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
             adv = {"rloo": rloo_advantages, "grpo": group_advantages,
                    "best": best_of_group_advantages}[p.algorithm](seq_reward)
             batch["adv"] = adv.flatten()
-        stats: dict = {}
+        stats: dict[str, list[float]] = {}
         loss_fn = partial(_policy_loss, p=p, stats=stats)
         order = torch.randperm(len(sampled), generator=torch.Generator().manual_seed(step))
         n_updates = p.epochs * p.minibatches
@@ -218,7 +223,9 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
                "kl_train": round(float(kl_tok.sum(1).mean()), 4),
                "finished_train": round(float(finished.mean()), 4),
                "length_train": round(float(mask.sum(1).float().mean()), 2), **{
-                   s: round(v, 5) for s, v in stats.items()}}
+                   s: round(sum(v) / len(v), 5) for s, v in stats.items()}}
+        if p.algorithm == "ppo" and explained == explained:  # not NaN
+            rec["explained_variance"] = round(explained, 4)
         if (step + 1) % p.eval_every == 0 or step + 1 == trainer.schedule.steps:
             with trainer.evaluating():
                 ev, _, _ = evaluate_policy(policy, reference, rm, tok, eval_items, p,

@@ -18,14 +18,12 @@ from echolm.data.chat import (
     encode_conversations,
     load_conversations,
     problem_messages,
-    problems_up_to,
-    task_from_spec,
-    task_label,
 )
 from echolm.evaluate import cached, task_accuracy, wilson_interval
 from echolm.model import Transformer
 from echolm.runtime import autocast, check_seq_len, finished_stage, setup_distributed
 from echolm.summary import update_summary
+from echolm.tasks.spec import problems_up_to, task_from_spec, task_label
 from echolm.tokenizer import Tokenizer
 from echolm.trainer import Trainer
 
