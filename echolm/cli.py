@@ -11,6 +11,14 @@ from pathlib import Path
 from echolm.errors import EchoError
 
 
+def _settings(p: argparse.ArgumentParser, *sections: str) -> None:
+    """Show the settings a stage reads, with their docs, at the end of its --help."""
+    from echolm.config import settings_help
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = settings_help(list(sections))
+
+
 def _run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--out", "--run", dest="run", type=Path, required=out_required,
                    help="run directory (e.g. runs/demo)")
@@ -18,7 +26,9 @@ def _run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
                    help="preset name (micro, cpu, gpu-small, gpu-d20) or a TOML file; default: "
                         "the run's saved config, else cpu")
     p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SECTION.FIELD=VALUE", help="override any config field (repeatable)")
+                   metavar="SECTION.FIELD=VALUE",
+                   help="override any config field (repeatable; a stage's own fields are listed "
+                        "below, every field with its doc by `echolm presets`)")
     p.add_argument("--force", action="store_true", help="redo the stage even if finished")
 
 
@@ -189,10 +199,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 def cmd_presets(a: argparse.Namespace) -> None:
-    from echolm.config import load_config
+    from echolm.config import load_config, to_toml
 
     cfg = load_config(a.name, a.overrides)
-    print(json.dumps(cfg.to_dict(), indent=2))
+    print(json.dumps(cfg.to_dict(), indent=2) if a.json else to_toml(cfg), end="\n" * a.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.add_argument("--resume", action="store_true",
                    help="require a checkpoint to resume from (resuming is automatic anyway)")
+    _settings(p, "pretrain", "model", "data")
     p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("chat", help="talk to a run's model in the terminal (or answer one "
@@ -261,21 +272,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning on conversations (resumes "
                        "automatically)")
     _run_args(p)
+    _settings(p, "sft", "data")
     p.set_defaults(fn=cmd_stage, runner="echolm.train.sft:run_sft")
 
     p = sub.add_parser("rl", help="reinforcement learning on checkable tasks (GRPO family; "
                        "resumes automatically)")
     _run_args(p)
+    _settings(p, "rl", "grpo")
     p.set_defaults(fn=cmd_stage, runner="echolm.train.grpo:run_rl")
 
     p = sub.add_parser("rm", help="train a reward model on the rankings in DIR/prefs.sqlite "
                        "(Bradley-Terry or Plackett-Luce; resumes automatically)")
     _run_args(p)
+    _settings(p, "rm", "pref")
     p.set_defaults(fn=cmd_stage, runner="echolm.train.reward_model:run_rm")
 
     p = sub.add_parser("dpo", help="direct preference optimisation (DPO or IPO) of the SFT "
                        "model on the rankings in DIR/prefs.sqlite (resumes automatically)")
     _run_args(p)
+    _settings(p, "dpo", "pref")
     p.set_defaults(fn=cmd_stage, runner="echolm.train.dpo:run_dpo")
 
     p = sub.add_parser("rank", help="rank K sampled answers per prompt, best first, into "
@@ -353,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rlhf", help="optimise the SFT model against the reward model (PPO, "
                        "RLOO or GRPO) with a KL penalty and a reward-hacking guard")
     _run_args(p)
+    _settings(p, "rlhf", "ppo")
     p.set_defaults(fn=cmd_stage, runner="echolm.train.rlhf:run_rlhf")
 
     p = sub.add_parser("eval", help="the same measurements for every stage's model")
@@ -366,10 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", "--out", dest="run", type=Path, required=True)
     p.set_defaults(fn=cmd_report)
 
-    p = sub.add_parser("presets", help="print a preset's full configuration")
+    p = sub.add_parser("presets", help="print a preset's full configuration, every field with "
+                       "its one-line doc (TOML: a preset file to start from)")
     p.add_argument("name", nargs="?", default="cpu", help=f"one of {', '.join(list_presets())}")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.FIELD=VALUE")
+    p.add_argument("--json", action="store_true", help="JSON, as DIR/config.json holds it")
     p.set_defaults(fn=cmd_presets)
     return parser
 

@@ -23,7 +23,6 @@ from torch import Tensor
 
 from echolm.checkpoint import atomic_write_json, load_model, save_model
 from echolm.config import Config, GRPOConfig
-from echolm.errors import EchoError
 from echolm.evaluate import task_pass_at_k
 from echolm.losses import clipped_policy_loss, group_advantages, kl_k3, overlong_penalty
 from echolm.model import Transformer
@@ -146,11 +145,7 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         return finished
     d = single_process("rl", "generation is not sharded")
     g, tcfg = cfg.grpo, cfg.rl
-    if g.init not in ("sft", "base"):
-        raise EchoError(f"grpo.init must be 'sft' or 'base', got {g.init!r}")
-    if g.aggregation not in ("token", "sequence", "constant"):
-        raise EchoError(f"grpo.aggregation must be token, sequence or constant, "
-                        f"got {g.aggregation!r}")
+    g.validate()
     tok = Tokenizer.load(run_dir / "tokenizer")
     model = load_model(run_dir / g.init)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if g.kl_beta > 0 else None

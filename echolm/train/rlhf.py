@@ -31,7 +31,6 @@ from echolm.checkpoint import atomic_write_json, load_model, save_model
 from echolm.config import Config, PPOConfig, TrainConfig
 from echolm.data.chat import sft_rows
 from echolm.data.prompts import rlhf_prompts
-from echolm.errors import EchoError
 from echolm.gold import evaluate_policy, gold_win_rate, sft_baseline
 from echolm.losses import (
     best_of_group_advantages,
@@ -202,8 +201,6 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
             explained = explained_variance(values_old, returns, mask)
         else:
             seq_reward = (score - p.kl_beta * kl_tok.sum(1)).view(-1, k)
-            if k < 2:
-                raise EchoError(f"ppo.algorithm={p.algorithm} needs samples_per_prompt >= 2")
             adv = {"rloo": rloo_advantages, "grpo": group_advantages,
                    "best": best_of_group_advantages}[p.algorithm](seq_reward)
             batch["adv"] = adv.flatten()
@@ -269,11 +266,7 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
                                    also=(run_dir / "rlhf_unguarded",))) is not None:
         return finished
     p, tcfg = cfg.ppo, cfg.rlhf
-    if p.algorithm not in ("ppo", "rloo", "grpo", "best"):
-        raise EchoError(f"ppo.algorithm must be ppo, rloo, grpo or best, got {p.algorithm!r}")
-    if p.ptx_coef < 0 or p.ptx_rows < 1:
-        raise EchoError(f"ppo.ptx_coef={p.ptx_coef} must be >= 0 and ppo.ptx_rows="
-                        f"{p.ptx_rows} >= 1")
+    p.validate()
     out.mkdir(parents=True, exist_ok=True)
     # SFT's answers for the final figure, first: the kept model is measured the same way
     # later (plus a KL pass: ~1.3x), so this times what the budget must keep for it
