@@ -13,25 +13,15 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from echolm.atomic import atomic_path, atomic_write_json, atomic_write_text
 from echolm.config import ModelConfig
 from echolm.errors import EchoError
 from echolm.model import Transformer
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def file_fingerprint(path: Path) -> str:
@@ -54,9 +44,8 @@ def save_weights(sd: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path) ->
     sd = {k: v.detach().contiguous() for k, v in sd.items()}
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; it is the embedding
-    tmp = folder / "model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
     atomic_write_json(folder / "config.json", asdict(cfg))
 
 

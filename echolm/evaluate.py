@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from echolm.checkpoint import atomic_write_json, file_fingerprint
+from echolm.atomic import atomic_write_json
+from echolm.checkpoint import file_fingerprint
 from echolm.engine import SamplingParams, generate
 from echolm.losses import bits_per_byte, token_cross_entropy
 from echolm.model import Transformer
@@ -67,7 +68,7 @@ def task_accuracy(model: Transformer, tok: Tokenizer, task: Task, problems: list
     and checked by the task's verifier. Greedy at temperature 0, else sampled (fixed seed)."""
     if max_tokens is None:  # room for the longest worked solution, plus slack
         max_tokens = max(len(tok.encode(p.solution)) for p in problems) + 16
-    prompts = [tok.render_prompt([{"role": "user", "content": p.prompt}]) for p in problems]
+    prompts = [tok.render_user(p.prompt) for p in problems]
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=0,
                             seed=seed, stop_ids=(tok.assistant_end, tok.bos))
     was_training = model.training
@@ -104,7 +105,7 @@ def task_pass_at_k(model: Transformer, tok: Tokenizer, task: Task, problems: lis
     sampled answers per problem; also the mean reward (= pass@1 estimate)."""
     if max_tokens is None:
         max_tokens = max(len(tok.encode(p.solution)) for p in problems) + 16
-    prompts = [tok.render_prompt([{"role": "user", "content": p.prompt}]) for p in problems]
+    prompts = [tok.render_user(p.prompt) for p in problems]
     flat = [(i, pr) for i, pr in enumerate(prompts) for _ in range(n_samples)]
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                             stop_ids=(tok.assistant_end, tok.bos))

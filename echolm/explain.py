@@ -117,7 +117,7 @@ def explain(run_dir: Path, text: str, stage: str | None = None, top_k: int = 5,
     if temperature < 0:
         raise EchoError(f"--temperature must be 0 (greedy) or more, got {temperature}")
     tok, model, name = load_run(run_dir, stage, device)
-    ids = (tok.render_prompt([{"role": "user", "content": text}]) if chat
+    ids = (tok.render_user(text) if chat
            else [tok.bos, *tok.encode(text)])
     limit = model.cfg.max_seq_len
     if len(ids) + generate > limit:

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from echolm.annotator import gold_score
-from echolm.checkpoint import atomic_write_json, file_fingerprint, load_model
+from echolm.atomic import atomic_write_json
+from echolm.checkpoint import file_fingerprint, load_model
 from echolm.config import Config, PPOConfig
 from echolm.data.prompts import PromptItem, rlhf_prompts
 from echolm.model import Transformer
 from echolm.reward import load_reward_model
-from echolm.rollout import pad_batch, response_logprobs, sample_responses
+from echolm.rollout import pad_batch, sample_responses, token_logprobs
 from echolm.tokenizer import Tokenizer
 
 FINAL_EVAL_SEED = 1  # not the seed the guard chose by
@@ -53,7 +54,7 @@ def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: 
     rate compares those per-prompt means with `baseline`'s (ties count half). More samples
     per prompt make a single temperature-1 answer's luck matter less. reference None: the
     model is its own reference (the SFT model itself), KL 0 without two forward passes."""
-    prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
+    prompts = [tok.render_user(it.text) for it in items]
     sampled = sample_responses(model, tok, prompts, samples, p.max_tokens, p.temperature, seed,
                                desc=f"gold: {len(prompts)} prompts x {samples}")
     texts = [tok.decode(r[:-1] if done else r) for r, done in sampled]
@@ -68,9 +69,9 @@ def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: 
                                [r for r, _ in sampled], tok.pad)
         kl_seq = []
         for i in range(0, len(x), 64):  # 1,024 answers' logits at once: ~2 GB per model
-            xs, ys = x[i:i + 64], y[i:i + 64]
-            diff = response_logprobs(model(xs), ys) - response_logprobs(reference(xs), ys)
-            kl_seq.append((diff * mask[i:i + 64]).sum(1))
+            xs, ys, ms = x[i:i + 64], y[i:i + 64], mask[i:i + 64]
+            diff = token_logprobs(model, xs, ys, ms)[0] - token_logprobs(reference, xs, ys, ms)[0]
+            kl_seq.append(diff.sum(1))
         kl = float(torch.cat(kl_seq).mean())
     win = None
     if baseline is not None:

@@ -45,7 +45,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
-from echolm.checkpoint import atomic_write_json, load_model, read_weights, stage_dir
+from echolm.atomic import atomic_write_json
+from echolm.checkpoint import load_model, read_weights, stage_dir
 from echolm.config import ModelConfig
 from echolm.errors import EchoError
 from echolm.model import Transformer

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from echolm.checkpoint import atomic_write_text
+from echolm.atomic import atomic_write_text
 
 
 class MetricsLog:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from echolm.checkpoint import atomic_write_json
+from echolm.atomic import atomic_write_json
 from echolm.config import Config, apply_overrides, config_from_dict, load_config
 from echolm.summary import read_summary
 

@@ -134,7 +134,7 @@ class Policy:
         echolm.train.reward_model reads). A list of temperatures samples answer j at
         temperature[j % len]: answers that differ more than one temperature gives."""
         tok = self.tok
-        ids = tok.render_prompt([{"role": "user", "content": item.text}])
+        ids = tok.render_user(item.text)
         room = self.model.cfg.max_seq_len - len(ids)
         if room < 8:
             raise EchoError(f"{item.source or 'prompt'}: the prompt is {len(ids)} tokens, too "
@@ -171,7 +171,7 @@ class Policy:
         (one random stream for the batch). A prompt left with fewer than `k` different answers
         is sampled again alone, as `sample` does (its own seed, several rounds)."""
         tok = self.tok
-        prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
+        prompts = [tok.render_user(it.text) for it in items]
         room = self.model.cfg.max_seq_len - max(len(p) for p in prompts)
         if room < 8:  # a prompt too long for the context: `sample` says which
             return [self.sample(it, k, prompt_seed(seed, it.text), temperature, max_tokens)

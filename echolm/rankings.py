@@ -70,7 +70,7 @@ def encode_answer(tok: Tokenizer, prompt: str, response: str, ended: bool = True
     """Ids of the prompt and answer in the chat format (<|assistant_end|> only if the answer
     ended its turn), and how many of them are the prompt. Too long for `max_len`: the prompt
     loses tokens from its start, then (if the answer alone is too long) the answer its end."""
-    p = tok.render_prompt([{"role": "user", "content": prompt}])
+    p = tok.render_user(prompt)
     r = tok.encode(response) + ([tok.assistant_end] if ended else [])
     if max_len is not None and len(p) + len(r) > max_len:
         keep = max(1, max_len - len(r))  # always keep <|assistant_start|>

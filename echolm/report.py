@@ -12,7 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from echolm.checkpoint import MODEL_STAGES, atomic_write_text, load_model
+from echolm.atomic import atomic_write_text
+from echolm.checkpoint import MODEL_STAGES, load_model
 from echolm.plots import plot_all
 from echolm.summary import read_summary
 
@@ -74,7 +75,7 @@ def fixed_answers(run_dir: Path, stages: list[str], max_tokens: int = 80) -> dic
     from echolm.tokenizer import Tokenizer
 
     tok = Tokenizer.load(run_dir / "tokenizer")
-    prompts = [tok.render_prompt([{"role": "user", "content": p}]) for p in FIXED_PROMPTS]
+    prompts = [tok.render_user(p) for p in FIXED_PROMPTS]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
                             stop_ids=(tok.assistant_end, tok.bos))
     out = {}

@@ -56,4 +56,25 @@ def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad: int
 
 
 def response_logprobs(logits: Tensor, y: Tensor) -> Tensor:
+    """log p(y) at every position of `logits` (..., V) -> (...), in float32: the one place
+    Echo turns logits into the log-probabilities of chosen tokens."""
     return F.log_softmax(logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1)
+
+
+def token_logprobs(model: Transformer, x: Tensor, y: Tensor, mask: Tensor,
+                   entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """log p(y_t | x_<=t) (B, T) at the positions `mask` selects, 0 elsewhere, and (when
+    asked) the model's entropy there (no gradient: it is only logged). The output head and
+    the vocabulary-wide softmax, the costliest part of a small model's step, run only on the
+    selected positions (an answer's tokens, not its prompt's). RL, RLHF, DPO and the gold
+    measurement all score answers with it."""
+    sel = mask.bool()
+    logits = model.lm_head(model.hidden_states(x)[sel]).float()  # (M, V), row-major order
+    lp = response_logprobs(logits, y[sel])
+    out = lp.new_zeros(x.shape).masked_scatter(sel, lp)
+    if not entropy:
+        return out, None
+    with torch.no_grad():
+        logp_all = F.log_softmax(logits, dim=-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+    return out, ent.new_zeros(x.shape).masked_scatter(sel, ent)

@@ -14,7 +14,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-from echolm.checkpoint import MODEL_STAGES, atomic_write_json, load_model
+from echolm.atomic import atomic_write_json
+from echolm.checkpoint import MODEL_STAGES, load_model
 from echolm.config import Config
 from echolm.data.shards import load_tokens
 from echolm.evaluate import bpb_key, cached, eval_bpb, task_accuracy, wilson_interval
@@ -34,7 +35,7 @@ def gold_answers(model: Transformer, tok: Tokenizer, n: int, max_tokens: int = 6
     from echolm.rollout import sample_responses
 
     items = rlhf_prompts("val", n, 0)
-    prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
+    prompts = [tok.render_user(it.text) for it in items]
     sampled = sample_responses(model, tok, prompts, 1, max_tokens, 0.0, 0)
     texts = [tok.decode(r[:-1] if done else r) for r, done in sampled]
     gold = [gold_score(it, t, done) for it, t, (_, done) in zip(items, texts, sampled,
@@ -76,8 +77,8 @@ def evaluate_stage(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
             # a small model's context cannot hold every HumanEval prompt: use those that fit
             # with room for the answer, and say how many were left out
             room = min(192, model.cfg.max_seq_len // 2)
-            fits = [p for p in problems if len(tok.render_prompt(
-                [{"role": "user", "content": p.prompt}])) + room <= model.cfg.max_seq_len]
+            fits = [p for p in problems
+                    if len(tok.render_user(p.prompt)) + room <= model.cfg.max_seq_len]
             entry: dict = {"skipped_too_long": len(problems) - len(fits), "decoding": "greedy"}
             if fits:
                 acc = task_accuracy(model, tok, task, fits, max_tokens=room)

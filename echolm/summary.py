@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from echolm.checkpoint import atomic_write_json
+from echolm.atomic import atomic_write_json
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

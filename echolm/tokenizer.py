@@ -12,7 +12,6 @@ encodes through `tokenizers` itself; Echo's special tokens were added to it on i
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +20,7 @@ import tiktoken
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from echolm.atomic import atomic_path
 from echolm.errors import EchoError
 
 # GPT-4's pre-split pattern, except that numbers are cut into single digits (as Llama does):
@@ -128,9 +128,8 @@ class Tokenizer:
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "tokenizer.json.tmp"
-        self.hf.save(str(tmp))
-        os.replace(tmp, folder / "tokenizer.json")
+        with atomic_path(folder / "tokenizer.json") as tmp:
+            self.hf.save(str(tmp))
 
     # ---- basic encode / decode ---------------------------------------------------------
     @property
@@ -222,6 +221,11 @@ class Tokenizer:
             raise EchoError("the last message must not be the assistant's when prompting")
         ids, _ = self.render_conversation(messages)
         return ids + [self.special["<|assistant_start|>"]]
+
+    def render_user(self, text: str) -> list[int]:
+        """Ids of one user message and the open assistant turn: what every stage samples
+        answers to (RL, ranking, evaluation, the gold measurement)."""
+        return self.render_prompt([{"role": "user", "content": text}])
 
 
 def iter_texts(texts: Iterable[str], limit_bytes: int) -> Iterator[str]:

@@ -153,3 +153,18 @@ def test_latest_pointing_nowhere(tmp_path: Path) -> None:
     (tmp_path / "ckpt" / "latest").write_text("step_000009")
     with pytest.raises(EchoError, match="step_000009, which is missing"):
         latest_checkpoint(tmp_path)
+
+
+def test_atomic_path_replaces_only_when_the_write_completes(tmp_path):
+    import pytest as _pytest
+
+    from echolm.atomic import atomic_path, atomic_write_json
+
+    target = tmp_path / "summary.json"
+    atomic_write_json(target, {"a": 1})
+    with _pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"a": ')  # half written, then the writer dies
+            raise RuntimeError("killed")
+    assert target.read_text() == '{\n  "a": 1\n}\n'  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary left

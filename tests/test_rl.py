@@ -1,4 +1,4 @@
-"""GRPO pieces that are not pure objectives: response-only log-probs and batch assembly."""
+"""RL pieces that are not pure objectives: answer-only log-probs and batch assembly."""
 
 import pytest
 import torch
@@ -6,8 +6,7 @@ import torch.nn.functional as F
 
 from echolm.config import ModelConfig
 from echolm.model import Transformer
-from echolm.rollout import pad_batch
-from echolm.train.grpo import first_response_position, token_logprobs
+from echolm.rollout import pad_batch, token_logprobs
 
 
 def test_pad_batch_masks_exactly_the_response_targets():
@@ -17,8 +16,6 @@ def test_pad_batch_masks_exactly_the_response_targets():
     assert mask[0].tolist() == [0, 0, 1, 1]
     # row 1: tokens 4 7 8 9 -> every target is a response token
     assert y[1].tolist() == [7, 8, 9, 0] and mask[1].tolist() == [1, 1, 1, 0]
-    assert first_response_position(mask) == 0
-    assert first_response_position(mask[:1]) == 2
 
 
 def test_response_only_logprobs_equal_the_full_computation():
@@ -28,11 +25,19 @@ def test_response_only_logprobs_equal_the_full_computation():
         for p in m.parameters():
             p.normal_(0, 0.2)
     x, y = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
-    full = F.log_softmax(m(x), -1).gather(-1, y[..., None]).squeeze(-1)
-    logp, entropy = token_logprobs(m, x, y, start=5)
-    assert torch.allclose(logp[:, 5:], full[:, 5:], atol=1e-5)
-    assert torch.all(logp[:, :5] == 0) and torch.all(entropy[:, :5] == 0)
-    assert torch.all(entropy[:, 5:] > 0)
+    full_all = F.log_softmax(m(x), -1)
+    full = full_all.gather(-1, y[..., None]).squeeze(-1)
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    mask[0, 5:], mask[1, 2:9], mask[2, 11] = 1, 1, 1  # answers of different lengths
+    logp, entropy = token_logprobs(m, x, y, mask, entropy=True)
+    sel = mask.bool()
+    assert torch.allclose(logp[sel], full[sel], atol=1e-5)
+    assert torch.all(logp[~sel] == 0) and torch.all(entropy[~sel] == 0)
+    ent = -(full_all.exp() * full_all).sum(-1)
+    assert torch.allclose(entropy[sel], ent[sel], atol=1e-5)
+    # gradients reach the model only through the selected positions' log-probs
+    logp.sum().backward()
+    assert m.lm_head.weight.grad is not None and m.lm_head.weight.grad.abs().sum() > 0
 
 
 def test_policy_loss_logs_clip_fraction_and_approx_kl_per_update():
@@ -47,7 +52,7 @@ def test_policy_loss_logs_clip_fraction_and_approx_kl_per_update():
     x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
     mask = torch.tensor([[0] * 3 + [1] * 5, [0] * 3 + [1] * 4 + [0]])
     with torch.no_grad():
-        now = token_logprobs(m, x, y, first_response_position(mask))[0]
+        now = token_logprobs(m, x, y, mask)[0]
     stats: dict = {}
     g = GRPOConfig(kl_beta=0.0)
     batch = PolicyBatch(x, y, mask, torch.tensor([1.0, -1.0]), now - 0.1, None)

@@ -72,3 +72,14 @@ def test_bad_conversation_messages(tok):
     with pytest.raises(EchoError, match="system message must come first"):
         tok.render_conversation([{"role": "user", "content": "x"},
                                  {"role": "system", "content": "y"}])
+
+
+def test_render_user_is_one_user_turn_then_the_open_assistant_turn(tmp_path):
+    from echolm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["hello there, what is 2 + 2?"] * 50, vocab_size=300)
+    ids = tok.render_user("What is 2 + 2?")
+    assert ids == tok.render_prompt([{"role": "user", "content": "What is 2 + 2?"}])
+    sp = tok.special
+    assert ids[0] == sp["<|bos|>"] and ids[1] == sp["<|user_start|>"]
+    assert ids[-2:] == [sp["<|user_end|>"], sp["<|assistant_start|>"]]

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from echolm.atomic import atomic_write_text
 from echolm.errors import EchoError
 
 log = logging.getLogger(__name__)
@@ -634,15 +635,7 @@ def split_docs(docs: list[Doc], fraction: float = VAL_FRACTION) -> tuple[list[Do
 
 
 def _write_atomic(path: Path, lines: list[str]) -> None:
-    # a unique name in the same folder (os.replace is atomic there); mode "x" keeps the umask
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.randrange(1 << 32):08x}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(lines))
 
 
 def _jsonl(docs: list[Doc]) -> list[str]:

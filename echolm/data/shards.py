@@ -10,8 +10,6 @@ that is what makes resuming exact.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from echolm.atomic import atomic_path, atomic_write_json
 from echolm.errors import EchoError
 from echolm.tokenizer import Tokenizer
 
@@ -26,10 +25,8 @@ SHARD_TOKENS = 50_000_000
 
 
 def _write_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_suffix(".npy.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr)
-    os.replace(tmp, path)
 
 
 def write_shards(docs: Iterable[str], tok: Tokenizer, out: Path, split: str,
@@ -154,6 +151,4 @@ class BatchSampler:
 
 
 def write_meta(folder: Path, meta: dict) -> None:
-    tmp = folder / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, folder / "meta.json")
+    atomic_write_json(folder / "meta.json", meta)

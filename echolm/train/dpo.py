@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from echolm.checkpoint import atomic_write_json, load_model, save_model
+from echolm.atomic import atomic_write_json
+from echolm.checkpoint import load_model, save_model
 from echolm.config import Config, PreferenceConfig
 from echolm.data.chat import sft_rows
 from echolm.errors import EchoError
@@ -39,6 +39,7 @@ from echolm.rankings import (
     split_by_prompt,
     step_indices,
 )
+from echolm.rollout import token_logprobs
 from echolm.runtime import autocast, check_seq_len, finished_stage, resolve_dtype, single_process
 from echolm.schedule import capped_steps
 from echolm.summary import update_summary
@@ -120,17 +121,8 @@ def make_pair_batch(encoded: list[EncodedPair], index: list[int], pad: int) -> P
 
 def sequence_logps(model: Transformer, x: Tensor, y: Tensor, mask: Tensor
                    ) -> tuple[Tensor, Tensor]:
-    """Summed log-probability (N,) float32 of each row's masked targets, and their count.
-
-    The output head (the largest matmul of a small model) runs only on the masked positions,
-    and the log-softmax + gather is one fused cross-entropy."""
-    h = model.hidden_states(x)
-    sel = mask.bool()
-    logits = model.lm_head(h[sel])  # (M, V): answer positions only
-    nll = F.cross_entropy(logits.float(), y[sel], reduction="none")
-    rows = sel.nonzero()[:, 0]  # the row of each selected position (row-major, like h[sel])
-    logp = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32).index_add(0, rows, -nll)
-    return logp, sel.sum(1)
+    """Summed log-probability (N,) float32 of each row's masked targets, and their count."""
+    return token_logprobs(model, x, y, mask)[0].sum(1), mask.bool().sum(1)
 
 
 @torch.no_grad()

@@ -18,15 +18,15 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from echolm.checkpoint import atomic_write_json, load_model, save_model
+from echolm.atomic import atomic_write_json
+from echolm.checkpoint import load_model, save_model
 from echolm.config import Config, GRPOConfig
 from echolm.evaluate import task_pass_at_k
 from echolm.losses import clipped_policy_loss, group_advantages, kl_k3, overlong_penalty
 from echolm.model import Transformer
-from echolm.rollout import pad_batch, sample_responses
+from echolm.rollout import pad_batch, sample_responses, token_logprobs
 from echolm.runtime import autocast, finished_stage, single_process
 from echolm.summary import update_summary
 from echolm.tasks import Problem, Task
@@ -48,7 +48,7 @@ class Rollout:
 def sample_groups(model: Transformer, tok: Tokenizer, items: list[tuple[Task, Problem]],
                   g: GRPOConfig, seed: int) -> list[list[Rollout]]:
     """`group_size` sampled answers to every problem, scored by its task."""
-    prompts = [tok.render_prompt([{"role": "user", "content": p.prompt}]) for _, p in items]
+    prompts = [tok.render_user(p.prompt) for _, p in items]
     sampled = sample_responses(model, tok, prompts, g.group_size, g.max_tokens, g.temperature,
                                seed)
     groups: list[list[Rollout]] = [[] for _ in items]
@@ -69,26 +69,6 @@ def sample_groups(model: Transformer, tok: Tokenizer, items: list[tuple[Task, Pr
     return groups
 
 
-def token_logprobs(model: torch.nn.Module, x: Tensor, y: Tensor, start: int = 0
-                   ) -> tuple[Tensor, Tensor]:
-    """log p(y_t | x_<=t) per position, and the policy's entropy per position (no gradient:
-    it is only logged). Positions before `start` (prompt tokens, never trained on) skip the
-    output head and the vocabulary-wide softmax, the costliest part of a small model's step;
-    they come back as 0."""
-    h = model.hidden_states(x)[:, start:]
-    logp_all = F.log_softmax(model.lm_head(h).float(), dim=-1)
-    logp = logp_all.gather(-1, y[:, start:, None]).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    pad = (start, 0)  # put back the skipped prompt positions, in front
-    return F.pad(logp, pad), F.pad(entropy, pad)
-
-
-def first_response_position(mask: Tensor) -> int:
-    """The earliest position any row trains on (mask (B, T) of 0/1)."""
-    return int(mask.float().argmax(1).min()) if mask.any() else 0
-
-
 @dataclass
 class PolicyBatch:
     """Everything the policy loss needs for one batch of scored samples."""
@@ -107,7 +87,7 @@ def policy_loss(model: torch.nn.Module, item: tuple[PolicyBatch, Tensor], g: GRP
     diagnostics to `stats` (the step logs their means over its updates)."""
     b, idx = item
     mask = b.mask[idx]
-    logp, entropy = token_logprobs(model, b.x[idx], b.y[idx], first_response_position(mask))
+    logp, entropy = token_logprobs(model, b.x[idx], b.y[idx], mask, entropy=True)
     logp_old = b.logp_old[idx] if b.logp_old is not None else logp.detach()
     loss, st = clipped_policy_loss(logp, logp_old, b.advantages[idx], mask, g.clip_low,
                                    g.clip_high, g.aggregation, g.max_tokens)
@@ -192,10 +172,9 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             x, y, mask = pad_batch([r.prompt for r in rollouts], [r.response for r in rollouts],
                                     tok.pad)
             with torch.no_grad(), ctx:
-                start = first_response_position(mask)
-                old = (token_logprobs(model, x, y, start)[0] if g.epochs * g.minibatches > 1
+                old = (token_logprobs(model, x, y, mask)[0] if g.epochs * g.minibatches > 1
                        else None)
-                ref = token_logprobs(reference, x, y, start)[0] if reference is not None else None
+                ref = token_logprobs(reference, x, y, mask)[0] if reference is not None else None
             batch = PolicyBatch(x, y, mask, adv, old, ref)
             stats: dict[str, list[float]] = {}
             loss_fn = partial(policy_loss, g=g, stats=stats)

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from echolm.checkpoint import atomic_write_json, save_model
+from echolm.atomic import atomic_write_json
+from echolm.checkpoint import save_model
 from echolm.config import Config
 from echolm.data.shards import BatchSampler, load_tokens, write_meta, write_shards
 from echolm.data.text import iter_documents

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from echolm.checkpoint import atomic_write_json, load_model, save_model
+from echolm.atomic import atomic_write_json
+from echolm.checkpoint import load_model, save_model
 from echolm.config import Config, PPOConfig, TrainConfig
 from echolm.data.chat import sft_rows
 from echolm.data.prompts import rlhf_prompts
@@ -43,7 +44,7 @@ from echolm.losses import (
 )
 from echolm.model import Transformer
 from echolm.reward import load_reward_model
-from echolm.rollout import pad_batch, response_logprobs, sample_responses
+from echolm.rollout import pad_batch, response_logprobs, sample_responses, token_logprobs
 from echolm.runtime import autocast, finished_stage, single_process
 from echolm.summary import update_summary
 from echolm.tokenizer import Tokenizer
@@ -166,7 +167,7 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
         step = trainer.step
         rng = random.Random(f"{tcfg.seed}:{step}")
         items = rng.sample(train_items, min(p.prompts_per_step, len(train_items)))
-        prompts = [tok.render_prompt([{"role": "user", "content": it.text}]) for it in items]
+        prompts = [tok.render_user(it.text) for it in items]
         sampled = sample_responses(policy, tok, prompts, k, p.max_tokens, p.temperature,
                                    seed=tcfg.seed * 7919 + step)
         flat_prompts = [pr for pr in prompts for _ in range(k)]
@@ -186,7 +187,7 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
             else:
                 logits, values_old = model(x), None
             logp_old = response_logprobs(logits, y)
-            logp_ref = response_logprobs(reference(x), y)
+            logp_ref = token_logprobs(reference, x, y, mask)[0]
         kl_tok = (logp_old - logp_ref) * mask
         batch = {"x": x, "y": y, "mask": mask, "logp_old": logp_old}
         if p.algorithm == "ppo":

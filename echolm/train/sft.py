@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from echolm.checkpoint import atomic_write_json, load_model, save_model
+from echolm.atomic import atomic_write_json
+from echolm.checkpoint import load_model, save_model
 from echolm.config import Config
 from echolm.data.chat import (
     PackedSampler,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from echolm.checkpoint import atomic_write_json
+from echolm.atomic import atomic_write_json
 from echolm.config import Config
 from echolm.data.text import iter_documents
 from echolm.errors import EchoError
