@@ -20,6 +20,18 @@ from typing import Any
 import torch
 
 
+def require_peer(*modules: str) -> None:
+    """Exit with one line saying how to install the peer when it is missing (the `bench`
+    extra), instead of a traceback ending in "No module named 'trl'"."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"{Path(sys.argv[0]).name} compares Echo with {', '.join(missing)}, which is "
+                 "not installed: run `make bench` (all benchmarks), or install the bench extra "
+                 "with `.venv/bin/pip install -e '.[bench]'`")
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far, in MiB (Linux reports ru_maxrss in KiB)."""
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

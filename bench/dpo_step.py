@@ -63,6 +63,7 @@ from common import (  # noqa: E402
     llama_config,
     median,
     peak_rss_mb,
+    require_peer,
     run_json_child,
 )
 
@@ -267,6 +268,7 @@ def child_argv(args: argparse.Namespace, side: str) -> list[str]:
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
+    require_peer("transformers", "trl")
     import transformers
     import trl
 

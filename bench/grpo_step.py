@@ -56,7 +56,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
-from common import current_rss_mb, emit_json, median, peak_rss_mb, run_json_child  # noqa: E402
+from common import (  # noqa: E402
+    current_rss_mb,
+    emit_json,
+    median,
+    peak_rss_mb,
+    require_peer,
+    run_json_child,
+)
 from dpo_step import PAD_ID, VOCAB, echo_model, hf_model, hf_tokenizer  # noqa: E402
 
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28
@@ -216,6 +223,7 @@ def child_argv(args: argparse.Namespace, side: str) -> list[str]:
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
+    require_peer("transformers", "trl")
     import transformers
     import trl
 
