@@ -1,5 +1,6 @@
-"""`echolm run`: every stage implemented so far, in order, into one run directory. Finished
-stages are skipped, an interrupted one resumes from its last checkpoint."""
+"""`echolm run`: every stage in order (tokenizer, pretrain, sft, rl, rank, rm, rlhf, dpo,
+eval) into one run directory, then the report. Finished stages are skipped, an interrupted
+one resumes from its last checkpoint."""
 
 from __future__ import annotations
 

@@ -161,10 +161,6 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
-    def id_to_bytes(self, i: int) -> bytes:
-        """The raw bytes of one token (b'' for special tokens); used to stream safe UTF-8."""
-        return self.token_bytes[i]
-
     @cached_property
     def token_bytes(self) -> list[bytes]:
         dec = _byte_decoder()

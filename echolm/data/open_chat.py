@@ -17,19 +17,7 @@ concise, readable), which is what a reward model can learn from and RLHF can imp
 Held-out (template, topic) pairs never appear here, so the val prompts of `echolm rank` and the
 gold evaluation stay unseen.
 
-Measured on the `cpu` preset (session 3, n = 100 greedy per family, 64 held-out prompts x 3
-samples for "on topic"):
-  whole sentences, template topics      arithmetic 38%  spelling 51%  on topic  2%
-  from the topic on, template topics    arithmetic 48%  spelling 54%  on topic 22%
-  from the topic on, + everyday things  arithmetic 48%  spelling 49%  on topic 12%
-The last is kept: its reward model orders held-out prompts' answers as the gold does 62.6% of
-the time against 53.3% (506 and 490 pairs): with a few hundred prompts the reward model learns
-which words go with which training prompt, with ~1,100 it learns more of what makes an answer
-good. With 8,000 open examples instead of 3,000, on topic rose to 20% but spelling fell to 35%.
-
-Tried and dropped (session 2): the text's common nouns as thousands of further topics, answered
-with whole sentences, cost SFT accuracy (arithmetic 50% -> 16%, spelling 52% -> 28%) and
-reward-model accuracy (66% -> 57%): long literary sentences took the small model's capacity.
+Why this design, measured: docs/architecture.md ("Open-ended answers for SFT").
 """
 
 from __future__ import annotations
