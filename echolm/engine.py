@@ -2,6 +2,11 @@
 at a time, sampling with temperature / top-k / top-p / repetition penalty, stopping per row at
 an end token or a length limit. Streaming yields text that never splits a UTF-8 character.
 
+The server's continuous batcher (`echolm.serve.batcher`) uses the same pieces: the sampler
+(`sample_rows`, each row with its own settings and, if seeded, its own generator; `sample_next`
+is it with one setting for every row), the token-piece table (`TokenPieces`) and the UTF-8
+streamer (`Utf8Stream`, which also cuts at stop strings).
+
 On CPU the decode steps run through `FastDecoder`: the model's own math for one token, with
 the weights copied once into the layout the CPU matmul kernels are fastest with (q/k/v and
 gate/up fused into one matrix each). A decode step of a small model is a few dozen
@@ -16,6 +21,7 @@ import codecs
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -47,34 +53,89 @@ def penalize_repeats(logits: Tensor, history: Tensor, penalty: float) -> Tensor:
 def filter_logits(logits: Tensor, p: SamplingParams) -> Tensor:
     """Temperature, then top-k, then top-p (nucleus) of logits (B, V): the logits whose softmax
     is the distribution `sample_next` draws from (-inf = never drawn). Not for temperature 0."""
-    logits = logits / p.temperature
-    if 0 < p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+    temperature, top_k, top_p = _row_settings(p, logits.shape[0], logits.device)
+    return filter_rows(logits, temperature, top_k, top_p)
+
+
+def _row_settings(p: SamplingParams, n: int, device: torch.device) -> tuple[Tensor, ...]:
+    """`p`'s temperature, top_k and top_p for `n` rows, as `filter_rows` takes them."""
+    return (torch.full((n,), p.temperature, device=device),
+            torch.full((n,), p.top_k, device=device),
+            torch.full((n,), p.top_p, dtype=torch.float64, device=device))
+
+
+def filter_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """`filter_logits` with every row's own settings (tensors (B,); temperature > 0, top_k 0
+    and top_p >= 1 = off; top_p in float64 to compare as a Python float would). A row's result
+    does not depend on the rows beside it."""
+    logits = logits / temperature[:, None].to(logits.dtype)
+    V = logits.shape[-1]
+    k_on = (top_k > 0) & (top_k < V)
+    if bool(k_on.any()):
+        # keep every token at least as likely as the k-th (ties with it are kept too)
+        k = torch.where(k_on, top_k, 1).long()
+        kth = logits.topk(int(k.max()), dim=-1).values.gather(1, k[:, None] - 1)
+        kth = kth.masked_fill(~k_on[:, None], float("-inf"))  # rows without top-k keep all
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
+    p_on = top_p < 1.0
+    if bool(p_on.any()):
         # keep the smallest set of most likely tokens whose probabilities sum to >= top_p:
         # drop a token once the tokens ranked before it already reach top_p (the most likely
         # token is always kept). Float32 sums are off by a few ulps, so a set that reaches
         # top_p exactly (0.5 + 0.3 for top_p=0.8) can sum to 0.79999995: allow 1e-6 slack.
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         before = sorted_logits.softmax(-1).cumsum(-1)[:, :-1]  # mass ranked before each token
-        drop = torch.cat([torch.zeros_like(before[:, :1], dtype=torch.bool),
-                          before >= p.top_p - 1e-6], 1)
+        reach = (top_p.double() - 1e-6).to(before.dtype)[:, None]
+        reached = (before >= reach) & p_on[:, None]
+        drop = torch.cat([torch.zeros_like(reached[:, :1]), reached], 1)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     return logits
 
 
+Generators = torch.Generator | Sequence[torch.Generator | None] | None
+
+
+def sample_rows(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor,
+                generators: Generators = None) -> Tensor:
+    """One token per row of logits (B, V), every row with its own settings (tensors (B,)):
+    the sampler of the engine and of the server's batcher.
+
+    Greedy rows (temperature <= 0) take the argmax. The others draw from `filter_rows`'s
+    distribution with `torch.multinomial`. `generators`: None (torch's global generator), one
+    generator for the whole batch (the engine: a seeded batch), or one per row, None for rows
+    without a seed (the server: a seeded row draws with its own generator, so its tokens do not
+    depend on which other rows share the batch).
+    """
+    logits = logits.float()
+    greedy = temperature <= 0
+    best = logits.argmax(-1)
+    if bool(greedy.all()):
+        return best
+    probs = filter_rows(logits, torch.where(greedy, 1.0, temperature), top_k, top_p).softmax(-1)
+    if generators is None or isinstance(generators, torch.Generator):
+        picked = torch.multinomial(probs, 1, generator=generators).squeeze(1)
+        return torch.where(greedy, best, picked)
+    picked = best.clone()
+    sampled = [i for i, g in enumerate(greedy.tolist()) if not g]
+    shared = [i for i in sampled if generators[i] is None]
+    if shared:
+        picked[shared] = torch.multinomial(probs[shared], 1).squeeze(1)
+    for i in sampled:
+        if generators[i] is not None:
+            picked[i] = torch.multinomial(probs[i:i + 1], 1, generator=generators[i])[0, 0]
+    return picked
+
+
 def sample_next(logits: Tensor, p: SamplingParams, history: Tensor | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
-    """One token id per row from logits (B, V)."""
+    """One token id per row from logits (B, V), every row with the settings `p` (and, if it
+    asks for one, the repetition penalty over `history`), through `sample_rows`."""
     logits = logits.float()
     if p.repetition_penalty != 1.0 and history is not None and history.numel():
         logits = penalize_repeats(logits, history, p.repetition_penalty)
-    if p.temperature <= 0:
-        return logits.argmax(-1)
-    probs = filter_logits(logits, p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    temperature, top_k, top_p = _row_settings(p, logits.shape[0], logits.device)
+    return sample_rows(logits, temperature, top_p, top_k, generator)
 
 
 class FastDecoder:
@@ -260,17 +321,87 @@ def generate(model: Transformer, tok: Tokenizer, prompts: list[list[int]],
     return out
 
 
+class TokenPieces:
+    """The token-piece table: every id of a vocabulary of `size` ids (a model may have more
+    rows than its tokenizer has tokens) as the bytes it adds to the text, and as a readable
+    string (logprobs). `specials`: "name" spells a special token by its name (`<|bos|>`), as
+    the server's answers do; "silent" gives it no bytes (the tokenizer's `token_bytes`). Ids
+    past the tokenizer's are `<|unused_N|>` by name, or silent."""
+
+    def __init__(self, tok: Tokenizer, size: int | None = None, specials: str = "name") -> None:
+        if specials not in ("name", "silent"):
+            raise ValueError(f"specials must be 'name' or 'silent', got {specials!r}")
+        known = tok.token_bytes
+        size = len(known) if size is None else size
+        if specials == "silent":  # the tokenizer's own table (shared, not copied)
+            self.bytes = known if size == len(known) else (known + [b""] * size)[:size]
+        else:
+            names = {i: name.encode() for name, i in tok.special.items()}
+            self.bytes = [names[i] if i in names else known[i] if i < tok.vocab_size
+                          else f"<|unused_{i}|>".encode() for i in range(size)]
+
+    def __len__(self) -> int:
+        return len(self.bytes)
+
+    @cached_property
+    def strings(self) -> list[str]:
+        """Each piece as text (bytes that are not whole UTF-8 characters as \\xNN escapes)."""
+        return [b.decode("utf-8", errors="backslashreplace") for b in self.bytes]
+
+    @cached_property
+    def byte_lists(self) -> list[list[int]]:
+        return [list(b) for b in self.bytes]
+
+
 class Utf8Stream:
     """Turns token ids into text pieces without ever emitting half a UTF-8 character: bytes
     that do not yet form a whole character wait for the next token (a token can end in the
-    middle of a multi-byte character)."""
+    middle of a multi-byte character).
 
-    def __init__(self, tok: Tokenizer) -> None:
-        self.tok = tok
+    `pieces`: a tokenizer (its special tokens add no text), a `TokenPieces` table, or the
+    bytes of each token id. With stop strings, the text stops before the first one (`stopped`
+    turns True; the stop string itself is never emitted), and text that could be the start of
+    one is held back until it cannot."""
+
+    def __init__(self, pieces: Tokenizer | TokenPieces | Sequence[bytes],
+                 stops: Sequence[str] = ()) -> None:
+        if isinstance(pieces, Tokenizer):
+            pieces = TokenPieces(pieces, specials="silent")
+        self.pieces = pieces.bytes if isinstance(pieces, TokenPieces) else pieces
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = [s for s in stops if s]
+        self.text = ""  # with stop strings: everything decoded so far (cut at a stop string)
+        self.sent = 0  # how much of it has been emitted
+        self.stopped = False
 
     def push(self, token_id: int) -> str:
-        return self.decoder.decode(self.tok.token_bytes[token_id], final=False)
+        """The text that can be emitted after `token_id`."""
+        new = self.decoder.decode(self.pieces[token_id], final=False)
+        if not self.stops:
+            return new
+        self.text += new
+        hit = min((i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0),
+                  default=-1)
+        if hit >= 0:
+            out, self.text = self.text[self.sent:hit], self.text[:hit]
+            self.sent, self.stopped = hit, True
+            return out
+        hold = 0  # longest tail of the text that is the start of some stop string
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text) - self.sent), hold, -1):
+                if self.text.endswith(s[:k]):
+                    hold = k
+                    break
+        return self._emit(len(self.text) - hold)
 
     def flush(self) -> str:
-        return self.decoder.decode(b"", final=True)
+        """The rest at the end of generation (held-back text no longer can become a stop)."""
+        new = self.decoder.decode(b"", final=True)
+        if not self.stops:
+            return new
+        self.text += new
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        out, self.sent = self.text[self.sent:upto], upto
+        return out

@@ -46,6 +46,9 @@ class Ranking:
 
 
 class PreferenceStore:
+    """One connection to the store at `path` (created if absent). `with PreferenceStore(path)
+    as store:` closes it at the end of the block."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +62,12 @@ class PreferenceStore:
 
     def close(self) -> None:
         self.db.close()
+
+    def __enter__(self) -> PreferenceStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

@@ -210,6 +210,36 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert _kept([2.0, 1.0, 0.5, 0.0, -1.0], top_k=2) == [0, 1]
 
 
+def test_engine_and_server_batcher_sample_alike_at_the_nucleus_edge():
+    """The server's batcher samples with the engine's sampler: for the same logits and seed,
+    a row of the batcher (beside rows with other settings) draws the token `sample_next`
+    draws. Here the nucleus boundary is hit exactly: 0.6 + 0.25 reaches top_p = 0.85, and in
+    float32 the mass before the third token is 0.84999996, a hair short. The batcher's own
+    sampler (no 1e-6 slack) used to keep that 0.15 token and draw it; its seeded answers
+    also changed because it drew by inverting the CDF at one uniform number, where both now
+    call torch.multinomial."""
+    from echolm.serve.batcher import RowParams, row_generator, sample_step
+
+    logits = torch.tensor([math.log(x) for x in (0.6, 0.25, 0.15)])
+    before = logits.softmax(-1).cumsum(-1)[1]
+    assert before < 0.85 and float(before) > 0.85 - 1e-6  # the edge: short by float rounding
+    engine_p = SamplingParams(top_p=0.85)
+    rows = [RowParams(max_new=1, temperature=0.0),  # other rows: other settings
+            RowParams(max_new=1, top_p=0.85, seed=0),
+            RowParams(max_new=1, temperature=0.5, top_k=2)]
+    batch = torch.stack([logits.roll(1), logits, logits.flip(0)])
+    draws = set()
+    for seed in range(200):
+        rows[1].seed = seed
+        gens = [row_generator(p, "cpu") for p in rows]
+        server = int(sample_step(batch, rows, gens)[1])
+        engine = int(sample_next(logits[None], engine_p, None,
+                                 torch.Generator().manual_seed(seed))[0])
+        assert server == engine
+        draws.add(engine)
+    assert draws == {0, 1}  # the 0.15 token is outside the nucleus
+
+
 def test_repetition_penalty_on_hand_made_logits():
     logits = torch.tensor([[3.0, -1.0, 2.0, 0.5]])
     history = torch.tensor([[0, 1, 1]])  # a token seen twice is penalised once

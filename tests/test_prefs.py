@@ -143,21 +143,34 @@ def test_ranking_must_name_answers_to_its_own_prompt(tmp_path):
     assert s.counts()["rankings"] == 0
 
 
+def test_store_is_a_context_manager_that_closes(tmp_path):
+    with PreferenceStore(tmp_path / "s.sqlite") as s:
+        pid = s.add_prompt("one")
+        s.add_ranking(pid, s.add_responses(pid, ["a", "b"]), "alice")
+    with pytest.raises(sqlite3.ProgrammingError):  # closed at the end of the block
+        s.counts()
+    with pytest.raises(RuntimeError), PreferenceStore(tmp_path / "s.sqlite") as t:
+        raise RuntimeError("an error inside the block closes the store too")
+    with pytest.raises(sqlite3.ProgrammingError):
+        t.counts()
+    with PreferenceStore(tmp_path / "s.sqlite") as u:  # what was written is there
+        assert u.counts() == {"prompts": 1, "responses": 2, "rankings": 1}
+
+
 # ---- several processes at once -----------------------------------------------------------------
 WORKERS, PROMPTS, K, SHARED = 4, 50, 4, 5
 
 
 def _writer(path: str, w: int, go) -> None:  # runs in a child process
     go.wait()  # all start together, on a database none of them has created yet
-    s = PreferenceStore(path)
     texts = [f"worker {w} prompt {i}" for i in range(PROMPTS)]
     texts += [f"shared prompt {i}" for i in range(SHARED)]  # every worker adds these too
-    for t in texts:
-        pid = s.add_prompt(t, source=f"worker {w}")
-        ids = s.add_responses(pid, [f"{t} / worker {w} answer {j}" for j in range(K)],
-                              stage="test", sampling={"worker": w})
-        s.add_ranking(pid, ids[::-1], f"worker-{w}")
-    s.close()
+    with PreferenceStore(path) as s:
+        for t in texts:
+            pid = s.add_prompt(t, source=f"worker {w}")
+            ids = s.add_responses(pid, [f"{t} / worker {w} answer {j}" for j in range(K)],
+                                  stage="test", sampling={"worker": w})
+            s.add_ranking(pid, ids[::-1], f"worker-{w}")
 
 
 def test_concurrent_processes_lose_nothing(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,12 +159,25 @@ def test_completions_endpoint(client) -> None:
     (c,) = r.choices
     assert len(c.logprobs.tokens) == r.usage.completion_tokens <= 6
     assert all(len(t) <= 2 for t in c.logprobs.top_logprobs)
-    assert "".join(c.logprobs.tokens).startswith(c.text[:1]) or not c.text
+    # The tokens spell the text. (This seed's answer changed when the batcher took the
+    # engine's sampler: it now starts with a token that is half a UTF-8 character, spelled
+    # "\\xf5" in logprobs and U+FFFD in the text, so compare bytes, not first characters.)
+    spelled = b"".join(_token_bytes(t) for t in c.logprobs.tokens)
+    assert spelled.decode("utf-8", errors="replace") == c.text
+    assert c.logprobs.text_offset == [sum(map(len, c.logprobs.tokens[:i]))
+                                      for i in range(len(c.logprobs.tokens))]
     many = client.completions.create(model="echo-base", prompt=["A", "B"], n=2, max_tokens=3)
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
     chunks = list(client.completions.create(model="echo-base", prompt="The", max_tokens=5,
                                             stream=True))
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def _token_bytes(token: str) -> bytes:
+    """A logprobs token back to its bytes (bytes that are not whole UTF-8 characters are
+    spelled as \\xNN escapes)."""
+    return b"".join(bytes([int(part[2:], 16)]) if re.fullmatch(r"\\x[0-9a-f]{2}", part)
+                    else part.encode() for part in re.split(r"(\\x[0-9a-f]{2})", token))
 
 
 def test_errors_have_openai_shape(client, server: ServerThread) -> None:
@@ -272,13 +286,20 @@ def slow_server(serve_run: Path):
         yield s
 
 
+# Requests that must still be running seconds later are greedy: the sft model's greedy answer
+# to MSG runs all 200 tokens, while a sampled one may end at once, depending on where the
+# global generator stands (when the batcher took the engine's sampler, which draws
+# differently, the sampled request of the disconnect test began to end after 8 tokens).
+LONG = {"model": "echo-sft", "messages": MSG, "max_tokens": 200, "temperature": 0}
+
+
 def test_too_many_requests_is_429(slow_server: ServerThread) -> None:
     s = slow_server
     holders = []
     try:
         for _ in range(3):
-            cm = httpx.stream("POST", s.url + "/v1/chat/completions", timeout=30, json={
-                "model": "echo-sft", "messages": MSG, "max_tokens": 200, "stream": True})
+            cm = httpx.stream("POST", s.url + "/v1/chat/completions", timeout=30,
+                              json={**LONG, "stream": True})
             assert cm.__enter__().status_code == 200
             holders.append(cm)
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
@@ -295,8 +316,8 @@ def test_too_many_requests_is_429(slow_server: ServerThread) -> None:
 def test_disconnect_frees_the_slot_at_once(slow_server: ServerThread) -> None:
     s = slow_server
     before = s.state.engine.stats()["tokens"]
-    with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=30, json={
-            "model": "echo-sft", "messages": MSG, "max_tokens": 200, "stream": True}) as r:
+    with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=30,
+                      json={**LONG, "stream": True}) as r:
         lines = r.iter_lines()
         while not next(lines).startswith("data: {"):
             pass
@@ -308,8 +329,7 @@ def test_disconnect_frees_the_slot_at_once(slow_server: ServerThread) -> None:
     assert s.state.engine.stats()["tokens"] - before < 60
     # a non-streaming client that gives up is dropped too
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(s.url + "/v1/chat/completions", timeout=0.5, json={
-            "model": "echo-sft", "messages": MSG, "max_tokens": 200})
+        httpx.post(s.url + "/v1/chat/completions", timeout=0.5, json=LONG)
     wait_idle(s, timeout=2.0)
 
 
@@ -351,15 +371,12 @@ def test_rank_endpoints_fill_the_store(server: ServerThread, serve_run: Path) ->
     assert r.status_code == 200, r.text
     from echolm.prefs import PreferenceStore
 
-    db = PreferenceStore(serve_run / "prefs.sqlite")
-    try:
+    with PreferenceStore(serve_run / "prefs.sqlite") as db:
         (rk,) = db.rankings("api-test")
         assert rk.response_ids == order and rk.prompt == "Name a colour."
         rows = {x["id"]: x for x in db.responses(s["prompt_id"])}
         assert rows[ids[0]]["stage"] == "sft" and rows[ids[0]]["checkpoint"] == s["checkpoint"]
         assert rows[ids[0]]["sampling"]["temperature"] == 1.0
-    finally:
-        db.close()
 
 
 def test_openapi_schema_states_the_limits(server: ServerThread) -> None:
@@ -463,22 +480,79 @@ def test_continuous_batching_matches_one_at_a_time(serve_run: Path) -> None:
     assert [got[k] for k in range(len(prompts))] == want
 
 
-def test_row_text_holds_back_possible_stop_strings() -> None:
-    from echolm.serve.batcher import RowText
+def test_seeded_rows_draw_what_the_engine_draws(serve_run: Path) -> None:
+    """One sampler: a seeded sampled row in the batcher, decoding beside other rows, draws
+    the tokens `echolm.engine.generate_ids` draws alone for the same seed and settings."""
+    from echolm.checkpoint import load_model
+    from echolm.engine import SamplingParams, generate_ids
+    from echolm.serve.batcher import Engine, GenRequest, RowParams
+    from echolm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(serve_run / "tokenizer")
+    model = load_model(serve_run / "sft").eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, tok.vocab_size, (n,), generator=g).tolist() for n in (5, 17, 9)]
+    settings = [dict(temperature=0.9, top_p=0.9, top_k=0, seed=11),
+                dict(temperature=1.0, top_p=1.0, top_k=5, seed=12),
+                dict(temperature=0.7, top_p=0.8, top_k=20, seed=13)]
+    want = [[int(t[0]) for t in generate_ids(model, [p], SamplingParams(max_tokens=20, **kw))]
+            for p, kw in zip(prompts, settings, strict=True)]
+    got: dict[int, list[int]] = {}
+    done = threading.Event()
+
+    def sink_for(k: int):
+        toks: list[int] = []
+
+        def sink(events) -> None:
+            for e in events:
+                toks.append(e.token)
+                if e.finish:
+                    got[k] = toks
+                    if len(got) == len(prompts) + 1:
+                        done.set()
+        return sink
+
+    engine = Engine(tok, max_batch=8)
+    try:  # an unseeded row shares the batch: it must not change the seeded rows' draws
+        engine.submit(GenRequest(model, [prompts[0]], [RowParams(max_new=20)], sink_for(-1)))
+        for k, (p, kw) in enumerate(zip(prompts, settings, strict=True)):
+            engine.submit(GenRequest(model, [p], [RowParams(max_new=20, **kw)], sink_for(k)))
+        assert done.wait(60)
+    finally:
+        engine.close()
+    assert [got[k] for k in range(len(prompts))] == want
+    assert len(set(map(tuple, want))) == len(want)
+
+
+def test_utf8_stream_holds_back_possible_stop_strings() -> None:
+    from echolm.engine import Utf8Stream  # the batcher's streamer is the engine's
 
     pieces = [b"ab", b"c", b"d", b"\xe2\x82", b"\xac", b"END", b"x"]
-    t = RowText(pieces, ["cd!", "EN"])
-    out = [t.push(i) for i in (0, 1, 2, 3, 4)]
+    t = Utf8Stream(pieces, ["cd!", "EN"])
+    out = [(t.push(i), t.stopped) for i in (0, 1, 2, 3, 4)]
     # "c", then "cd" could begin "cd!": held back until the euro sign rules that out
     assert out == [("ab", False), ("", False), ("", False), ("", False), ("cd\u20ac", False)]
-    assert t.push(5) == ("", True)  # "EN" inside "END" stops; nothing of it is sent
+    assert (t.push(5), t.stopped) == ("", True)  # "EN" inside "END" stops; none of it is sent
     assert t.text == "abcd\u20ac"
-    plain = RowText(pieces, [])
-    assert "".join(plain.push(i)[0] for i in (3, 4, 6)) + plain.flush() == "\u20acx"
+    plain = Utf8Stream(pieces)
+    assert "".join(plain.push(i) for i in (3, 4, 6)) + plain.flush() == "\u20acx"
+
+
+def test_token_pieces_spell_special_tokens_by_name(serve_run: Path) -> None:
+    from echolm.engine import TokenPieces
+    from echolm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(serve_run / "tokenizer")
+    named, silent = TokenPieces(tok, tok.vocab_size + 2), TokenPieces(tok, specials="silent")
+    assert named.bytes[tok.bos] == b"<|bos|>" and silent.bytes[tok.bos] == b""
+    assert named.bytes[tok.vocab_size + 1] == f"<|unused_{tok.vocab_size + 1}|>".encode()
+    word = tok.encode("hello")[0]
+    assert named.bytes[word] == silent.bytes[word] == tok.token_bytes[word]
+    assert named.strings[word] == tok.token_bytes[word].decode("utf-8", "backslashreplace")
 
 
 def test_sample_rows_respects_each_rows_settings() -> None:
-    from echolm.serve.batcher import sample_rows
+    from echolm.engine import sample_rows
 
     logits = torch.tensor([[0.0, 5.0, 1.0, 2.0]] * 4)
     gens = [None, None, torch.Generator().manual_seed(1), None]

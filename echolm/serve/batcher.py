@@ -10,17 +10,17 @@ columns on the left. A finished, stopped or cancelled row is dropped at once and
 no remaining row uses are cut off, so the cache is never longer than the longest live row
 (<= the model's context), however long the batch keeps running.
 
-Per step: sample the next token of every row from the last logits (each row with its own
-temperature / top-k / top-p / seeded generator), turn tokens into text (never half a UTF-8
-character; text that could be the start of a stop string waits), hand each request its events,
-drop finished rows, then feed the survivors' tokens in one forward pass. The engine never waits
-for a client: events go to a callback that only queues them, so a slow reader cannot hold up
-the batch, and a client that leaves is removed before the next forward pass.
+Per step: sample the next token of every row from the last logits (the engine's `sample_rows`,
+each row with its own temperature / top-k / top-p / seeded generator), turn tokens into text
+(the engine's `Utf8Stream` over a `TokenPieces` table: never half a UTF-8 character; text that
+could be the start of a stop string waits), hand each request its events, drop finished rows,
+then feed the survivors' tokens in one forward pass. The engine never waits for a client:
+events go to a callback that only queues them, so a slow reader cannot hold up the batch, and
+a client that leaves is removed before the next forward pass.
 """
 
 from __future__ import annotations
 
-import codecs
 import collections
 import itertools
 import threading
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from echolm.engine import TokenPieces, Utf8Stream, sample_rows
 from echolm.model import KVCache, Transformer
 from echolm.tokenizer import Tokenizer
 
@@ -94,128 +95,37 @@ class GenRequest:
         self.cancelled = True
 
 
-class RowText:
-    """Token ids -> text for one row: whole UTF-8 characters only, and stop strings cut the
-    text (the stop string itself is never sent, nor any text that might begin one)."""
-
-    def __init__(self, pieces: list[bytes], stops: Sequence[str]) -> None:
-        self.pieces = pieces
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stops = [s for s in stops if s]
-        self.text = ""
-        self.sent = 0
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """The text that can be sent after `token`, and whether a stop string was hit."""
-        self.text += self.decoder.decode(self.pieces[token], final=False)
-        if not self.stops:
-            out, self.sent = self.text[self.sent:], len(self.text)
-            return out, False
-        hit = min((i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0),
-                  default=-1)
-        if hit >= 0:
-            out, self.text = self.text[self.sent:hit], self.text[:hit]
-            self.sent = hit
-            return out, True
-        hold = 0  # longest tail of the text that is the start of some stop string
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text) - self.sent), hold, -1):
-                if self.text.endswith(s[:k]):
-                    hold = k
-                    break
-        safe = len(self.text) - hold
-        out, self.sent = self.text[self.sent:safe], safe
-        return out, False
-
-    def flush(self) -> str:
-        """The rest at the end of generation (held-back text no longer can become a stop)."""
-        self.text += self.decoder.decode(b"", final=True)
-        out, self.sent = self.text[self.sent:], len(self.text)
-        return out
-
-
-class Vocab:
-    """Per-token strings and bytes for logprobs and streaming, computed once per tokenizer."""
-
-    def __init__(self, tok: Tokenizer, size: int) -> None:
-        self.tok = tok
-        specials = {i: name for name, i in tok.special.items()}
-        self.pieces: list[str] = []
-        self.bytes: list[bytes] = []  # what goes into the text (a special token by its name)
-        known = tok.vocab_size
-        for i in range(size):
-            if i in specials:
-                b = specials[i].encode()
-            elif i < known:
-                b = tok.token_bytes[i]
-            else:
-                b = f"<|unused_{i}|>".encode()
-            self.bytes.append(b)
-            self.pieces.append(b.decode("utf-8", errors="backslashreplace"))
-        self.byte_lists = [list(b) for b in self.bytes]
-
-    def entry(self, i: int, logprob: float) -> dict:
-        return {"token": self.pieces[i], "logprob": logprob, "bytes": self.byte_lists[i]}
-
-
 @dataclass
 class Row:
     req: GenRequest
     index: int
     prompt_len: int
     params: RowParams
-    text: RowText
+    text: Utf8Stream
     generator: torch.Generator | None
     generated: int = 0
     done: bool = False
 
 
-def sample_rows(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor,
-                generators: list[torch.Generator | None]) -> Tensor:
-    """One token per row of logits (B, V), every row with its own settings (tensors (B,)).
+def row_generator(p: RowParams, device: torch.device | str) -> torch.Generator | None:
+    """A seeded sampled row's own generator, seeded as the engine seeds a batch's (so a row
+    and `generate_ids` with the same seed draw alike); None for greedy or unseeded rows."""
+    if p.seed is None or p.temperature <= 0:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(p.seed % (2**63))
+    return gen
 
-    Greedy rows (temperature <= 0) take the argmax. Others: divide by the temperature, keep
-    the k likeliest (k > 0), then the smallest set whose probability reaches top_p, and draw
-    by inverting the cumulative distribution at one uniform number per row; a row with its own
-    generator draws its number with it, so a seeded row's draws do not depend on which other
-    rows share the batch.
-    """
-    logits = logits.float()
-    greedy = temperature <= 0
-    best = logits.argmax(-1)
-    if bool(greedy.all()):
-        return best
-    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
-    order = None
-    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-        scaled, order = scaled.sort(dim=-1, descending=True)
-        V = scaled.shape[-1]
-        ranks = torch.arange(V, device=scaled.device)[None]
-        k = torch.where(top_k > 0, top_k, V)[:, None]
-        scaled = scaled.masked_fill(ranks >= k, float("-inf"))
-        probs = scaled.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p.clamp(min=1e-6)[:, None]
-        probs = probs.masked_fill(drop, 0.0)
-    else:
-        probs = scaled.softmax(-1)
-    u = torch.empty(len(generators), device=probs.device)
-    shared = [i for i, g in enumerate(generators) if g is None]
-    if len(shared) == len(generators):
-        u.uniform_()
-    else:
-        if shared:
-            u[shared] = torch.rand(len(shared), device=probs.device)
-        for i, g in enumerate(generators):
-            if g is not None:
-                u[i] = torch.rand((), generator=g, device=probs.device)
-    cdf = probs.cumsum(-1)
-    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-    picked = picked.clamp_(max=probs.shape[-1] - 1)
-    never = probs.gather(1, picked[:, None]).squeeze(1) <= 0  # u rounded up to 1: rare
-    picked = torch.where(never, probs.argmax(-1), picked)
-    if order is not None:
-        picked = order.gather(1, picked[:, None]).squeeze(1)
-    return torch.where(greedy, best, picked)
+
+def sample_step(logits: Tensor, params: Sequence[RowParams],
+                generators: Sequence[torch.Generator | None]) -> Tensor:
+    """The next token of every row of logits (B, V): the engine's `sample_rows`, each row
+    with its own settings and generator (`row_generator`)."""
+    dev = logits.device
+    return sample_rows(logits, torch.tensor([p.temperature for p in params],
+                                            dtype=torch.float32, device=dev),
+                       torch.tensor([p.top_p for p in params], dtype=torch.float64, device=dev),
+                       torch.tensor([p.top_k for p in params], device=dev), generators)
 
 
 class Batch:
@@ -316,7 +226,7 @@ class Engine:
         self.tok = tok
         self.max_batch = max_batch
         self.deliver = deliver or self._deliver_direct
-        self._vocab: dict[int, Vocab] = {}
+        self._pieces: dict[int, TokenPieces] = {}  # per model vocabulary size
         self._pending: collections.deque[GenRequest] = collections.deque()
         self._batches: dict[int, Batch] = {}
         self._cv = threading.Condition()
@@ -419,21 +329,18 @@ class Engine:
                 self._batches[key] = Batch(model, self.tok.pad)
         return self._batches[key]
 
-    def _vocab_for(self, model: Transformer) -> Vocab:
+    def _pieces_for(self, model: Transformer) -> TokenPieces:
         size = model.cfg.vocab_size
-        if size not in self._vocab:
-            self._vocab[size] = Vocab(self.tok, size)
-        return self._vocab[size]
+        if size not in self._pieces:
+            self._pieces[size] = TokenPieces(self.tok, size)  # special tokens by name
+        return self._pieces[size]
 
     def _new_rows(self, batch: Batch, req: GenRequest) -> list[Row]:
-        vocab = self._vocab_for(batch.model)
+        pieces = self._pieces_for(batch.model)
         rows = []
         for i, (prompt, p) in enumerate(zip(req.prompts, req.params, strict=True)):
-            gen = None
-            if p.seed is not None and p.temperature > 0:
-                gen = torch.Generator(device=batch.device)
-                gen.manual_seed(p.seed % (2**63))
-            rows.append(Row(req, i, len(prompt), p, RowText(vocab.bytes, p.stop), gen))
+            rows.append(Row(req, i, len(prompt), p, Utf8Stream(pieces, p.stop),
+                            row_generator(p, batch.device)))
         return rows
 
     def _step(self, batch: Batch, new: list[GenRequest],
@@ -450,10 +357,7 @@ class Engine:
             return
         # 3. sample every row's next token
         rows, dev = batch.rows, batch.device
-        temps = torch.tensor([r.params.temperature for r in rows], device=dev)
-        top_p = torch.tensor([r.params.top_p for r in rows], device=dev)
-        top_k = torch.tensor([r.params.top_k for r in rows], device=dev)
-        tokens = sample_rows(batch.logits, temps, top_p, top_k, [r.generator for r in rows])
+        tokens = sample_step(batch.logits, [r.params for r in rows], [r.generator for r in rows])
         token_list = tokens.tolist()
         logprobs = self._logprobs(batch, tokens)
         # 4. text and events
@@ -467,8 +371,8 @@ class Engine:
             if t in row.req.stop_ids:  # the end token is not part of the answer (nor logprobs)
                 ev = Event(row.index, row.text.flush(), None, None, "stop")
             else:
-                text, hit = row.text.push(t)
-                if hit:
+                text = row.text.push(t)
+                if row.text.stopped:
                     ev = Event(row.index, text, t, entry, "stop")
                 elif (row.generated >= row.params.max_new
                       or row.prompt_len + row.generated >= batch.cfg.max_seq_len):
@@ -492,7 +396,7 @@ class Engine:
         want = [i for i, r in enumerate(batch.rows) if r.params.logprobs]
         if not want:
             return {}
-        vocab = self._vocab_for(batch.model)
+        pieces = self._pieces_for(batch.model)
         idx = torch.tensor(want, device=batch.device)
         lp = batch.logits[idx].float().log_softmax(-1)
         chosen = lp.gather(1, tokens[idx][:, None])[:, 0].tolist()
@@ -503,9 +407,9 @@ class Engine:
         out = {}
         tok_list = tokens[idx].tolist()
         for j, i in enumerate(want):
-            entry = vocab.entry(tok_list[j], chosen[j])
+            entry = _entry(pieces, tok_list[j], chosen[j])
             n = batch.rows[i].params.top_logprobs
-            entry["top_logprobs"] = [vocab.entry(t, v) for t, v in
+            entry["top_logprobs"] = [_entry(pieces, t, v) for t, v in
                                      zip(top_i[j][:n], top_v[j][:n], strict=True)] if n else []
             out[i] = entry
         return out
@@ -523,3 +427,8 @@ class Engine:
             req.finished += len(evs)
             outputs.append((req, evs))
         batch.rows, batch.cache, batch.logits = [], None, None
+
+
+def _entry(pieces: TokenPieces, i: int, logprob: float) -> dict:
+    """A token's logprob entry, as OpenAI's API gives it."""
+    return {"token": pieces.strings[i], "logprob": logprob, "bytes": pieces.byte_lists[i]}

@@ -9,10 +9,14 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from echolm.serve.schemas import Limits
+
+if TYPE_CHECKING:
+    from echolm.serve.jobs import Server
 
 
 def free_port() -> int:
@@ -79,7 +83,7 @@ class ServerThread:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
-    def state(self):  # the Server object behind the app
+    def state(self) -> Server:  # the Server object behind the app
         return self.app.app.state.server
 
     def __enter__(self) -> ServerThread:
@@ -102,7 +106,7 @@ def slow_down(server: ServerThread, stage: str, seconds: float) -> None:
     model, _ = server.state.models.get(stage)
     fast = model.forward
 
-    def slow(*args, **kwargs):
+    def slow(*args: Any, **kwargs: Any) -> Any:
         time.sleep(seconds)
         return fast(*args, **kwargs)
 
