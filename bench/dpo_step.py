@@ -111,7 +111,7 @@ def make_pairs(n: int, seed: int) -> list[tuple[list[int], list[int], list[int]]
 def echo_side(args: argparse.Namespace) -> dict[str, Any]:
     import copy
 
-    from echolm.config import PreferenceConfig, TrainConfig
+    from echolm.config import DPOConfig
     from echolm.rankings import step_indices
     from echolm.runtime import Dist
     from echolm.train.dpo import EncodedPair, dpo_batch_loss, make_pair_batch, reference_logps
@@ -122,10 +122,10 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
     enc = [EncodedPair(p + c + [EOS_ID], p + r + [EOS_ID], len(p), len(p)) for p, c, r in data]
     reference = copy.deepcopy(model).eval().requires_grad_(False)  # frozen, as the stage's
     rss_model = current_rss_mb()
-    tcfg = TrainConfig(seq_len=128, micro_batch=args.batch, max_steps=10**6, warmup_steps=0,
-                       warmdown_frac=0.0, dtype="fp32", grad_clip=1.0,
-                       optimizer="adamw" if args.side == "echo_adamw" else "muon")
-    pref = PreferenceConfig(dpo_beta=0.1, dpo_loss="sigmoid")
+    tcfg = DPOConfig(seq_len=128, micro_batch=args.batch, max_steps=10**6, warmup_steps=0,
+                     warmdown_frac=0.0, dtype="fp32", grad_clip=1.0, beta=0.1, loss="sigmoid",
+                     optimizer="adamw" if args.side == "echo_adamw" else "muon")
+    pref = tcfg
     tmp = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
     trainer = Trainer(model, tcfg, tmp, "dpo", tmp, Dist())
     stats: dict[str, float] = {}

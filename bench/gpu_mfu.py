@@ -84,9 +84,9 @@ def free(device: torch.device) -> None:
 def measure(preset: str, args: argparse.Namespace, device: torch.device, micro_batch: int,
             deadline: float) -> dict[str, Any]:
     """Warm up and time `preset`'s training step with `micro_batch` rows per step."""
-    from echolm.config import load_config
     from echolm.model import Transformer
     from echolm.runtime import Dist
+    from echolm.settings import load_config
     from echolm.trainer import Trainer
 
     cfg = load_config(preset)
@@ -143,7 +143,7 @@ def measure(preset: str, args: argparse.Namespace, device: torch.device, micro_b
 def run_preset(preset: str, args: argparse.Namespace, device: torch.device,
                deadline: float) -> dict[str, Any]:
     """`measure`, halving the micro-batch after an out-of-memory error (down to 1)."""
-    from echolm.config import load_config
+    from echolm.settings import load_config
 
     micro = args.micro_batch or load_config(preset).pretrain.micro_batch
     while True:

@@ -82,7 +82,7 @@ def reward_ids(ids: list[int]) -> float:
 # ---- one side, in its own process ----------------------------------------------------------
 
 def echo_side(args: argparse.Namespace) -> dict[str, Any]:
-    from echolm.config import GRPOConfig, TrainConfig
+    from echolm.config import RLConfig
     from echolm.losses import group_advantages
     from echolm.rollout import pad_batch, sample_responses
     from echolm.runtime import Dist
@@ -93,13 +93,13 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
     prompts = make_prompts(args.prompts, args.seed + 1)
     # stop ids outside the vocabulary: never sampled, so every response is max_tokens long
     tok = SimpleNamespace(assistant_end=VOCAB + 1, bos=VOCAB + 2, pad=PAD_ID)
-    g = GRPOConfig(prompts_per_step=args.batch, group_size=args.group, max_tokens=args.tokens,
-                   temperature=1.0, scale_by_std=True, aggregation="token", clip_low=CLIP_LOW,
-                   clip_high=CLIP_HIGH, kl_beta=0.0, epochs=1, minibatches=1,
-                   dynamic_sampling=False)
-    tcfg = TrainConfig(seq_len=128, micro_batch=args.batch * args.group, max_steps=10**6,
-                       warmup_steps=0, warmdown_frac=0.0, dtype="fp32", grad_clip=1.0,
-                       optimizer="adamw" if args.side == "echo_adamw" else "muon")
+    g = RLConfig(prompts_per_step=args.batch, group_size=args.group, max_tokens=args.tokens,
+                 temperature=1.0, scale_by_std=True, aggregation="token", clip_low=CLIP_LOW,
+                 clip_high=CLIP_HIGH, kl_beta=0.0, epochs=1, minibatches=1,
+                 dynamic_sampling=False, max_steps=10**6, warmup_steps=0, warmdown_frac=0.0,
+                 dtype="fp32", grad_clip=1.0,
+                 optimizer="adamw" if args.side == "echo_adamw" else "muon")
+    tcfg = g
     rss_model = current_rss_mb()
     tmp = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
     trainer = Trainer(model, tcfg, tmp, "rl", tmp, Dist())

@@ -23,10 +23,10 @@ import time
 import torch
 from common import emit_json, median
 
-from echolm.config import load_config
 from echolm.machine import cpu_model, fast_dtype, isa, native_bf16
 from echolm.model import Transformer
 from echolm.optim import Muon
+from echolm.settings import load_config
 
 
 def hidden_matrices(preset: str) -> list[torch.Tensor]:

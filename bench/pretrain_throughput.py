@@ -56,7 +56,7 @@ from common import (
     serve_lockstep,
 )
 
-from echolm.config import ModelConfig, TrainConfig
+from echolm.config import ModelConfig, PretrainConfig
 from echolm.machine import matmul_peak_tflops
 
 
@@ -89,7 +89,7 @@ def echo_stepper(args: argparse.Namespace, tmp: Path):
     torch.manual_seed(args.seed)
     model = Transformer(model_config(args))
     total_steps = args.warmup + args.steps
-    tcfg = TrainConfig(seq_len=args.seq_len, micro_batch=args.batch, grad_accum=1,
+    tcfg = PretrainConfig(seq_len=args.seq_len, micro_batch=args.batch, grad_accum=1,
                        max_steps=total_steps, dtype=args.dtype, grad_clip=1.0,
                        optimizer=args.echo_optimizer, seed=args.seed)
     trainer = Trainer(model, tcfg, tmp / "ckpt", "bench", tmp, Dist())
@@ -305,8 +305,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 def from_preset(args: argparse.Namespace) -> None:
     """The preset's model shape, sequence length, micro-batch and dtype into `args`."""
-    from echolm.config import load_config
     from echolm.machine import fast_dtype
+    from echolm.settings import load_config
 
     cfg = load_config(args.preset)
     m, t = cfg.model, cfg.pretrain
@@ -341,7 +341,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--qk-norm", action="store_true", help="Echo with QK-norm (Llama has none)")
     p.add_argument("--echo-optimizer", choices=["muon", "adamw"], default="muon",
-                   help="Echo's TrainConfig.optimizer (muon is Echo's default)")
+                   help="Echo's pretrain.optimizer (muon is Echo's default)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--side", choices=["echo", "peer"], help="run one side only (child mode)")

@@ -13,7 +13,7 @@ from echolm.errors import EchoError
 
 def _settings(p: argparse.ArgumentParser, *sections: str) -> None:
     """Show the settings a stage reads, with their docs, at the end of its --help."""
-    from echolm.config import settings_help
+    from echolm.settings import settings_help
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = settings_help(list(sections))
@@ -199,14 +199,14 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 def cmd_presets(a: argparse.Namespace) -> None:
-    from echolm.config import load_config, to_toml
+    from echolm.settings import load_config, to_toml
 
     cfg = load_config(a.name, a.overrides)
     print(json.dumps(cfg.to_dict(), indent=2) if a.json else to_toml(cfg), end="\n" * a.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from echolm.config import list_presets
+    from echolm.settings import list_presets
 
     parser = argparse.ArgumentParser(
         prog="echolm", description="Echo: build a chat language model end to end and see what "
@@ -278,19 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rl", help="reinforcement learning on checkable tasks (GRPO family; "
                        "resumes automatically)")
     _run_args(p)
-    _settings(p, "rl", "grpo")
+    _settings(p, "rl")
     p.set_defaults(fn=cmd_stage, runner="echolm.train.grpo:run_rl")
 
     p = sub.add_parser("rm", help="train a reward model on the rankings in DIR/prefs.sqlite "
                        "(Bradley-Terry or Plackett-Luce; resumes automatically)")
     _run_args(p)
-    _settings(p, "rm", "pref")
+    _settings(p, "rm")
     p.set_defaults(fn=cmd_stage, runner="echolm.train.reward_model:run_rm")
 
     p = sub.add_parser("dpo", help="direct preference optimisation (DPO or IPO) of the SFT "
                        "model on the rankings in DIR/prefs.sqlite (resumes automatically)")
     _run_args(p)
-    _settings(p, "dpo", "pref")
+    _settings(p, "dpo")
     p.set_defaults(fn=cmd_stage, runner="echolm.train.dpo:run_dpo")
 
     p = sub.add_parser("rank", help="rank K sampled answers per prompt, best first, into "
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rlhf", help="optimise the SFT model against the reward model (PPO, "
                        "RLOO or GRPO) with a KL penalty and a reward-hacking guard")
     _run_args(p)
-    _settings(p, "rlhf", "ppo")
+    _settings(p, "rlhf")
     p.set_defaults(fn=cmd_stage, runner="echolm.train.rlhf:run_rlhf")
 
     p = sub.add_parser("eval", help="the same measurements for every stage's model")

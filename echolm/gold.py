@@ -16,7 +16,7 @@ import torch
 from echolm.annotator import gold_score
 from echolm.atomic import atomic_write_json
 from echolm.checkpoint import file_fingerprint, load_model
-from echolm.config import Config, PPOConfig
+from echolm.config import Config, RLHFConfig
 from echolm.data.prompts import PromptItem, rlhf_prompts
 from echolm.model import Transformer
 from echolm.reward import load_reward_model
@@ -46,7 +46,7 @@ class EvalResult:
 
 @torch.inference_mode()
 def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: Tokenizer,
-                    items: list[PromptItem], p: PPOConfig, seed: int = 0,
+                    items: list[PromptItem], p: RLHFConfig, seed: int = 0,
                     baseline: list[float] | None = None, samples: int = 1
                     ) -> tuple[EvalResult, list[float], list[str]]:
     """Answer held-out prompts `samples` times each (fixed seed) and measure proxy, gold, KL,
@@ -90,7 +90,7 @@ def sft_baseline(cfg: Config, run_dir: Path) -> dict:
     `final_samples` answers per prompt, with a sampling seed no model was selected with.
     Kept in DIR/sft_baseline.json for the same SFT model, reward model and settings (RLHF
     and DPO share it; a retrained model or a changed setting measures again)."""
-    p = cfg.ppo
+    p = cfg.rlhf
     path = run_dir / "sft_baseline.json"
     key = "/".join([file_fingerprint(run_dir / "sft" / "model.safetensors"),
                     file_fingerprint(run_dir / "rm" / "model.safetensors"),
@@ -118,7 +118,7 @@ def gold_win_rate(cfg: Config, run_dir: Path, stage: str, baseline: dict | None 
     """Gold reward of `stage`'s answers to the held-out RLHF prompts and its win rate against
     SFT's (`baseline` from `sft_baseline`, measured here if None): same prompts,
     `final_samples` answers each, gold averaged per prompt, ties count half."""
-    p = cfg.ppo
+    p = cfg.rlhf
     baseline = baseline or sft_baseline(cfg, run_dir)
     tok = Tokenizer.load(run_dir / "tokenizer")
     sft = load_model(run_dir / "sft")

@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 from torch.optim._muon import _adjust_lr
 
-from echolm.config import TrainConfig
+from echolm.config import LoopConfig
 from echolm.errors import EchoError
 from echolm.machine import fast_dtype
 from echolm.model import Transformer
 
 
-def build_optimizers(model: Transformer, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: Transformer, cfg: LoopConfig) -> list[torch.optim.Optimizer]:
     """Muon for the hidden 2-D matrices (attention and MLP); AdamW for the embedding, the
     output head and the norm weights, each group with its own learning rate."""
     hidden, embed, head, scalars = [], [], [], []

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from echolm.atomic import atomic_write_json
-from echolm.config import Config, apply_overrides, config_from_dict, load_config
+from echolm.config import Config
+from echolm.settings import apply_overrides, config_from_dict, load_config
 from echolm.summary import read_summary
 
 StageFn = Callable[..., dict]
@@ -42,11 +43,10 @@ def run_rank_stage(cfg: Config, run_dir: Path, force: bool = False, log=print) -
     if done.exists() and not force:
         log("rank: already done (use --force to redo)")
         return json.loads(done.read_text())
-    p = cfg.pref
-    annotator = SimulatedAnnotator(temperature=p.annotator_noise, seed=cfg.sft.seed)
-    result = collect_rankings(run_dir, p.rank_prompts, p.rank_k, annotator,
-                              temperature=p.rank_temperatures, budget_s=60 * p.rank_minutes,
-                              log=log)
+    r = cfg.rank
+    annotator = SimulatedAnnotator(temperature=r.annotator_noise, seed=cfg.sft.seed)
+    result = collect_rankings(run_dir, r.prompts, r.k, annotator, temperature=r.temperatures,
+                              budget_s=60 * r.max_minutes, log=log)
     keep = {k: result[k] for k in ("prompts", "ranked", "responses", "annotator",
                                    "gold_agreement", "seconds", "planned_prompts", "fitted",
                                    "cut_short", "budget_minutes", "schedule") if k in result}

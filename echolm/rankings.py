@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from echolm.config import PreferenceConfig
 from echolm.errors import EchoError
 from echolm.prefs import PreferenceStore
 from echolm.tokenizer import Tokenizer
@@ -33,7 +32,7 @@ class RankedExample:
     temperatures: list[float | None] | None = None
 
 
-def load_rankings(run_dir: Path, pref: PreferenceConfig) -> list[RankedExample]:
+def load_rankings(run_dir: Path, annotator: str = "") -> list[RankedExample]:
     """Every ranking in DIR/prefs.sqlite (optionally one annotator's)."""
     path = run_dir / "prefs.sqlite"
     if not path.exists():
@@ -41,7 +40,7 @@ def load_rankings(run_dir: Path, pref: PreferenceConfig) -> list[RankedExample]:
     store = PreferenceStore(path)
     try:
         out = []
-        for r in store.rankings(pref.annotator or None):
+        for r in store.rankings(annotator or None):
             meta = {x["id"]: x["sampling"] for x in store.responses(r.prompt_id)}
             ended = [bool(meta.get(i, {}).get("stopped", True)) for i in r.response_ids]
             temps = [meta.get(i, {}).get("temperature") for i in r.response_ids]
@@ -49,7 +48,7 @@ def load_rankings(run_dir: Path, pref: PreferenceConfig) -> list[RankedExample]:
     finally:
         store.close()
     if not out:
-        who = f" by annotator '{pref.annotator}'" if pref.annotator else ""
+        who = f" by annotator '{annotator}'" if annotator else ""
         raise EchoError(f"{path}: no rankings{who} yet (rank answers first: `echolm rank`)")
     return out
 

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 
-from echolm.config import TrainConfig
+from echolm.config import BatchConfig
 
 FIT_AFTER = 6  # steps timed before the schedule is fitted (the first is a warm-up, not counted)
 MARGIN = 0.1  # the first fit assumes steps 10% slower than measured (load, evals vary)
@@ -138,7 +138,7 @@ class StageClock:
         self.before, self.start = seconds, time.perf_counter()
 
 
-def capped_steps(tcfg: TrainConfig, epochs: float, n_examples: int) -> TrainConfig:
+def capped_steps(tcfg: BatchConfig, epochs: float, n_examples: int) -> BatchConfig:
     """`tcfg` with max_steps capped at `epochs` passes over n_examples (0 = no cap)."""
     if epochs <= 0 or n_examples <= 0:
         return tcfg

@@ -36,7 +36,7 @@ from echolm.checkpoint import (
     read_weights,
     save_training_state,
 )
-from echolm.config import TrainConfig
+from echolm.config import LoopConfig
 from echolm.errors import EchoError
 from echolm.machine import matmul_peak_tflops
 from echolm.metrics import MetricsLog
@@ -65,7 +65,7 @@ class Trainer:
     schedule must leave room for (`plan`): the work after training and periodic evaluation.
     """
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, out: Path, stage: str,
+    def __init__(self, model: nn.Module, cfg: LoopConfig, out: Path, stage: str,
                  run_dir: Path, d: Dist, shardable: bool = False, budget_s: float | None = None,
                  started: float | None = None, unit: str = "step") -> None:
         self.cfg, self.out, self.stage, self.d, self.unit = cfg, out, stage, d, unit

@@ -1,7 +1,7 @@
 import pytest
 
-from echolm.config import config_from_dict, list_presets, load_config
 from echolm.errors import EchoError
+from echolm.settings import config_from_dict, list_presets, load_config
 
 
 def test_presets_load_and_are_data():
@@ -48,23 +48,23 @@ def test_unknown_preset_lists_known():
     ("sft.ckpt_every=0", "sft.ckpt_every=0 must be positive"),
     ("rm.micro_batch=-1", "rm.micro_batch=-1 must be positive"),
     ("pretrain.dtype=fp8", "expected auto, fp32 or bf16"),
-    ("pref.rank_temperatures=[1.0, 0.0]", r"pref.rank_temperatures=\[1.0, 0.0\] must be positive"),
+    ("rank.temperatures=[1.0, 0.0]", r"rank.temperatures=\[1.0, 0.0\] must be positive"),
     # every stage's settings are checked when the config is built, before the first stage runs
     ("pretrain.lr_matrix=-1", "pretrain.lr_matrix=-1.0 must be a finite number > 0"),
     ("pretrain.lr_matrix=nan", "pretrain.lr_matrix=nan must be a finite number > 0"),
     ("dpo.max_minutes=inf", "dpo.max_minutes=inf must be a finite number >= 0"),
     ("rm.adam_betas=[0.9, 1.5]", "adam_betas"),
-    ("grpo.group_size=1", "grpo.group_size=1 must be >= 2"),
-    ("grpo.prompts_per_step=0", "grpo.prompts_per_step=0 must be >= 1"),
-    ("grpo.eval_samples=0", "grpo.eval_samples=0 must be >= 1"),
-    ("grpo.tasks=[]", "grpo.tasks is empty"),
-    ('grpo.tasks=["nosuch"]', "grpo.tasks: 'nosuch': unknown task"),
-    ("grpo.temperature=-1", "grpo.temperature=-1.0 must be a finite number > 0"),
-    ("grpo.aggregation=mean", "grpo.aggregation must be token, sequence or constant"),
-    ("ppo.algorithm=foo", "ppo.algorithm must be ppo, rloo, grpo or best, got 'foo'"),
-    ("ppo.max_tokens=-1", "ppo.max_tokens=-1 must be >= 1"),
-    ("ppo.algorithm=rloo", "needs ppo.samples_per_prompt >= 2"),
-    ("ppo.lam=2", "ppo.lam=2.0 must be in"),
+    ("rl.group_size=1", "rl.group_size=1 must be >= 2"),
+    ("rl.prompts_per_step=0", "rl.prompts_per_step=0 must be >= 1"),
+    ("rl.eval_samples=0", "rl.eval_samples=0 must be >= 1"),
+    ("rl.tasks=[]", "rl.tasks is empty"),
+    ('rl.tasks=["nosuch"]', "rl.tasks: 'nosuch': unknown task"),
+    ("rl.temperature=-1", "rl.temperature=-1.0 must be a finite number > 0"),
+    ("rl.aggregation=mean", "rl.aggregation must be token, sequence or constant"),
+    ("rlhf.algorithm=foo", "rlhf.algorithm must be ppo, rloo, grpo or best, got 'foo'"),
+    ("rlhf.max_tokens=-1", "rlhf.max_tokens=-1 must be >= 1"),
+    ("rlhf.algorithm=rloo", "needs rlhf.samples_per_prompt >= 2"),
+    ("rlhf.lam=2", "rlhf.lam=2.0 must be in"),
 ])
 def test_training_settings_are_validated(bad, words):
     with pytest.raises(EchoError, match=words):
@@ -72,36 +72,60 @@ def test_training_settings_are_validated(bad, words):
 
 
 @pytest.mark.parametrize("field, words", [
-    ("rl.micro_batch=4", "rl.micro_batch is not read by the rl stage: one step is one batch of "
-                         "rollouts: its size is grpo.prompts_per_step x grpo.group_size"),
-    ("rlhf.seq_len=64", "rlhf.seq_len is not read by the rlhf stage"),
-    ("rl.eval_every=5", "RL measures pass@k before and after only"),
-    ("sft.eval_tokens=1024", "sft.eval_tokens is not read by the sft stage"),
-    ("dpo.sample_every=10", "dpo.sample_every is not read by the dpo stage"),
+    ("rl.micro_batch=4", "rl.micro_batch is not a setting of the rl stage: one step is one batch "
+                         "of rl.prompts_per_step x rl.group_size rollouts"),
+    ("rlhf.seq_len=64", "rlhf.seq_len is not a setting of the rlhf stage"),
+    ("sft.eval_tokens=1024", "sft.eval_tokens is not a setting of the sft stage"),
+    ("grpo.group_size=4", "grpo.group_size is now rl.group_size"),
+    ("ppo.kl_beta=0", "ppo.kl_beta is now rlhf.kl_beta"),
+    ("pref.dpo_beta=0.2", "pref.dpo_beta is now dpo.beta"),
+    ("pref.heldout_fraction=0.2", "pref.heldout_fraction is now data.rankings_heldout_fraction"),
 ])
-def test_a_field_its_stage_does_not_read_is_refused(field, words):
+def test_each_stage_has_one_section_and_old_names_say_where_they_went(field, words):
     with pytest.raises(EchoError, match=words):
         load_config("micro", [field])
 
 
-def test_saved_config_holds_only_fields_that_act_and_old_ones_still_load():
-    from echolm.config import UNREAD_FIELDS
-
+def test_every_section_holds_only_what_its_stage_reads():
     d = load_config("cpu").to_dict()
-    for section, unread in UNREAD_FIELDS.items():
-        assert not set(d[section]) & set(unread), section
-    assert "micro_batch" in d["pretrain"] and "micro_batch" in d["dpo"]
-    # a run saved before these fields were hidden (or log_every retired) still loads
-    old = load_config("cpu").to_dict()
-    old["rl"].update(micro_batch=4, seq_len=512, log_every=1)
-    assert config_from_dict(old).to_dict() == d
+    assert set(d) == {"tokenizer", "model", "data", "pretrain", "sft", "rl", "rank", "rm",
+                      "rlhf", "dpo", "preset"}
+    rollout_free = {"seq_len", "micro_batch", "grad_accum", "eval_tokens", "sample_every"}
+    assert not rollout_free & set(d["rl"]) and not rollout_free & set(d["rlhf"])
+    assert "eval_every" not in d["rl"] and d["rlhf"]["eval_every"] == 5  # the guard's
+    assert {"group_size", "tasks", "max_minutes"} <= set(d["rl"])
+    assert {"beta", "nll_coef", "ptx_rows", "micro_batch"} <= set(d["dpo"])
+    assert "eval_tokens" in d["pretrain"] and "eval_tokens" not in d["sft"]
+
+
+def test_a_run_saved_with_the_earlier_layout_still_loads():
+    """config.json of an earlier run: [grpo], [ppo], [pref] and loop fields of rl / rlhf that
+    nothing read; read back under the new names, with the same values."""
+    now = load_config("cpu")
+    old = now.to_dict()
+    rl_loop = {k: v for k, v in old["rl"].items() if k in old["pretrain"]}
+    old["grpo"] = {k: v for k, v in old["rl"].items() if k not in rl_loop}
+    old["rl"] = {**rl_loop, "micro_batch": 4, "seq_len": 512, "log_every": 1}
+    rlhf_loop = {k: v for k, v in old["rlhf"].items() if k in old["pretrain"]
+                 and k != "eval_every"}
+    old["ppo"] = {k: v for k, v in old["rlhf"].items() if k not in rlhf_loop}
+    old["rlhf"] = {**rlhf_loop, "eval_every": 100}
+    old["pref"] = {"annotator": "", "heldout_fraction": 0.15, "rank_prompts": 1000,
+                   "rank_minutes": 1.5, "rank_k": 4, "rank_temperatures": [1.0, 1.0, 1.0, 1.5],
+                   "annotator_noise": 0.03, "rm_loss": "bt", "dpo_beta": 0.1,
+                   "dpo_nll_coef": 1.0, "dpo_ptx_coef": 1.0}
+    for key in ("rank", "data"):
+        old.pop(key) if key == "rank" else old["data"].pop("rankings_heldout_fraction")
+    for key in ("beta", "nll_coef", "ptx_coef", "ptx_rows"):
+        old["dpo"].pop(key)
+    assert config_from_dict(old).to_dict() == now.to_dict()
 
 
 @pytest.mark.parametrize("name", ["micro", "cpu", "gpu-small", "gpu-d20"])
 def test_presets_print_as_a_preset_file_with_every_field_documented(name, tmp_path):
     import dataclasses
 
-    from echolm.config import field_docs, to_toml
+    from echolm.settings import field_docs, to_toml
 
     cfg = load_config(name)
     text = to_toml(cfg)
@@ -121,6 +145,6 @@ def test_presets_print_as_a_preset_file_with_every_field_documented(name, tmp_pa
 def test_a_stage_help_lists_its_settings_with_their_docs(echolm_cli):
     r = echolm_cli("rl", "--help")
     assert r.returncode == 0
-    assert "grpo.group_size = 8  samples per prompt" in r.stdout
+    assert "rl.group_size = 8  samples per prompt" in r.stdout
     assert "rl.max_minutes = 0.0  0 = no time limit" in r.stdout
     assert "rl.micro_batch" not in r.stdout  # not read by the rl stage

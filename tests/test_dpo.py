@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from test_reward_model import pref_run, pref_template, quiet  # noqa: F401  (fixtures)
 
 from echolm.checkpoint import load_model, stage_dir
-from echolm.config import PreferenceConfig, load_config
 from echolm.rankings import load_rankings
+from echolm.settings import load_config
 from echolm.tokenizer import Tokenizer
 
 
@@ -83,7 +83,7 @@ def test_the_reference_scores_a_batch_as_the_sft_model_scores_every_pair(pref_ru
 
     tok = Tokenizer.load(pref_run / "tokenizer")
     sft = load_model(pref_run / "sft").eval()
-    pairs = encode_pairs(tok, ranking_pairs(load_rankings(pref_run, PreferenceConfig()))[:12],
+    pairs = encode_pairs(tok, ranking_pairs(load_rankings(pref_run))[:12],
                          128)
     batch = make_pair_batch(pairs, list(range(len(pairs))), tok.pad)
     lp, cnt = reference_logps(sft, batch)
@@ -94,21 +94,21 @@ def test_the_reference_scores_a_batch_as_the_sft_model_scores_every_pair(pref_ru
 def test_ipo_runs_and_learns(pref_run):  # noqa: F811
     from echolm.train.dpo import run_dpo
 
-    res = run_dpo(_cfg("pref.dpo_loss=ipo", "pref.dpo_beta=0.5", "dpo.max_steps=12"),
+    res = run_dpo(_cfg("dpo.loss=ipo", "dpo.beta=0.5", "dpo.max_steps=12"),
                   pref_run, log=quiet)
     assert res["objective"] == "ipo" and res["margin"] > 0 and res["reward_accuracy"] >= 0.75, res
 
 
-def test_bad_dpo_settings_are_clear_errors(pref_run):  # noqa: F811
+def test_bad_dpo_settings_are_clear_errors():
+    """Refused when the config is built, before any stage runs."""
     from echolm.errors import EchoError
-    from echolm.train.dpo import run_dpo
 
-    with pytest.raises(EchoError, match="dpo_loss"):
-        run_dpo(_cfg("pref.dpo_loss=kto"), pref_run, log=quiet)
-    with pytest.raises(EchoError, match="dpo_beta"):
-        run_dpo(_cfg("pref.dpo_beta=0"), pref_run, log=quiet)
-    with pytest.raises(EchoError, match="dpo_ptx_coef"):
-        run_dpo(_cfg("pref.dpo_ptx_coef=-1"), pref_run, log=quiet)
+    with pytest.raises(EchoError, match="dpo.loss='kto': expected sigmoid or ipo"):
+        _cfg("dpo.loss=kto")
+    with pytest.raises(EchoError, match="dpo.beta=0.0 must be a finite number > 0"):
+        _cfg("dpo.beta=0")
+    with pytest.raises(EchoError, match="dpo.ptx_coef=-1.0 must be a finite number >= 0"):
+        _cfg("dpo.ptx_coef=-1")
 
 
 def test_dpo_with_ptx_adds_the_sft_loss_and_still_learns(pref_run, corpus):  # noqa: F811
@@ -116,7 +116,7 @@ def test_dpo_with_ptx_adds_the_sft_loss_and_still_learns(pref_run, corpus):  # n
 
     from echolm.train.dpo import run_dpo
 
-    res = run_dpo(_cfg(*data_overrides(corpus), "pref.dpo_ptx_coef=0.5", "ppo.ptx_rows=2",
+    res = run_dpo(_cfg(*data_overrides(corpus), "dpo.ptx_coef=0.5", "dpo.ptx_rows=2",
                        "data.task_examples=20", "dpo.max_steps=12"), pref_run, log=quiet)
     recs = _metrics(pref_run)
     assert len(recs) == 12 and all(r["ptx_loss"] > 0 for r in recs)

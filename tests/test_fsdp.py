@@ -16,11 +16,12 @@ from conftest import losses, pretrain_args, subprocess_env, tmp_leftovers
 from safetensors.torch import load_file
 
 from echolm.checkpoint import load_model
-from echolm.config import TrainConfig, load_config
+from echolm.config import PretrainConfig
 from echolm.errors import EchoError
 from echolm.metrics import read_metrics
 from echolm.model import Transformer
 from echolm.runtime import Dist
+from echolm.settings import load_config
 from echolm.trainer import Trainer
 
 STEPS = 10
@@ -146,7 +147,7 @@ def test_sharded_checkpoint_in_one_process_and_a_mismatch(tmp_path: Path) -> Non
     """parallel=fsdp in one process writes the DCP layout (so more processes can resume it),
     loads it back exactly, and a changed model is a clear error, not a traceback."""
     cfg = load_config("micro")
-    tcfg = TrainConfig(parallel="fsdp", dtype="fp32", max_steps=2, warmup_steps=1)
+    tcfg = PretrainConfig(parallel="fsdp", dtype="fp32", max_steps=2, warmup_steps=1)
     rows = torch.randint(cfg.model.vocab_size, (4, 17), generator=torch.Generator().manual_seed(0))
     batch = [(rows[:, :-1], rows[:, 1:])]
 
@@ -181,4 +182,4 @@ def test_parallel_setting_is_checked(tmp_path: Path) -> None:
     assert load_config("micro", ["sft.parallel=fsdp"]).sft.parallel == "fsdp"
     model = Transformer(load_config("micro").model)
     with pytest.raises(EchoError, match="sft: parallel='fsdp' is implemented for pretraining"):
-        Trainer(model, TrainConfig(parallel="fsdp"), tmp_path, "sft", tmp_path, Dist(world=2))
+        Trainer(model, PretrainConfig(parallel="fsdp"), tmp_path, "sft", tmp_path, Dist(world=2))

@@ -1,7 +1,8 @@
 import torch
 
-from echolm.config import ModelConfig, load_config
+from echolm.config import ModelConfig
 from echolm.model import KVCache, Transformer
+from echolm.settings import load_config
 
 
 def _model(**kw) -> Transformer:

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from echolm.checkpoint import save_model
-from echolm.config import load_config
 from echolm.errors import EchoError
 from echolm.model import Transformer
 from echolm.prefs import PreferenceStore
+from echolm.settings import load_config
 
 WORDS = ["sea", "moon", "cat", "tree", "bread", "river", "lamp", "owl", "snow", "road"]
 
@@ -103,7 +103,7 @@ def quiet(*_a: object) -> None:
 
 
 def _cfg(*overrides: str):
-    return load_config("micro", ["rm.eval_every=10", "pref.rm_epochs=0", *overrides])
+    return load_config("micro", ["rm.eval_every=10", "rm.epochs=0", *overrides])
 
 
 def test_reward_model_learns_a_preference_that_holds_on_unseen_prompts(pref_run):
@@ -135,8 +135,8 @@ def test_plackett_luce_trains_too(pref_run):
     from echolm.train.reward_model import run_rm
 
     # one epoch caps the 100 steps asked for: training rankings / 8 per step
-    res = run_rm(_cfg("pref.rm_loss=pl", "rm.max_steps=100", "pref.rm_epochs=1",
-                      "pref.center_coef=0.0", "pref.margin=0.5"), pref_run, log=quiet)
+    res = run_rm(_cfg("rm.loss=pl", "rm.max_steps=100", "rm.epochs=1",
+                      "rm.center_coef=0.0", "rm.margin=0.5"), pref_run, log=quiet)
     assert res["objective"] == "pl" and res["steps"] == math.ceil(res["train_rankings"] / 8)
     assert res["heldout_accuracy"] >= 0.75, res
 
@@ -165,7 +165,8 @@ def test_saved_reward_model_scores_identically_and_is_batch_independent(pref_run
     from echolm.rankings import load_rankings as _load
 
     cfg = _cfg()
-    held = split_by_prompt(_load(pref_run, cfg.pref), cfg.pref.heldout_fraction)[1]
+    held = split_by_prompt(_load(pref_run, cfg.data.rankings_annotator),
+                           cfg.data.rankings_heldout_fraction)[1]
     saved = json.loads((pref_run / "rm" / "scores.json").read_text())["heldout_rankings"]
     r: RankedExample = held[0]
     got = rm.score(tok, [r.prompt] * len(r.responses), r.responses, ended=r.ended)
@@ -193,5 +194,5 @@ def test_no_store_or_no_rankings_is_a_clear_error(pref_run):
     PreferenceStore(pref_run / "prefs.sqlite").close()
     with pytest.raises(EchoError, match="no rankings"):
         run_rm(_cfg(), pref_run, log=quiet)
-    with pytest.raises(EchoError, match="rm_loss"):
-        run_rm(_cfg("pref.rm_loss=hinge"), pref_run, log=quiet)
+    with pytest.raises(EchoError, match="rm.loss='hinge': expected bt or pl"):
+        _cfg("rm.loss=hinge")  # refused when the config is built, before any stage runs

@@ -44,7 +44,7 @@ def test_policy_loss_logs_clip_fraction_and_approx_kl_per_update():
     """The GRPO loss appends each update's diagnostics: with the sampling policy's log-probs
     lowered by 0.1 everywhere, every ratio is e^0.1 = 1.105 (inside the 0.2 clip) and
     approx_kl = (r - 1) - ln r = 0.105171 - 0.1 = 0.005171 per token."""
-    from echolm.config import GRPOConfig
+    from echolm.config import RLConfig
     from echolm.train.grpo import PolicyBatch, policy_loss
 
     torch.manual_seed(0)
@@ -54,7 +54,7 @@ def test_policy_loss_logs_clip_fraction_and_approx_kl_per_update():
     with torch.no_grad():
         now = token_logprobs(m, x, y, mask)[0]
     stats: dict = {}
-    g = GRPOConfig(kl_beta=0.0)
+    g = RLConfig(kl_beta=0.0)
     batch = PolicyBatch(x, y, mask, torch.tensor([1.0, -1.0]), now - 0.1, None)
     policy_loss(m, (batch, torch.arange(2)), g, stats)
     policy_loss(m, (PolicyBatch(x, y, mask, torch.tensor([1.0, -1.0]), now, None),

@@ -7,7 +7,7 @@ import torch
 from test_reward_model import pref_run, pref_template  # noqa: F401  (fixtures)
 
 from echolm.annotator import gold_score
-from echolm.config import ModelConfig, PPOConfig
+from echolm.config import ModelConfig, RLHFConfig
 from echolm.data.prompts import rlhf_prompts
 from echolm.gold import evaluate_policy
 from echolm.model import Transformer
@@ -46,7 +46,7 @@ def tiny(prepared_run):
 def test_gold_is_averaged_per_prompt_over_its_samples(tiny):
     tok, model, rm = tiny
     items = rlhf_prompts("val", 6, 0)
-    p = PPOConfig(max_tokens=12)
+    p = RLHFConfig(max_tokens=12)
     ev, gold, texts = evaluate_policy(model, model, rm, tok, items, p, seed=3, samples=3)
     assert len(gold) == 6 and len(texts) == 18
     assert len(set(texts)) > 6  # the 3 answers to a prompt differ
@@ -84,7 +84,7 @@ def test_ptx_adds_the_sft_loss_to_the_policy_loss(tiny):
     batch = {"x": x, "y": y, "mask": mask, "logp_old": logp_old, "adv": torch.tensor([1., -1.])}
     rows = tuple(torch.randint(0, tok.vocab_size, (3, 8), generator=g) for _ in range(2))
     rows = (*rows, torch.tensor([[0] * 4 + [1] * 4] * 3))  # loss on the last 4 tokens only
-    p = PPOConfig(algorithm="rloo", ptx_coef=0.5)
+    p = RLHFConfig(algorithm="rloo", ptx_coef=0.5)
     stats: dict = {}
     without = _policy_loss(model, (batch, torch.arange(2), None), p, {})
     with_ptx = _policy_loss(model, (batch, torch.arange(2), rows), p, stats)
@@ -105,16 +105,16 @@ def test_critic_free_rlhf_with_ptx_trains_and_evaluates(pref_run, corpus,  # noq
     from test_reward_model import quiet
 
     from echolm.checkpoint import save_model
-    from echolm.config import load_config
     from echolm.reward import reward_model_from_backbone
+    from echolm.settings import load_config
     from echolm.train.rlhf import optimise
 
     save_model(reward_model_from_backbone(pref_run / "sft"), pref_run / "rm")
-    cfg = load_config("micro", [*data_overrides(corpus), f"ppo.algorithm={algorithm}",
-                                "ppo.samples_per_prompt=2", "ppo.ptx_coef=1.0",
-                                "ppo.ptx_rows=2", "rlhf.max_steps=2", "ppo.eval_every=1",
-                                "ppo.eval_prompts=4", "data.task_examples=20"])
-    ex, _, facts = optimise(cfg, pref_run, pref_run / "rlhf", cfg.ppo, cfg.rlhf, "rlhf",
+    cfg = load_config("micro", [*data_overrides(corpus), f"rlhf.algorithm={algorithm}",
+                                "rlhf.samples_per_prompt=2", "rlhf.ptx_coef=1.0",
+                                "rlhf.ptx_rows=2", "rlhf.max_steps=2", "rlhf.eval_every=1",
+                                "rlhf.eval_prompts=4", "data.task_examples=20"])
+    ex, _, facts = optimise(cfg, pref_run, pref_run / "rlhf", cfg.rlhf, "rlhf",
                             time.perf_counter(), budget_s=0.0, log=quiet)
     assert facts["steps"] == 2 and not facts["cut_short"] and not facts["fitted"]
     assert [h["step"] for h in ex["history"]] == [0, 1, 2]

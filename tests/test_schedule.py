@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from echolm.config import TrainConfig, load_config
+from echolm.config import BatchConfig
 from echolm.model import Transformer
 from echolm.runtime import Dist
 from echolm.schedule import FIT_AFTER, MARGIN, Schedule, describe, fit_steps, fitted
+from echolm.settings import load_config
 from echolm.trainer import SCHEDULE_FILE, Trainer
 
 
@@ -46,7 +47,7 @@ def test_fitted_schedule_keeps_a_margin_and_ends_with_its_warmdown() -> None:
     assert describe(plan, 300, False) == "ran 300 steps as planned (fits the 10.0 min budget)"
 
 
-def _trainer(tmp: Path, cfg: TrainConfig, budget_s: float) -> Trainer:
+def _trainer(tmp: Path, cfg: BatchConfig, budget_s: float) -> Trainer:
     torch.manual_seed(0)
     model = Transformer(load_config("micro").model)
     return Trainer(model, cfg, tmp / "out", "base", tmp, Dist(), budget_s=budget_s)
@@ -65,7 +66,7 @@ def _step(trainer: Trainer, pause: float = 0.0) -> None:
 
 def test_the_fitted_schedule_is_refined_once_and_a_resumed_run_follows_it(
         tmp_path: Path) -> None:
-    cfg = TrainConfig(max_steps=10_000, warmup_steps=2, warmdown_frac=0.5, ckpt_every=1000,
+    cfg = BatchConfig(max_steps=10_000, warmup_steps=2, warmdown_frac=0.5, ckpt_every=1000,
                       dtype="fp32", seq_len=8, micro_batch=2)
     a = _trainer(tmp_path, cfg, budget_s=6.0)
     a.resume()
@@ -85,14 +86,14 @@ def test_the_fitted_schedule_is_refined_once_and_a_resumed_run_follows_it(
     assert b.schedule.steps >= b.step / (1 - cfg.warmdown_frac)  # the warmdown is whole
     assert Schedule.from_dict(json.loads((tmp_path / "out" / SCHEDULE_FILE).read_text())
                               ) == b.schedule
-    other = TrainConfig(**{**cfg.__dict__, "max_steps": 500})  # another plan: fitted anew
+    other = BatchConfig(**{**cfg.__dict__, "max_steps": 500})  # another plan: fitted anew
     c = _trainer(tmp_path / "c", other, budget_s=6.0)
     c.resume()
     assert not c.schedule.fitted and c.schedule.steps == 500
 
 
 def test_a_loop_that_overruns_its_budget_is_cut_short(tmp_path: Path) -> None:
-    cfg = TrainConfig(max_steps=10_000, warmup_steps=1, ckpt_every=1000, dtype="fp32",
+    cfg = BatchConfig(max_steps=10_000, warmup_steps=1, ckpt_every=1000, dtype="fp32",
                       seq_len=8, micro_batch=2)
     t = _trainer(tmp_path, cfg, budget_s=1.5)
     t.resume()
@@ -106,7 +107,7 @@ def test_a_loop_that_overruns_its_budget_is_cut_short(tmp_path: Path) -> None:
 
 
 def test_without_a_budget_the_plan_runs_unchanged(tmp_path: Path) -> None:
-    cfg = TrainConfig(max_steps=5, warmup_steps=1, ckpt_every=1000, dtype="fp32", seq_len=8,
+    cfg = BatchConfig(max_steps=5, warmup_steps=1, ckpt_every=1000, dtype="fp32", seq_len=8,
                       micro_batch=2)
     t = _trainer(tmp_path, cfg, budget_s=0.0)
     t.resume()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import data_overrides
 
-from echolm.config import load_config
 from echolm.errors import EchoError
 from echolm.metrics import MetricsLog, read_metrics
+from echolm.settings import load_config
 from echolm.train.pretrain import run_pretrain
 
 

@@ -18,7 +18,7 @@ Writes DIR/dpo/model.safetensors (a plain model: `echolm chat --stage dpo`), met
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from echolm.atomic import atomic_write_json
 from echolm.checkpoint import load_model, save_model
-from echolm.config import Config, PreferenceConfig
+from echolm.config import Config, DPOConfig
 from echolm.data.chat import sft_rows
 from echolm.errors import EchoError
 from echolm.gold import gold_win_rate, sft_baseline
@@ -173,16 +173,16 @@ def reference_logps(reference: Transformer, batch: PairBatch) -> tuple[Tensor, T
 
 
 def dpo_batch_loss(model: Transformer, batch: PairBatch, ref: tuple[Tensor, Tensor],
-                   pref: PreferenceConfig, stats: dict[str, float]) -> Tensor:
+                   dcfg: DPOConfig, stats: dict[str, float]) -> Tensor:
     """The DPO/IPO loss of one batch of pairs against the reference's (log-probs, counts),
     each (B, 2); fills `stats` (implicit-reward accuracy, margin, chosen/rejected rewards)."""
     pol, cnt = as_pairs(*sequence_logps(model, batch.x, batch.y, batch.mask))
-    pc, pr = pair_logratios(pol, cnt, pref.dpo_loss)
-    rc, rr = pair_logratios(ref[0], ref[1], pref.dpo_loss)
-    loss, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, pref.dpo_beta, pref.dpo_loss)
-    if pref.dpo_nll_coef > 0:  # RPO: the chosen answers stay likely
+    pc, pr = pair_logratios(pol, cnt, dcfg.loss)
+    rc, rr = pair_logratios(ref[0], ref[1], dcfg.loss)
+    loss, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, dcfg.beta, dcfg.loss)
+    if dcfg.nll_coef > 0:  # RPO: the chosen answers stay likely
         nll = chosen_nll(pol[:, 0], cnt[:, 0])
-        loss = loss + pref.dpo_nll_coef * nll
+        loss = loss + dcfg.nll_coef * nll
         stats["chosen_nll"] = float(nll.detach())
     m = chosen_r - rejected_r
     stats.update(reward_acc=float((m > 0).float().mean()), margin=float(m.mean()),
@@ -192,15 +192,15 @@ def dpo_batch_loss(model: Transformer, batch: PairBatch, ref: tuple[Tensor, Tens
 
 @torch.no_grad()
 def implicit_rewards(model: Transformer, encoded: list[EncodedPair], ref: dict[str, Tensor],
-                     pad: int, pref: PreferenceConfig, ctx=None) -> dict:
+                     pad: int, dcfg: DPOConfig, ctx=None) -> dict:
     """Implicit-reward accuracy and mean margin of `model` over pairs `encoded`, whose
     reference log-probs are `ref` (`pair_logps` of the reference over the same pairs)."""
     if not encoded:
         return {"reward_accuracy": None, "margin": None, "n_pairs": 0}
     pol = pair_logps(model, encoded, pad, ctx)
-    pc, pr = pair_logratios(pol["logps"], pol["counts"], pref.dpo_loss)
-    rc, rr = pair_logratios(ref["logps"], ref["counts"], pref.dpo_loss)
-    _, cr, rj = dpo_loss(pc, pr, rc, rr, pref.dpo_beta, pref.dpo_loss)
+    pc, pr = pair_logratios(pol["logps"], pol["counts"], dcfg.loss)
+    rc, rr = pair_logratios(ref["logps"], ref["counts"], dcfg.loss)
+    _, cr, rj = dpo_loss(pc, pr, rc, rr, dcfg.beta, dcfg.loss)
     m = cr - rj
     return {"reward_accuracy": round(float((m > 0).float().mean()), 4),
             "margin": round(float(m.mean()), 4), "n_pairs": len(encoded),
@@ -220,20 +220,20 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     out, done = run_dir / "dpo", run_dir / "dpo" / "done.json"
     if (finished := finished_stage(out, "dpo", force, log)) is not None:
         return finished
-    pref, tcfg = cfg.pref, cfg.dpo
-    pref.validate()
+    dcfg = tcfg = cfg.dpo
     d = single_process("dpo")
     tok = Tokenizer.load(run_dir / "tokenizer")
     policy = load_model(run_dir / "sft", d.device)
     reference = load_model(run_dir / "sft", d.device).eval().requires_grad_(False)
     check_seq_len("dpo", tcfg.seq_len, policy.cfg.max_seq_len)
-    train_r, held_r = split_by_prompt(load_rankings(run_dir, pref), pref.heldout_fraction)
-    train_pairs = ranking_pairs(train_r, pref.dpo_temperatures)
-    held_pairs = ranking_pairs(held_r, pref.dpo_temperatures)
+    train_r, held_r = split_by_prompt(load_rankings(run_dir, cfg.data.rankings_annotator),
+                                     cfg.data.rankings_heldout_fraction)
+    train_pairs = ranking_pairs(train_r, dcfg.temperatures)
+    held_pairs = ranking_pairs(held_r, dcfg.temperatures)
     if not train_pairs:
         raise EchoError("dpo: the rankings give no pair of different answers to train on")
     train_enc = encode_pairs(tok, train_pairs, tcfg.seq_len)
-    tcfg = capped_steps(tcfg, pref.dpo_epochs, len(train_enc))
+    tcfg = capped_steps(tcfg, dcfg.epochs, len(train_enc))
     held_enc = encode_pairs(tok, held_pairs, tcfg.seq_len)
     gold = (run_dir / "rm" / "model.safetensors").exists()  # the gold evaluation reads it
 
@@ -255,14 +255,14 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         log(f"dpo: resuming from step {trainer.step}")
     else:
         log(f"dpo: {len(train_pairs):,} pairs from {len(train_r)} rankings to train on, "
-            f"{len(held_pairs):,} held out by prompt; {pref.dpo_loss}, beta {pref.dpo_beta}, "
+            f"{len(held_pairs):,} held out by prompt; {dcfg.loss}, beta {dcfg.beta}, "
             f"{tcfg.max_steps} steps planned ({tcfg.max_steps * per_step / len(train_enc):.2f} "
             "epochs)")
     model = trainer.model
     stats: dict[str, float] = {}
     avg_len = sum(len(e.chosen) + len(e.rejected) - 2 for e in train_enc) / len(train_enc)
 
-    ptx = sft_rows(cfg, tok, cfg.ppo.ptx_rows) if pref.dpo_ptx_coef > 0 else None
+    ptx = sft_rows(cfg, tok, dcfg.ptx_rows) if dcfg.ptx_coef > 0 else None
 
     def batches(step: int) -> list[tuple[PairBatch, tuple | None]]:
         idx = step_indices(len(train_enc), per_step, step, tcfg.seed)
@@ -274,12 +274,12 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     def loss_fn(_m: torch.nn.Module, item: tuple[PairBatch, tuple | None]) -> Tensor:
         b, rows = item
         b = PairBatch(b.x.to(d.device), b.y.to(d.device), b.mask.to(d.device), b.index)
-        loss = dpo_batch_loss(model, b, reference_logps(reference, b), pref, stats)
+        loss = dpo_batch_loss(model, b, reference_logps(reference, b), dcfg, stats)
         if rows is not None:  # + the SFT loss on rows of the SFT mixture (see sft_rows)
             x, y, m = (t.to(d.device) for t in rows)
             sft_loss = model(x, targets=y, loss_mask=m)
             stats["ptx_loss"] = float(sft_loss.detach())
-            loss = loss + pref.dpo_ptx_coef * sft_loss
+            loss = loss + dcfg.ptx_coef * sft_loss
         return loss
 
     # after training: the policy's side of the held-out pairs and as many training pairs
@@ -296,26 +296,26 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                         **{k: round(v, 5) for k, v in stats.items()}}
         if monitor and tcfg.eval_every and (trainer.step + 1) % tcfg.eval_every == 0:
             with trainer.evaluating():
-                h = implicit_rewards(model, monitor, monitor_ref, tok.pad, pref, ctx)
+                h = implicit_rewards(model, monitor, monitor_ref, tok.pad, dcfg, ctx)
             record.update(val_reward_acc=h["reward_accuracy"], val_margin=h["margin"])
         trainer.end_step(record, show=("loss", "reward_acc", "val_reward_acc"))
     facts = trainer.finish()  # no MFU: a step also runs the reference and the SFT rows
 
     log("dpo: measuring implicit rewards")
-    held_m = implicit_rewards(model, held_enc, held_ref, tok.pad, pref, ctx)
+    held_m = implicit_rewards(model, held_enc, held_ref, tok.pad, dcfg, ctx)
     # training pairs: a seeded sample as large as the held-out set (all of them when fewer)
     n_train = min(len(train_enc), max(len(held_enc), MONITOR_PAIRS))
     sample = [train_enc[i] for i in step_indices(len(train_enc), n_train, 0, tcfg.seed + 1)]
     train_m = implicit_rewards(model, sample, pair_logps(reference, sample, tok.pad, ctx),
-                               tok.pad, pref, ctx)
+                               tok.pad, dcfg, ctx)
     save_model(model, out)
     result = {**train_m, "train_pairs": len(train_enc),
               "heldout_reward_accuracy": held_m["reward_accuracy"],
               "heldout_margin": held_m["margin"], "heldout_n_pairs": held_m["n_pairs"],
-              "objective": pref.dpo_loss, "beta": pref.dpo_beta,
+              "objective": dcfg.loss, "beta": dcfg.beta,
               "epochs": round(trainer.step * per_step / len(train_enc), 3), **facts,
-              "pref": {k: v for k, v in asdict(pref).items()
-                       if k in ("annotator", "heldout_fraction", "dpo_beta", "dpo_loss")}}
+              "rankings": {"annotator": cfg.data.rankings_annotator,
+                           "heldout_fraction": cfg.data.rankings_heldout_fraction}}
     if baseline is not None:
         result.update(gold_win_rate(cfg, run_dir, "dpo", baseline, log=log))
     result["minutes"] = round((time.perf_counter() - started) / 60, 2)

@@ -1,7 +1,7 @@
 """FSDP2 for the training loop: sharding the model, and sharded checkpoints through
 `torch.distributed.checkpoint` (DCP) that load on any number of processes.
 
-`TrainConfig.parallel = "fsdp"` under torchrun shards every transformer block and then the
+`pretrain.parallel = "fsdp"` under torchrun shards every transformer block and then the
 root (embedding, final norm, output head; a tied head shares the embedding's parameter, so
 both live in the root unit). Every parameter becomes a DTensor sharded on dim 0; each
 process keeps 1/world of the weights, gradients and optimizer state (Muon gathers each

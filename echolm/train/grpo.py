@@ -22,7 +22,7 @@ from torch import Tensor
 
 from echolm.atomic import atomic_write_json
 from echolm.checkpoint import load_model, save_model
-from echolm.config import Config, GRPOConfig
+from echolm.config import Config, RLConfig
 from echolm.evaluate import task_pass_at_k
 from echolm.losses import clipped_policy_loss, group_advantages, kl_k3, overlong_penalty
 from echolm.model import Transformer
@@ -46,7 +46,7 @@ class Rollout:
 
 
 def sample_groups(model: Transformer, tok: Tokenizer, items: list[tuple[Task, Problem]],
-                  g: GRPOConfig, seed: int) -> list[list[Rollout]]:
+                  g: RLConfig, seed: int) -> list[list[Rollout]]:
     """`group_size` sampled answers to every problem, scored by its task."""
     prompts = [tok.render_user(p.prompt) for _, p in items]
     sampled = sample_responses(model, tok, prompts, g.group_size, g.max_tokens, g.temperature,
@@ -81,7 +81,7 @@ class PolicyBatch:
     logp_ref: Tensor | None  # None: no KL penalty
 
 
-def policy_loss(model: torch.nn.Module, item: tuple[PolicyBatch, Tensor], g: GRPOConfig,
+def policy_loss(model: torch.nn.Module, item: tuple[PolicyBatch, Tensor], g: RLConfig,
                 stats: dict[str, list[float]]) -> Tensor:
     """The GRPO objective on rows `idx` of the batch (+ beta * KL); appends this update's
     diagnostics to `stats` (the step logs their means over its updates)."""
@@ -103,7 +103,7 @@ def policy_loss(model: torch.nn.Module, item: tuple[PolicyBatch, Tensor], g: GRP
     return loss
 
 
-def evaluate_rl(model: Transformer, tok: Tokenizer, specs: list[str], g: GRPOConfig,
+def evaluate_rl(model: Transformer, tok: Tokenizer, specs: list[str], g: RLConfig,
                 seed: int = 0) -> dict[str, dict]:
     ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= g.eval_samples})
     out = {}
@@ -124,16 +124,15 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     if (finished := finished_stage(out, "rl", force, log)) is not None:
         return finished
     d = single_process("rl", "generation is not sharded")
-    g, tcfg = cfg.grpo, cfg.rl
-    g.validate()
+    g = cfg.rl
     tok = Tokenizer.load(run_dir / "tokenizer")
     model = load_model(run_dir / g.init)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if g.kl_beta > 0 else None
     tasks = [task_from_spec(s) for s in g.tasks]
-    pool = [(t, p) for t in tasks for p in problems_up_to(t, "train", 5000, tcfg.seed)]
+    pool = [(t, p) for t in tasks for p in problems_up_to(t, "train", 5000, g.seed)]
 
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, tcfg, out, "rl", run_dir, d, started=started, unit="batch")
+    trainer = Trainer(model, g, out, "rl", run_dir, d, started=started, unit="batch")
     if trainer.resume():
         log(f"rl: resuming from step {trainer.step}")
     else:
@@ -148,13 +147,13 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     ctx = autocast(d.device, trainer.dtype)
     while trainer.running():
         step = trainer.step
-        rng = random.Random(f"{tcfg.seed}:{step}")  # the batch is a function of (seed, step)
+        rng = random.Random(f"{g.seed}:{step}")  # the batch is a function of (seed, step)
         groups: list[list[Rollout]] = []
         n_sampled = n_flat = 0
         for attempt in range(1 + (g.max_refills if g.dynamic_sampling else 0)):
             need = g.prompts_per_step - len(groups)
             items = rng.sample(pool, need) if need <= len(pool) else rng.choices(pool, k=need)
-            new = sample_groups(model, tok, items, g, seed=tcfg.seed * 1_000_003 + step * 97
+            new = sample_groups(model, tok, items, g, seed=g.seed * 1_000_003 + step * 97
                                 + attempt)
             n_sampled += len(new)
             flat = [grp for grp in new if len({r.reward for r in grp}) == 1]

@@ -29,7 +29,7 @@ from echolm.checkpoint import (
     atomic_write_json,
     save_model,
 )
-from echolm.config import Config, PreferenceConfig
+from echolm.config import Config, RMConfig
 from echolm.losses import (
     bradley_terry_loss,
     plackett_luce_loss,
@@ -90,20 +90,20 @@ def make_rank_batch(encoded: list[list[list[int]]], pad: int) -> RankBatch:
                      torch.tensor(weight, dtype=torch.float32), sum(map(len, rows)))
 
 
-def rm_loss(model: nn.Module, batch: RankBatch, pref: PreferenceConfig,
+def rm_loss(model: nn.Module, batch: RankBatch, rcfg: RMConfig,
             stats: dict[str, float]) -> Tensor:
     """Bradley-Terry over every implied pair (each ranking weighing the same) or
     Plackett-Luce over the full order, plus reward centering; fills `stats`."""
     device = batch.x.device
     s = model(batch.x, batch.last)
     sc, sr = s[batch.chosen], s[batch.rejected]
-    if pref.rm_loss == "pl":
+    if rcfg.loss == "pl":
         loss = plackett_luce_loss(s[batch.index], batch.mask)
     else:
-        per_pair = bradley_terry_loss(sc, sr, pref.margin or None, reduction="none")
+        per_pair = bradley_terry_loss(sc, sr, rcfg.margin or None, reduction="none")
         loss = (per_pair * batch.weight.to(device)).sum()
-    if pref.center_coef > 0 and len(sc):
-        loss = loss + reward_centering_loss(sc, sr, pref.center_coef)
+    if rcfg.center_coef > 0 and len(sc):
+        loss = loss + reward_centering_loss(sc, sr, rcfg.center_coef)
     if len(sc):
         d = (sc - sr).detach()
         stats["acc"] = float((d > 0).float().mean() + 0.5 * (d == 0).float().mean())
@@ -231,8 +231,8 @@ class RMData:
 
 
 def prepare_rm_data(cfg: Config, run_dir: Path, tok: Tokenizer, max_len: int) -> RMData:
-    ranks = load_rankings(run_dir, cfg.pref)
-    train, held = split_by_prompt(ranks, cfg.pref.heldout_fraction)
+    ranks = load_rankings(run_dir, cfg.data.rankings_annotator)
+    train, held = split_by_prompt(ranks, cfg.data.rankings_heldout_fraction)
 
     def enc(rs: list[RankedExample]) -> list[list[list[int]]]:
         return [[encode_answer(tok, r.prompt, a, e, max_len)[0]
@@ -247,15 +247,14 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     out, done = run_dir / "rm", run_dir / "rm" / "done.json"
     if (finished := finished_stage(out, "rm", force, log)) is not None:
         return finished
-    pref, tcfg = cfg.pref, cfg.rm
-    pref.validate()
+    rcfg = tcfg = cfg.rm
     d = single_process("rm")
     tok = Tokenizer.load(run_dir / "tokenizer")
     rm = reward_model_from_backbone(run_dir / "sft")
     check_seq_len("rm", tcfg.seq_len, rm.cfg.max_seq_len)
     rm.max_len = tcfg.seq_len
     data = prepare_rm_data(cfg, run_dir, tok, tcfg.seq_len)
-    tcfg = capped_steps(tcfg, pref.rm_epochs, len(data.train))
+    tcfg = capped_steps(tcfg, rcfg.epochs, len(data.train))
     sampler = RankingSampler(data.train_ids, tok.pad, tcfg.micro_batch, tcfg.grad_accum,
                              tcfg.seed)
     n_answers = sum(len(r) for r in data.train_ids)
@@ -267,7 +266,7 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         log(f"rm: resuming from step {trainer.step}")
     else:
         log(f"rm: {len(data.train)} rankings ({n_answers} answers) to train on, "
-            f"{len(data.heldout)} held out by prompt; loss {pref.rm_loss}, {tcfg.max_steps} "
+            f"{len(data.heldout)} held out by prompt; loss {rcfg.loss}, {tcfg.max_steps} "
             f"steps ({sampler.epoch(tcfg.max_steps):.1f} epochs)")
     rm = trainer.model
     stats: dict[str, float] = {}
@@ -277,7 +276,7 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         b = RankBatch(b.x.to(d.device), b.last.to(d.device), b.index.to(d.device),
                       b.mask.to(d.device), b.chosen.to(d.device), b.rejected.to(d.device),
                       b.weight, b.n_tokens)
-        return rm_loss(m, b, pref, stats)
+        return rm_loss(m, b, rcfg, stats)
 
     def heldout_metrics() -> dict:
         with ctx:
@@ -323,7 +322,11 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             "head": "score_head: final hidden state at the last token -> scalar",
             "last_token": "<|assistant_end|> if the answer ended its turn, else its last token",
             "normalisation": "bias shifted so the mean training-answer score is 0",
-            "offset_removed": round(offset, 6), "pref": asdict(pref)}
+            "offset_removed": round(offset, 6),
+            "objective": {k: v for k, v in asdict(rcfg).items()
+                          if k in ("loss", "margin", "center_coef", "epochs")},
+            "rankings": {"annotator": cfg.data.rankings_annotator,
+                         "heldout_fraction": cfg.data.rankings_heldout_fraction}}
     atomic_write_json(out / META_FILE, meta)
     scores = {"heldout": {"chosen": [round(v, 5) for v in hc.tolist()],
                           "rejected": [round(v, 5) for v in hr.tolist()]},
@@ -337,7 +340,7 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     result = {"heldout_accuracy": held_m["accuracy"], "n": held_m["n"], "ece": held_m["ece"],
               "loss": held_m["loss"], "train_accuracy": train_m["accuracy"],
               "train_pairs": train_m["n"], "heldout_rankings": len(data.heldout),
-              "train_rankings": len(data.train), "objective": pref.rm_loss, **facts,
+              "train_rankings": len(data.train), "objective": rcfg.loss, **facts,
               "minutes": round(trainer.clock.seconds() / 60, 2)}
     update_summary(run_dir, "rm", result)
     atomic_write_json(done, result)

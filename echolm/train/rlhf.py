@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from echolm.atomic import atomic_write_json
 from echolm.checkpoint import load_model, save_model
-from echolm.config import Config, PPOConfig, TrainConfig
+from echolm.config import Config, RLHFConfig
 from echolm.data.chat import sft_rows
 from echolm.data.prompts import rlhf_prompts
 from echolm.gold import evaluate_policy, gold_win_rate, sft_baseline
@@ -89,7 +89,7 @@ class RunningMoments:
         return (self.m2 / (self.n - 1)) ** 0.5 if self.n > 1 else 1.0
 
 
-def _policy_loss(model: nn.Module, item: tuple, p: PPOConfig, stats: dict) -> Tensor:
+def _policy_loss(model: nn.Module, item: tuple, p: RLHFConfig, stats: dict) -> Tensor:
     """PPO (per-token advantages + value loss) or critic-free (per-sequence advantages),
     plus `ptx_coef` x the SFT loss on a micro-batch of SFT rows when one is given. Appends
     this update's diagnostics to `stats` (the step logs their means over its updates)."""
@@ -118,7 +118,7 @@ def _policy_loss(model: nn.Module, item: tuple, p: PPOConfig, stats: dict) -> Te
     return loss
 
 
-def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainConfig,
+def optimise(cfg: Config, run_dir: Path, out: Path, p: RLHFConfig,
              stage: str, started: float, budget_s: float, reserve_s: float = 0.0,
              sft_eval: dict | None = None, log=print) -> tuple[dict, Transformer, dict]:
     """One RLHF run into `out` (the guarded main run, or the unguarded curve run) within
@@ -134,12 +134,12 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     rm = load_reward_model(run_dir / "rm")
     model: nn.Module = PolicyWithValue(policy) if p.algorithm == "ppo" else policy
-    train_items = rlhf_prompts("train", p.train_prompts, tcfg.seed)
+    train_items = rlhf_prompts("train", p.train_prompts, p.seed)
     eval_items = rlhf_prompts("val", p.eval_prompts, 0)
     ptx = sft_rows(cfg, tok, p.ptx_rows) if p.ptx_coef > 0 else None
 
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, tcfg, out, stage, run_dir, d, budget_s=budget_s, started=started,
+    trainer = Trainer(model, p, out, stage, run_dir, d, budget_s=budget_s, started=started,
                       unit="batch")
     if trainer.resume():
         log(f"{stage}: resuming from step {trainer.step}")
@@ -165,11 +165,11 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: PPOConfig, tcfg: TrainCon
     k = max(1, p.samples_per_prompt)
     while trainer.running() and not ex["stopped_by_guard"]:
         step = trainer.step
-        rng = random.Random(f"{tcfg.seed}:{step}")
+        rng = random.Random(f"{p.seed}:{step}")
         items = rng.sample(train_items, min(p.prompts_per_step, len(train_items)))
         prompts = [tok.render_user(it.text) for it in items]
         sampled = sample_responses(policy, tok, prompts, k, p.max_tokens, p.temperature,
-                                   seed=tcfg.seed * 7919 + step)
+                                   seed=p.seed * 7919 + step)
         flat_prompts = [pr for pr in prompts for _ in range(k)]
         flat_items = [it for it in items for _ in range(k)]
         texts = [tok.decode(r[:-1] if done else r) for r, done in sampled]
@@ -266,17 +266,16 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     if (finished := finished_stage(out, "rlhf", force, log,
                                    also=(run_dir / "rlhf_unguarded",))) is not None:
         return finished
-    p, tcfg = cfg.ppo, cfg.rlhf
-    p.validate()
+    p = cfg.rlhf
     out.mkdir(parents=True, exist_ok=True)
     # SFT's answers for the final figure, first: the kept model is measured the same way
     # later (plus a KL pass: ~1.3x), so this times what the budget must keep for it
     baseline = sft_baseline(cfg, run_dir)
     final_s = 1.3 * baseline["seconds"]
-    budget = 60 * tcfg.max_minutes
-    share = tcfg.max_steps / (tcfg.max_steps + p.overopt_steps)
+    budget = 60 * p.max_minutes
+    share = p.max_steps / (p.max_steps + p.overopt_steps)
     main_budget = (baseline["seconds"] + (budget - baseline["seconds"]) * share) if budget else 0
-    ex, policy, facts = optimise(cfg, run_dir, out, p, tcfg, "rlhf", started, main_budget,
+    ex, policy, facts = optimise(cfg, run_dir, out, p, "rlhf", started, main_budget,
                                  reserve_s=final_s, log=log)
     # the model the stage hands on: the best by gold when the guard is on
     best = max(ex["history"], key=lambda h: h["gold"]) if p.guard else ex["history"][-1]
@@ -295,12 +294,11 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     if p.overopt_steps > 0:  # the over-optimisation curve: no KL penalty, no guard, longer
         log(f"rlhf: unguarded run (kl_beta=0, no ptx, {p.overopt_steps} steps planned) for "
             "the over-optimisation curve")
-        free = replace(p, kl_beta=0.0, guard=False, ptx_coef=0.0)
         m = p.overopt_lr_mult
-        fast = replace(tcfg, max_steps=p.overopt_steps, lr_matrix=tcfg.lr_matrix * m,
-                       lr_embed=tcfg.lr_embed * m, lr_head=tcfg.lr_head * m,
-                       lr_scalar=tcfg.lr_scalar * m)
-        curve, _, curve_facts = optimise(cfg, run_dir, run_dir / "rlhf_unguarded", free, fast,
+        free = replace(p, kl_beta=0.0, guard=False, ptx_coef=0.0, max_steps=p.overopt_steps,
+                       lr_matrix=p.lr_matrix * m, lr_embed=p.lr_embed * m,
+                       lr_head=p.lr_head * m, lr_scalar=p.lr_scalar * m)
+        curve, _, curve_facts = optimise(cfg, run_dir, run_dir / "rlhf_unguarded", free,
                                          "rlhf_unguarded", started, budget, sft_eval=ex,
                                          log=log)
     minutes = round((time.perf_counter() - started) / 60, 2)
