@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,14 @@ CREATE TABLE IF NOT EXISTS rankings (
 CREATE INDEX IF NOT EXISTS responses_prompt ON responses(prompt_id);
 CREATE INDEX IF NOT EXISTS rankings_prompt ON rankings(prompt_id);
 """
+
+
+def implied_pairs(answers: Sequence) -> list[tuple[int, int]]:
+    """Every (better, worse) pair of positions a ranking of `answers` (best first) implies:
+    (i, j) for i < j, except two identical answers (no preference between them). The one
+    place rankings become pairs: the export, the reward model and DPO all use it."""
+    return [(i, j) for i in range(len(answers)) for j in range(i + 1, len(answers))
+            if answers[i] != answers[j]]
 
 
 @dataclass
@@ -182,12 +190,9 @@ class PreferenceStore:
                               "ranking": list(range(len(r.responses))),
                               "annotator": r.annotator})
             else:
-                for i in range(len(r.responses)):
-                    for j in range(i + 1, len(r.responses)):
-                        if r.responses[i] == r.responses[j]:
-                            continue  # two identical samples: no preference between them
-                        lines.append({"prompt": r.prompt, "chosen": r.responses[i],
-                                      "rejected": r.responses[j], "annotator": r.annotator})
+                lines += [{"prompt": r.prompt, "chosen": r.responses[i],
+                           "rejected": r.responses[j], "annotator": r.annotator}
+                          for i, j in implied_pairs(r.responses)]
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))

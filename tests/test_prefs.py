@@ -199,3 +199,11 @@ def test_concurrent_processes_lose_nothing(tmp_path):
     for w in range(WORKERS):
         assert len(s.rankings(f"worker-{w}")) == per
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_implied_pairs_by_hand():
+    from echolm.prefs import implied_pairs
+
+    # best first: a > b > a' (a copy of a) > c; the copy makes no pair with a
+    assert implied_pairs(["a", "b", "a", "c"]) == [(0, 1), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert implied_pairs(["x"]) == [] and implied_pairs(["x", "x"]) == []

@@ -32,6 +32,7 @@ from echolm.errors import EchoError
 from echolm.gold import gold_win_rate, sft_baseline
 from echolm.losses import chosen_nll, dpo_loss
 from echolm.model import Transformer
+from echolm.prefs import implied_pairs
 from echolm.rankings import (
     RankedExample,
     encode_answer,
@@ -67,11 +68,8 @@ def ranking_pairs(rankings: list[RankedExample], temperatures: list[float] | Non
     out = []
     for r in rankings:
         temps = r.temperatures or [None] * len(r.responses)
-        for i in range(len(r.responses)):
-            for j in range(i + 1, len(r.responses)):
-                if r.responses[i] != r.responses[j] and kept(temps[i]) and kept(temps[j]):
-                    out.append(PrefPair(r.prompt, r.responses[i], r.responses[j], r.ended[i],
-                                        r.ended[j]))
+        out += [PrefPair(r.prompt, r.responses[i], r.responses[j], r.ended[i], r.ended[j])
+                for i, j in implied_pairs(r.responses) if kept(temps[i]) and kept(temps[j])]
     return out
 
 

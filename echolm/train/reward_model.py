@@ -35,6 +35,7 @@ from echolm.losses import (
     plackett_luce_loss,
     reward_centering_loss,
 )
+from echolm.prefs import implied_pairs
 from echolm.rankings import (
     RankedExample,
     encode_answer,
@@ -78,7 +79,7 @@ def make_rank_batch(encoded: list[list[list[int]]], pad: int) -> RankBatch:
     for b, r in enumerate(encoded):
         index[b, :len(r)] = torch.arange(start, start + len(r))
         mask[b, :len(r)] = True
-        pairs = [(i, j) for i in range(len(r)) for j in range(i + 1, len(r)) if r[i] != r[j]]
+        pairs = implied_pairs(r)
         for i, j in pairs:
             chosen.append(start + i)
             rejected.append(start + j)
@@ -174,11 +175,9 @@ def ranking_pairs(encoded: list[list[list[int]]], scores: list[list[float]]
     """Scores of the better and worse answer of every pair the rankings imply."""
     c, r = [], []
     for seqs, s in zip(encoded, scores, strict=True):
-        for i in range(len(seqs)):
-            for j in range(i + 1, len(seqs)):
-                if seqs[i] != seqs[j]:
-                    c.append(s[i])
-                    r.append(s[j])
+        for i, j in implied_pairs(seqs):
+            c.append(s[i])
+            r.append(s[j])
     return torch.tensor(c, dtype=torch.float64), torch.tensor(r, dtype=torch.float64)
 
 
