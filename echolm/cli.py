@@ -4,6 +4,7 @@ arguments, then calls one function. User errors print one line and exit 2 (no tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -206,6 +207,8 @@ def cmd_presets(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from echolm.config import RankConfig
+    from echolm.rank_terminal import DEFAULT_K, MAX_TOKENS, TEMPERATURE
     from echolm.settings import list_presets
 
     parser = argparse.ArgumentParser(
@@ -299,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, default=None,
                    help="a text file (one prompt per line) or JSONL with a 'prompt' field "
                         "(default: built-in RLHF prompts, train split)")
-    p.add_argument("--k", type=int, default=4, help="answers per prompt (default 4)")
+    p.add_argument("--k", type=int, default=DEFAULT_K,
+                   help=f"answers per prompt (default {DEFAULT_K})")
     p.add_argument("--stage", default="sft", help="which stage's model answers (default sft)")
     p.add_argument("--n", type=int, default=None,
                    help="number of prompts (default 20, or all of --prompts)")
@@ -308,11 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="your name, stored with each ranking (default: your user name)")
     who.add_argument("--simulated", action="store_true",
                      help="let the simulated annotator (echolm/annotator.py) rank, no human")
-    p.add_argument("--noise", type=float, default=0.1,
-                   help="simulated annotator's temperature (0 = exact gold order; default 0.1)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature of the answers (default 1.0)")
-    p.add_argument("--max-tokens", type=int, default=128, help="longest answer (default 128)")
+    noise = RankConfig.annotator_noise
+    p.add_argument("--noise", type=float, default=noise,
+                   help=f"simulated annotator's temperature (0 = exact gold order; default "
+                        f"{noise})")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE,
+                   help=f"sampling temperature of the answers (default {TEMPERATURE})")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+                   help=f"longest answer (default {MAX_TOKENS})")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts and sampling")
     p.set_defaults(fn=cmd_rank)
 
@@ -354,15 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "ECHOLM_API_KEY environment variable; unset = no key)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    for flag, default, what in [
-            ("--max-body-bytes", 1_000_000, "largest request body (413 above)"),
-            ("--max-messages", 64, "messages per chat request"),
-            ("--max-prompt-tokens", 8192, "prompt tokens (also capped by the model's context)"),
-            ("--max-tokens", 1024, "the most tokens a request may ask for"),
-            ("--max-n", 8, "choices per request"),
-            ("--max-concurrent", 64, "requests in flight (429 above)"),
-            ("--max-batch", 64, "sequences decoded together (more wait their turn)")]:
-        p.add_argument(flag, type=int, default=default, help=f"{what} (default {default})")
+    from echolm.serve.schemas import Limits
+    from echolm.settings import field_docs
+
+    docs = field_docs(Limits)  # the limits, their defaults and docs: one place (Limits)
+    for f in dataclasses.fields(Limits):
+        p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default,
+                       help=f"{docs[f.name]} (default {f.default})")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("rlhf", help="optimise the SFT model against the reward model (PPO, "

@@ -27,6 +27,7 @@ early after ``<|assistant_end|>`` or ``<|bos|>`` (that step is still listed).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import unicodedata
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 
 from echolm.checkpoint import load_model, stage_dir
-from echolm.engine import SamplingParams, sample_next
+from echolm.engine import SamplingParams, TokenPieces, sample_next
 from echolm.errors import EchoError
 from echolm.model import Transformer
 from echolm.tokenizer import Tokenizer
@@ -64,13 +65,14 @@ def load_run(run_dir: Path, stage: str | None, device: str | None = None
 
 def token_piece(tok: Tokenizer, i: int) -> str:
     """A token's own text: its bytes as UTF-8 (a cut character as \\xNN), a special token's
-    name, or <|unused_N|> for a model row the tokenizer has no token for."""
-    if i >= tok.vocab_size:
-        return f"<|unused_{i}|>"
-    b = tok.token_bytes[i]
-    if not b:
-        return tok.decode([i])
-    return b.decode("utf-8", errors="backslashreplace")
+    name, or <|unused_N|> for a model row the tokenizer has no token for (the engine's
+    token-piece table, as the server spells tokens)."""
+    return _pieces(tok, max(i + 1, tok.vocab_size)).strings[i]
+
+
+@functools.lru_cache(maxsize=4)
+def _pieces(tok: Tokenizer, size: int) -> TokenPieces:
+    return TokenPieces(tok, size)
 
 
 def visible(piece: str) -> str:

@@ -38,18 +38,24 @@ from echolm.data.prompts import PromptItem, rlhf_prompts
 from echolm.data.text import read_jsonl
 from echolm.errors import EchoError
 from echolm.prefs import PreferenceStore
-from echolm.rank_terminal import QUIT, SKIP, Chooser, Question, terminal_chooser
+from echolm.rank_terminal import (
+    DEFAULT_K,
+    DEFAULT_N,
+    MAX_K,
+    MAX_TOKENS,
+    QUIT,
+    SKIP,
+    TEMPERATURE,
+    Chooser,
+    Question,
+    terminal_chooser,
+)
 from echolm.rollout import sample_responses
 from echolm.schedule import Schedule, describe
 from echolm.tasks import get_task
 from echolm.tasks.base import Problem, stable_hash
 
 STORE_NAME = "prefs.sqlite"
-DEFAULT_K = 4
-DEFAULT_N = 20
-TEMPERATURE = 1.0
-MAX_TOKENS = 128
-MAX_K = 16
 # extra sampling rounds (new seeds) when samples repeat each other
 RESAMPLE_ROUNDS = 3
 

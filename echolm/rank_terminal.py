@@ -13,6 +13,12 @@ from typing import TextIO
 from echolm.data.prompts import PromptItem
 
 SKIP, QUIT = "skip", "quit"
+# `echolm rank`'s defaults (its --help reads them here, without importing torch)
+DEFAULT_K = 4  # answers per prompt
+DEFAULT_N = 20  # prompts, when none are given
+TEMPERATURE = 1.0  # sampling temperature of the answers
+MAX_TOKENS = 128  # longest answer
+MAX_K = 16
 
 
 @dataclass

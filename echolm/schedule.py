@@ -5,8 +5,8 @@ evaluation before and after, periodic evaluation, sampling, saving. It times its
 `FIT_AFTER` steps and fits its schedule so that the whole schedule (warmdown included) and
 the work after training fit (`fit_steps`), with a 10% margin; at the last step before the
 warmdown would begin (halfway without one), with many steps timed, it refines the count once
-more with a 5% margin and then keeps it: the learning rate is still constant until then, so
-the warmdown, fixed once, is always whole. A faster machine runs the planned
+more with the same margin and then keeps it: the learning rate is still constant until then,
+so the warmdown, fixed once, is always whole. A faster machine runs the planned
 `max_steps`; a slower one fewer, and says so ("planned 300 steps; this machine fits 140 in
 8.0 min: ran 140"). The schedule is saved with the run (`schedule.json` and every
 checkpoint), so a resumed run follows the schedule the interrupted one fixed. If the
@@ -24,7 +24,10 @@ from echolm.config import BatchConfig
 
 FIT_AFTER = 6  # steps timed before the schedule is fitted (the first is a warm-up, not counted)
 MARGIN = 0.1  # the first fit assumes steps 10% slower than measured (load, evals vary)
-FINAL_MARGIN = 0.05  # the refined fit, from many more steps, assumes them 5% slower
+# the refined fit, from many more steps, assumes them 10% slower too: a shared machine's
+# speed drifts by up to ~15% over minutes; at 5%, one demo's pretraining (541 steps fitted)
+# and another's SFT (464) were each cut 7-9 steps short of the end of their warmdown
+FINAL_MARGIN = 0.10
 
 
 @dataclass
@@ -88,7 +91,7 @@ def fitted(schedule: Schedule, done: int, elapsed_s: float, step_s: float,
            final: bool = False) -> Schedule:
     """`schedule` fitted for the measured `step_s` (see `fit_steps`). The first fit keeps a
     10% margin and shortens the warmup when the run is too short for it (at most a quarter of
-    the steps); the refined one (`final`) a 5% margin, the warmup as it was, and never ends
+    the steps); the refined one (`final`) the same margin, the warmup as it was, and never ends
     so early that the warmdown would already have begun."""
     per_step = step_s * (1 + (FINAL_MARGIN if final else MARGIN)) + schedule.periodic_s
     steps = fit_steps(schedule.planned, done, elapsed_s, per_step, schedule.budget_s,

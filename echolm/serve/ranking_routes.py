@@ -28,7 +28,7 @@ def ranking_routes(srv: Server, sample_request: type, guard: list,
                  summary="K answers to one prompt, stored (unranked) in DIR/prefs.sqlite")
     async def samples(body: sample_request, request: Request) -> dict:
         stage, model, ckpt = await srv.resolve(body.model)
-        prompt = srv.tok.render_prompt([{"role": "user", "content": body.prompt}])
+        prompt = srv.tok.render_user(body.prompt)
         srv.check_prompt(prompt, model, "prompt")
         max_new = srv.max_new(body.max_tokens, srv.limits.max_tokens, len(prompt), model)
         params = [RowParams(max_new=max_new, temperature=body.temperature, top_p=body.top_p,

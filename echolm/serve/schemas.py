@@ -23,13 +23,13 @@ MAX_STOP_CHARS = 64
 class Limits:
     """What one request may ask for, and how much the server takes on at once."""
 
-    max_body_bytes: int = 1_000_000  # 413 above
-    max_messages: int = 64
-    max_prompt_tokens: int = 8192  # and never more than the model's context minus one
-    max_tokens: int = 1024  # the most a request may ask for (it also ends at the context)
+    max_body_bytes: int = 1_000_000  # largest request body in bytes (413 above)
+    max_messages: int = 64  # messages per chat request
+    max_prompt_tokens: int = 8192  # prompt tokens (also capped by the model's context)
+    max_tokens: int = 1024  # the most tokens a request may ask for (it also ends at the context)
     max_n: int = 8  # choices per request (and prompts x choices for /v1/completions)
-    max_concurrent: int = 64  # requests in flight; 429 above
-    max_batch: int = 64  # rows decoded together; more wait for a free row
+    max_concurrent: int = 64  # requests in flight (429 above)
+    max_batch: int = 64  # rows decoded together (more wait for a free row)
 
     def validate(self) -> None:
         for name, value in vars(self).items():

@@ -40,7 +40,7 @@ from echolm.rankings import (
     split_by_prompt,
     step_indices,
 )
-from echolm.rollout import token_logprobs
+from echolm.rollout import pad_batch, token_logprobs
 from echolm.runtime import autocast, check_seq_len, finished_stage, resolve_dtype, single_process
 from echolm.schedule import capped_steps
 from echolm.summary import update_summary
@@ -102,19 +102,14 @@ class PairBatch:
 
 
 def make_pair_batch(encoded: list[EncodedPair], index: list[int], pad: int) -> PairBatch:
+    """Pairs `index` as one batch: the chosen answers' rows, then the rejected answers';
+    targets masked from each answer's first token on (rollout.pad_batch, as RL's)."""
     seqs = [encoded[i].chosen for i in index] + [encoded[i].rejected for i in index]
     starts = ([encoded[i].chosen_prompt for i in index]
               + [encoded[i].rejected_prompt for i in index])
-    T = max(len(s) for s in seqs) - 1
-    x = torch.full((len(seqs), T), pad, dtype=torch.long)
-    y = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for k, (s, n_prompt) in enumerate(zip(seqs, starts, strict=True)):
-        t = torch.tensor(s, dtype=torch.long)
-        x[k, :len(s) - 1] = t[:-1]
-        y[k, :len(s) - 1] = t[1:]
-        mask[k, n_prompt - 1:len(s) - 1] = True  # targets from the first answer token on
-    return PairBatch(x, y, mask, torch.tensor(index, dtype=torch.long))
+    x, y, mask = pad_batch([s[:n] for s, n in zip(seqs, starts, strict=True)],
+                           [s[n:] for s, n in zip(seqs, starts, strict=True)], pad)
+    return PairBatch(x, y, mask.bool(), torch.tensor(index, dtype=torch.long))
 
 
 def sequence_logps(model: Transformer, x: Tensor, y: Tensor, mask: Tensor
