@@ -99,13 +99,16 @@ def reward_model_from_backbone(folder: Path, device: str | torch.device = "cpu"
     rm = _empty_reward_model(cfg, device)
     sd["score_head.weight"] = torch.zeros(1, cfg.n_embd, device=device)
     sd["score_head.bias"] = torch.zeros(1, device=device)
+    _load_state(rm, sd, f"{folder}: not a model this reward model can start from")
+    return rm
+
+
+def _load_state(rm: RewardModel, sd: dict, what: str) -> None:
+    """Load `sd` exactly, or one line saying `what` went wrong and which tensors differ."""
     try:
         rm.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        msg = " ".join(str(e).split())[:300]
-        raise EchoError(f"{folder}: not a model this reward model can start from ({msg})"
-                        ) from None
-    return rm
+        raise EchoError(f"{what} ({' '.join(str(e).split())[:300]})") from None
 
 
 def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") -> RewardModel:
@@ -116,12 +119,7 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") ->
     if "score_head.weight" not in sd:
         raise EchoError(f"{folder}: not a reward model (no score_head in model.safetensors)")
     rm = _empty_reward_model(cfg, device)
-    try:
-        rm.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        msg = " ".join(str(e).split())[:300]
-        raise EchoError(f"{folder / 'model.safetensors'}: does not match config.json ({msg})"
-                        ) from None
+    _load_state(rm, sd, f"{folder / 'model.safetensors'}: does not match config.json")
     meta_path = folder / META_FILE
     if meta_path.exists():
         rm.max_len = int(json.loads(meta_path.read_text()).get("max_len", rm.max_len))

@@ -3,9 +3,9 @@
 A stage with a budget (`max_minutes` > 0) covers everything in it with that budget:
 evaluation before and after, periodic evaluation, sampling, saving. It times its first
 `FIT_AFTER` steps and fits its schedule so that the whole schedule (warmdown included) and
-the work after training fit (`fit_steps`), with a 10% margin; at the last step before the
-warmdown would begin (halfway without one), with many steps timed, it refines the count once
-more with the same margin and then keeps it: the learning rate is still constant until then,
+the work after training fit (`fit_steps`), with a 10% margin; 80% of the way through the
+constant learning rate (halfway without a warmdown), with many steps timed, it refines the
+count once more with a 5% margin and then keeps it: the learning rate is still constant until then,
 so the warmdown, fixed once, is always whole. A faster machine runs the planned
 `max_steps`; a slower one fewer, and says so ("planned 300 steps; this machine fits 140 in
 8.0 min: ran 140"). The schedule is saved with the run (`schedule.json` and every
@@ -24,10 +24,13 @@ from echolm.config import BatchConfig
 
 FIT_AFTER = 6  # steps timed before the schedule is fitted (the first is a warm-up, not counted)
 MARGIN = 0.1  # the first fit assumes steps 10% slower than measured (load, evals vary)
-# the refined fit, from many more steps, assumes them 10% slower too: a shared machine's
-# speed drifts by up to ~15% over minutes; at 5%, one demo's pretraining (541 steps fitted)
-# and another's SFT (464) were each cut 7-9 steps short of the end of their warmdown
-FINAL_MARGIN = 0.10
+FINAL_MARGIN = 0.05  # the refined fit, from many more steps, assumes them 5% slower
+# The refit comes at this share of the constant-rate phase, not at its end: a count that must
+# shrink can then do so by up to 20% while the warmdown still starts after the refit. Refitting
+# at the very last constant step could not shrink the count at all (the warmdown would have
+# begun in the past), so a first fit that was 1-3% optimistic ran into the budget: three
+# stages of one demo were cut 7-9 steps short of ~500.
+REFIT_AT = 0.8
 
 
 @dataclass
@@ -51,10 +54,10 @@ class Schedule:
 
     @property
     def refit_step(self) -> int:
-        """The step after which a first fit is refined: the last of the constant learning rate
-        (the warmdown starts after it), or halfway without a warmdown."""
+        """The step after which a first fit is refined: `REFIT_AT` of the way through the
+        constant learning rate (the warmdown starts later), or halfway without a warmdown."""
         start = self.steps - self.warmdown if self.warmdown else self.steps // 2
-        return max(2 * FIT_AFTER, start - 1)
+        return max(2 * FIT_AFTER, int(REFIT_AT * start) - 1 if self.warmdown else start - 1)
 
     @property
     def warmdown(self) -> int:
@@ -91,7 +94,7 @@ def fitted(schedule: Schedule, done: int, elapsed_s: float, step_s: float,
            final: bool = False) -> Schedule:
     """`schedule` fitted for the measured `step_s` (see `fit_steps`). The first fit keeps a
     10% margin and shortens the warmup when the run is too short for it (at most a quarter of
-    the steps); the refined one (`final`) the same margin, the warmup as it was, and never ends
+    the steps); the refined one (`final`) a 5% margin, the warmup as it was, and never ends
     so early that the warmdown would already have begun."""
     per_step = step_s * (1 + (FINAL_MARGIN if final else MARGIN)) + schedule.periodic_s
     steps = fit_steps(schedule.planned, done, elapsed_s, per_step, schedule.budget_s,

@@ -117,3 +117,22 @@ def test_without_a_budget_the_plan_runs_unchanged(tmp_path: Path) -> None:
     assert (facts["steps"], facts["fitted"], facts["cut_short"]) == (5, False, False)
     assert facts["schedule"] == "ran 5 steps as planned"
     assert not (tmp_path / "out" / SCHEDULE_FILE).exists()
+
+
+def test_the_refit_can_shrink_a_first_fit_that_was_too_optimistic():
+    """The refit comes 80% of the way through the constant rate, so when the first fit (from
+    6 steps) promised too many, it can still cut the count and keep the warmdown whole.
+    By hand: 574 steps, warmdown 0.4 (229 steps) -> constant until 345, refit after step
+    int(0.8 * 345) - 1 = 275. At 240 s of 480 with 8.47 s kept for after training, steps of
+    0.86 s (+5%) and 0.0419 s of periodic evaluation each: 231.53 s left / 0.9449 s = 245
+    more steps, 520 in all; the warmdown then starts at 520 - 208 = 312, after step 275."""
+    from echolm.schedule import Schedule, fitted
+
+    first = Schedule(planned=800, steps=574, warmup=20, warmdown_frac=0.4, final_lr_frac=0.05,
+                     budget_s=480.0, fitted=True, step_s=0.78, periodic_s=0.0419,
+                     reserve_s=8.47, fitted_at=10.0, final=False)
+    assert first.refit_step == 275
+    got = fitted(first, 275, 240.0, 0.86, final=True)
+    assert got.final and got.steps == 520
+    assert got.steps - got.warmdown > 275  # the warmdown is still ahead, whole
+    assert got.lr_multiplier(275) == first.lr_multiplier(275) == 1.0

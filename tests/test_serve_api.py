@@ -434,6 +434,27 @@ def test_cli_serve_errors(serve_run: Path, capsys: pytest.CaptureFixture) -> Non
 
 # ---- the batcher itself ----------------------------------------------------------------------
 
+def _token_sinks(n: int):
+    """Sinks for the batcher that collect each request's tokens into `got[k]`; `done` is set
+    once `n` requests have finished."""
+    got: dict[int, list[int]] = {}
+    done = threading.Event()
+
+    def sink_for(k: int):
+        toks: list[int] = []
+
+        def sink(events) -> None:
+            for e in events:
+                toks.append(e.token)
+                if e.finish:
+                    got[k] = toks
+                    if len(got) == n:
+                        done.set()
+        return sink
+
+    return got, done, sink_for
+
+
 def test_continuous_batching_matches_one_at_a_time(serve_run: Path) -> None:
     """Requests joining a running batch at different moments, with prompts of different
     lengths, get exactly the tokens they would get alone (greedy)."""
@@ -453,20 +474,7 @@ def test_continuous_batching_matches_one_at_a_time(serve_run: Path) -> None:
         ids = [int(s[0]) for s in generate_ids(model, [p], SamplingParams(max_tokens=m,
                                                                           temperature=0))]
         want.append(ids)
-    got: dict[int, list[int]] = {}
-    done = threading.Event()
-
-    def sink_for(k: int):
-        toks: list[int] = []
-
-        def sink(events) -> None:
-            for e in events:
-                toks.append(e.token)
-                if e.finish:
-                    got[k] = toks
-                    if len(got) == len(prompts):
-                        done.set()
-        return sink
+    got, done, sink_for = _token_sinks(len(prompts))
 
     engine = Engine(tok, max_batch=4)  # fewer rows than requests: some wait for a free row
     try:
@@ -497,20 +505,7 @@ def test_seeded_rows_draw_what_the_engine_draws(serve_run: Path) -> None:
                 dict(temperature=0.7, top_p=0.8, top_k=20, seed=13)]
     want = [[int(t[0]) for t in generate_ids(model, [p], SamplingParams(max_tokens=20, **kw))]
             for p, kw in zip(prompts, settings, strict=True)]
-    got: dict[int, list[int]] = {}
-    done = threading.Event()
-
-    def sink_for(k: int):
-        toks: list[int] = []
-
-        def sink(events) -> None:
-            for e in events:
-                toks.append(e.token)
-                if e.finish:
-                    got[k] = toks
-                    if len(got) == len(prompts) + 1:
-                        done.set()
-        return sink
+    got, done, sink_for = _token_sinks(len(prompts) + 1)
 
     engine = Engine(tok, max_batch=8)
     try:  # an unseeded row shares the batch: it must not change the seeded rows' draws
