@@ -58,6 +58,24 @@ def test_packed_sampler_is_deterministic_and_splits_like_accumulation():
                                                   again.micro_batches(4)[1], strict=True))
 
 
+def test_each_epoch_is_packed_once():
+    # A row of epoch 1 is found past epoch 0's rows; when only one epoch was kept, every row
+    # after the first epoch re-packed both (the demo's SFT lost ~1 s a step past epoch 1 and
+    # was cut short). Now each epoch is packed once, and the rows are the same as before.
+    ex = _examples() * 10
+    s = PackedSampler(ex, 0, 7, micro_batch=2, grad_accum=1, seed=3)
+    packed = []
+    pack = s._pack
+    s._pack = lambda e: packed.append(e) or pack(e)
+    per_epoch = len(s._rows(0))
+    steps = 3 * per_epoch // 2 + 1  # into the fourth epoch
+    batches = [s.micro_batches(step) for step in range(steps)]
+    assert sorted(packed) == [1, 2, 3]  # epoch 0 was packed by the constructor
+    fresh = PackedSampler(ex, 0, 7, micro_batch=2, grad_accum=1, seed=3)
+    assert all(torch.equal(a, b) for step in (0, steps - 1)
+               for a, b in zip(batches[step][0], fresh.micro_batches(step)[0], strict=True))
+
+
 def test_task_spec_parsing():
     assert parse_task_spec("arithmetic:difficulty=2,ops=+-") == (
         "arithmetic", {"difficulty": 2, "ops": "+-"})

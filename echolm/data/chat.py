@@ -122,20 +122,23 @@ class PackedSampler:
                             f"step needs ({self.rows_per_step}); add data or lower micro_batch")
 
     def _rows(self, epoch: int) -> list[list[int]]:
-        if epoch not in self._epochs:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-            rows, cur, used = [], [], 0
-            for i in order.tolist():
-                n = len(self.examples[i].ids)
-                if cur and used + n > self.seq_len + 1:
-                    rows.append(cur)
-                    cur, used = [], 0
-                cur.append(i)
-                used += n
-            if cur:
-                rows.append(cur)
-            self._epochs = {epoch: rows}  # keep one epoch in memory
+        if epoch not in self._epochs:  # every epoch packed once: a row in epoch e reads the
+            self._epochs[epoch] = self._pack(epoch)  # lengths of epochs 0..e-1 (ints: small)
         return self._epochs[epoch]
+
+    def _pack(self, epoch: int) -> list[list[int]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        rows, cur, used = [], [], 0
+        for i in order.tolist():
+            n = len(self.examples[i].ids)
+            if cur and used + n > self.seq_len + 1:
+                rows.append(cur)
+                cur, used = [], 0
+            cur.append(i)
+            used += n
+        if cur:
+            rows.append(cur)
+        return rows
 
     def _row(self, g: int) -> tuple[list[int], list[int]]:
         epoch = 0
