@@ -166,6 +166,14 @@ def test_completions_endpoint(client) -> None:
     assert spelled.decode("utf-8", errors="replace") == c.text
     assert c.logprobs.text_offset == [sum(map(len, c.logprobs.tokens[:i]))
                                       for i in range(len(c.logprobs.tokens))]
+    # Streamed, the same tokens and logprobs: the first token (half a character) has no text
+    # yet, but its logprob entry still comes (it was dropped when chunks needed text).
+    streamed = list(client.completions.create(model="echo-base", prompt="Once upon a time",
+                                              max_tokens=6, logprobs=2, seed=1, stream=True))
+    tokens = [t for ch in streamed if ch.choices and ch.choices[0].logprobs
+              for t in ch.choices[0].logprobs.tokens]
+    assert tokens == c.logprobs.tokens
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == c.text
     many = client.completions.create(model="echo-base", prompt=["A", "B"], n=2, max_tokens=3)
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
     chunks = list(client.completions.create(model="echo-base", prompt="The", max_tokens=5,

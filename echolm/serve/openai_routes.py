@@ -145,8 +145,10 @@ def chat_choice(index: int, text: str, lps: list[dict], finish: str | None) -> d
 
 def completion_choice(index: int, text: str, lps: list[dict], finish: str | None,
                       want_logprobs: bool) -> dict | None:
-    """A text_completion chunk choice (sent when there is text or a finish reason)."""
-    if not text and not finish:
+    """A text_completion chunk choice (sent when there is text, a wanted logprob or a finish
+    reason: a token that ends inside a UTF-8 character has no text yet, but its logprob is
+    due now)."""
+    if not text and not finish and not (want_logprobs and lps):
         return None
     return {"index": index, "text": text,
             "logprobs": legacy_logprobs(lps) if want_logprobs else None,
