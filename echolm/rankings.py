@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from echolm.errors import EchoError
 from echolm.prefs import PreferenceStore
@@ -76,13 +74,6 @@ def encode_answer(tok: Tokenizer, prompt: str, response: str, ended: bool = True
         p = p[len(p) - keep:]
         r = r[:max_len - len(p)]
     return p + r, len(p)
-
-
-def pad_right(seqs: list[list[int]], pad: int) -> Tensor:
-    x = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        x[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-    return x
 
 
 def step_indices(n: int, per_step: int, step: int, seed: int) -> list[int]:

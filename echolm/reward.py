@@ -21,7 +21,8 @@ from echolm.checkpoint import load_model_config, read_weights
 from echolm.config import ModelConfig
 from echolm.errors import EchoError
 from echolm.model import Transformer, rope_tables
-from echolm.rankings import encode_answer, pad_right
+from echolm.rankings import encode_answer
+from echolm.rollout import pad_right
 from echolm.tokenizer import Tokenizer
 
 META_FILE = "reward_model.json"

@@ -40,17 +40,21 @@ def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[list[int]
     return [(r, bool(r) and r[-1] in stops) for r in responses]
 
 
+def pad_right(seqs: list[list[int]], pad: int) -> Tensor:
+    """Token sequences as one (B, longest) tensor, `pad` after each one's end."""
+    x = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return x
+
+
 def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad: int
               ) -> tuple[Tensor, Tensor, Tensor]:
     """(inputs, targets, mask) right-padded; mask is 1 where the target is a response token."""
     seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-    T = max(len(s) for s in seqs) - 1
-    x = torch.full((len(seqs), T), pad, dtype=torch.long)
-    y = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    x, y = pad_right([s[:-1] for s in seqs], pad), pad_right([s[1:] for s in seqs], pad)
+    mask = torch.zeros_like(x)
     for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
-        x[i, :len(s) - 1] = torch.tensor(s[:-1])
-        y[i, :len(s) - 1] = torch.tensor(s[1:])
         mask[i, len(p) - 1:len(s) - 1] = 1
     return x, y, mask
 

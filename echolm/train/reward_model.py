@@ -40,11 +40,11 @@ from echolm.rankings import (
     RankedExample,
     encode_answer,
     load_rankings,
-    pad_right,
     split_by_prompt,
     step_indices,
 )
 from echolm.reward import META_FILE, RewardModel, reward_model_from_backbone
+from echolm.rollout import pad_right
 from echolm.runtime import autocast, check_seq_len, finished_stage, single_process
 from echolm.schedule import capped_steps
 from echolm.summary import update_summary
