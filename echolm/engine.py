@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import codecs
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -246,8 +246,11 @@ def _onednn_linear_available() -> bool:
 
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompts: list[list[int]], p: SamplingParams,
-                 pad_id: int = 0, fast: bool | None = None) -> Iterator[Tensor]:
+                 pad_id: int = 0, fast: bool | None = None,
+                 on_logits: Callable[[Tensor], None] | None = None) -> Iterator[Tensor]:
     """Yield, at each decode step, the new token of every row (B,), -1 for finished rows.
+    `on_logits` sees each step's logits (rows still computed, V) before the draw (`echolm
+    explain` shows the candidates from them).
 
     Prompts of different lengths are left-padded into one batch; one forward pass per step.
     `fast` (default: on CPU) decodes through `FastDecoder`, else through `Transformer.forward`.
@@ -287,6 +290,8 @@ def generate_ids(model: Transformer, prompts: list[list[int]], p: SamplingParams
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(idx, cache, valid)[:, -1]
     for i in range(n_new):
+        if on_logits is not None:
+            on_logits(logits)
         nxt = sample_next(logits, p, history, gen)
         if stop is not None:
             nxt = nxt.masked_fill(done, -1)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from echolm.checkpoint import load_model, stage_dir
-from echolm.engine import SamplingParams, TokenPieces, sample_next
+from echolm.engine import SamplingParams, TokenPieces, generate_ids
 from echolm.errors import EchoError
 from echolm.model import Transformer
 from echolm.tokenizer import Tokenizer
@@ -105,7 +105,7 @@ def _top(tok: Tokenizer, probs: torch.Tensor, k: int) -> list[dict]:
             for v, i in zip(values, ids, strict=True)]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the engine's fast decoder reads the weights' versions
 def explain(run_dir: Path, text: str, stage: str | None = None, top_k: int = 5,
             generate: int = 0, temperature: float = 0.0, seed: int | None = None,
             chat: bool = False, device: str | None = None) -> dict:
@@ -136,24 +136,18 @@ def explain(run_dir: Path, text: str, stage: str | None = None, top_k: int = 5,
         positions.append({"index": index, "token": {"id": t, "piece": token_piece(tok, t)},
                           "next_actual": nxt, "top": _top(tok, probs[index], top_k)})
 
-    params = SamplingParams(max_tokens=generate, temperature=temperature, top_k=0, top_p=1.0,
-                            seed=seed)
-    gen = None
-    if seed is not None:  # as the engine does: one generator, seeded once, drawn from each step
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(seed)
-    generated, seq, row = [], list(ids), logits[-1]
+    # the engine's own decoding (KV cache, one sampler, one seeded generator), watched
     stops = set(stop_ids(tok))
-    for step in range(1, generate + 1):
-        if step > 1:
-            row = model(torch.tensor([seq], device=dev))[0, -1].float()
-        chosen = int(sample_next(row[None], params, None, gen)[0])
-        p = row.softmax(-1).cpu()
+    params = SamplingParams(max_tokens=generate, temperature=temperature, top_k=0, top_p=1.0,
+                            seed=seed, stop_ids=tuple(stops))
+    seen: list[torch.Tensor] = []
+    generated = []
+    steps = generate_ids(model, [ids], params, pad_id=tok.pad,
+                         on_logits=lambda lg: seen.append(lg[0].float().softmax(-1).cpu()))
+    for step, nxt in enumerate(steps if generate else (), 1):
+        chosen, p = int(nxt[0]), seen[-1]
         generated.append({"step": step, "chosen": _entry(tok, p, chosen),
                           "top": _top(tok, p, top_k)})
-        seq.append(chosen)
-        if chosen in stops:
-            break
     text_ids = [g["chosen"]["id"] for g in generated if g["chosen"]["id"] not in stops]
     return {"stage": name, "text": text, "chat": chat,
             "tokens": [{"id": t, "piece": token_piece(tok, t)} for t in ids],
