@@ -11,6 +11,7 @@ program, so every millisecond of import is paid thousands of times in an RL run.
 
 from __future__ import annotations
 
+import errno
 import marshal
 import os
 import select
@@ -37,6 +38,7 @@ SECUREBITS_NO_ROOT = 0x01 | 0x02 | 0x04 | 0x08 | 0x20
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 SYS_MOUNT_SETATTR = 442  # the same on every architecture (Linux >= 5.12)
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = -100, 0x8000, 1, 2
+LOCK_DIR = "/run/echolm-sandbox"  # root-only; one NNNNN.lock per uid in use, removed after
 RO_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 DEVICES = ("null", "zero", "full", "random", "urandom")
 
@@ -77,8 +79,8 @@ def _mount(src: str | None, target: str, fstype: str | None, flags: int,
     _ok(_libc().mount(_b(src), _b(target), _b(fstype), flags, _b(data)), f"mount {target}")
 
 
-def _prctl(option: int, arg: int = 0) -> None:
-    _ok(_libc().prctl(option, arg, 0, 0, 0), f"prctl {option}")
+def _prctl(option: int, arg: int = 0, arg2: int = 0) -> None:
+    _ok(_libc().prctl(option, arg, arg2, 0, 0), f"prctl {option}")
 
 
 def _unshare(flags: int) -> None:
@@ -89,10 +91,13 @@ def main(argv: list[str]) -> None:
     cfg_fd, status_fd, control_fd = (int(a) for a in argv)
     with os.fdopen(cfg_fd, "rb") as f:
         cfg = marshal.loads(f.read())
+    launcher = _Launcher(cfg, control_fd)
     try:
-        report = _Launcher(cfg, control_fd).run()
+        report = launcher.run()
     except Exception as e:  # a setup failure: reported, never a traceback on the host
         report = {"error": f"sandbox setup failed: {type(e).__name__}: {e}"}
+    finally:
+        launcher.release_uid()  # before the report: when the host has it, no lock file is left
     with os.fdopen(status_fd, "wb") as f:
         f.write(marshal.dumps(report))
     os._exit(0)
@@ -107,6 +112,8 @@ class _Launcher:
         self.notes: list[str] = []
         self.workdir: str | None = None
         self.cpu_limit = int(cfg["timeout_s"]) + 2
+        self._uid_lock: tuple[int, str] | None = None  # (fd, path) of the held uid lock
+        self.seccomp = _seccomp_filter(os.uname().machine)  # None: cannot filter here
 
     # -- setup ---------------------------------------------------------------------------
     def run(self) -> dict:
@@ -117,6 +124,12 @@ class _Launcher:
             pass
         if self.root:
             self.uid = self._reserve_uid()
+        if self.seccomp is None:
+            self.notes.append(f"no seccomp filter ({os.uname().machine}, {sys.byteorder}-endian"
+                              " is not supported): user namespaces are not blocked")
+        elif _libc().prctl(PR_GET_SECCOMP, 0, 0, 0, 0) < 0:  # kernel without CONFIG_SECCOMP
+            self.seccomp = None
+            self.notes.append("no seccomp in this kernel: user namespaces are not blocked")
         if cfg["mode"] == "auto":
             self._enter_namespaces()
         if self.mode == "fallback":
@@ -174,11 +187,11 @@ class _Launcher:
                 "cpu_limit_s": self.cpu_limit, "isolation": self.description()}
 
     def _reserve_uid(self) -> int | None:
-        """A uid no account and no running process has, locked for the life of this run."""
-        import fcntl
+        """A uid no account and no running process has, locked for the life of this run
+        (`release_uid` removes the lock file)."""
         import pwd
 
-        lockdir = "/run/echolm-sandbox"
+        lockdir = LOCK_DIR
         try:
             os.makedirs(lockdir, mode=0o700, exist_ok=True)
             st = os.lstat(lockdir)
@@ -187,6 +200,7 @@ class _Launcher:
         except OSError as e:
             self.notes.append(f"no uid lock directory ({e}); using nobody (65534)")
             return 65534
+        _sweep_locks(lockdir)
         busy = {_owner(pid) for pid in _pids()}
         low, high = DYNAMIC_UIDS
         for _ in range(64):
@@ -198,16 +212,22 @@ class _Launcher:
                 continue
             except KeyError:
                 pass
-            fd = os.open(f"{lockdir}/{uid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
+            path = f"{lockdir}/{uid}.lock"
+            fd = _try_lock(path, create=True)
+            if fd is None:
                 continue
-            self._uid_lock = fd  # held until this launcher exits
+            self._uid_lock = (fd, path)
             return uid
         self.notes.append("no free dynamic uid; using nobody (65534)")
         return 65534
+
+    def release_uid(self) -> None:
+        """Remove the uid's lock file, then let go of the lock (in that order: see
+        `_try_lock`). Once the program's processes are gone, the uid is free again."""
+        if self._uid_lock is not None:
+            fd, path = self._uid_lock
+            self._uid_lock = None
+            _unlock(fd, path)
 
     def _enter_namespaces(self) -> None:
         common = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
@@ -262,6 +282,8 @@ class _Launcher:
         elif self.root or self.mode == "userns":
             _drop_capabilities()
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        if self.seccomp is not None:  # needs no_new_privs (or root); last namespace change done
+            _install_seccomp(self.seccomp)
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid, which clears it
         os.dup2(stdin_fd, 0)
         os.closerange(3, err_w)
@@ -431,6 +453,8 @@ class _Launcher:
         who = (f"uid {self.uid} (unprivileged, no capabilities)" if self.uid is not None
                else "caller's uid, no capabilities" if self.mode == "userns"
                else "root without capabilities" if self.root else "caller's uid")
+        if self.seccomp is not None:
+            who += "; seccomp (no new user namespaces, no setns)"
         if self.mode == "fallback":
             text = (f"fallback: no namespaces; {who}; temporary work directory; audit hook "
                     f"(sockets, subprocesses, signals, ctypes, files outside the work "
@@ -480,6 +504,49 @@ def _drop_capabilities() -> None:
             _prctl(PR_CAPBSET_DROP, cap)
         except OSError:
             break
+
+
+def _try_lock(path: str, create: bool = False) -> int | None:
+    """An fd holding an exclusive flock on `path`, or None if another launcher holds it.
+    A holder removes the file before it lets go, so a lock taken on a file that was removed
+    meanwhile (its inode is no longer the one at `path`) is worthless: given back."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0), 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        now, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _unlock(fd: int, path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def _sweep_locks(lockdir: str) -> None:
+    """Remove lock files nobody holds: those of launchers killed before `release_uid`."""
+    try:
+        names = os.listdir(lockdir)
+    except OSError:
+        return
+    for name in names:
+        if name.endswith(".lock"):
+            path = f"{lockdir}/{name}"
+            fd = _try_lock(path)
+            if fd is not None:
+                _unlock(fd, path)
 
 
 def _write_program(path: str, code: str, uid: int | None) -> None:
@@ -556,6 +623,83 @@ def _reap_all() -> None:
             return
         if pid == 0:
             time.sleep(0.005)
+
+
+# ---------------------------------------------------------------------------------------
+# The seccomp filter: the program may not create user namespaces (or join namespaces).
+#
+# Why: an unprivileged process may normally create a user namespace and be "root" in it,
+# which opens kernel code otherwise reachable only by root (mounting filesystems, netfilter,
+# ...); most recent container escapes through kernel bugs start there. The program needs
+# none of it, and the launcher has set up all its own namespaces before the filter goes in.
+# It is a deny-list of four calls, not an allow-list: threads, subprocesses and the whole
+# standard library work as before. Built by hand with struct and ctypes because the launcher
+# is standard library only (no libseccomp); installed with prctl(PR_SET_SECCOMP), which an
+# unprivileged process may do once no_new_privs is set. Filters are inherited by every child
+# and cannot be removed.
+
+PR_GET_SECCOMP, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 21, 22, 2
+SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_JGE_K, BPF_JSET_K, BPF_RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+# struct seccomp_data: int nr @0, u32 arch @4, u64 instruction_pointer @8, u64 args[6] @16
+SECCOMP_NR, SECCOMP_ARCH, SECCOMP_ARG0_LOW = 0, 4, 16  # ARG0_LOW: little-endian only
+X32_SYSCALL_BIT = 0x40000000
+# machine: AUDIT_ARCH_* and the numbers of unshare, clone, clone3, setns (they differ by
+# architecture; those not listed run without the filter, and `isolation` says so)
+SECCOMP_ARCHES = {"x86_64": (0xC000003E, 272, 56, 435, 308),
+                  "aarch64": (0xC00000B7, 97, 220, 435, 268)}
+
+
+def _seccomp_filter(machine: str) -> bytes | None:
+    """The BPF program (struct sock_filter[]) for `machine`, or None where we have no table."""
+    if machine not in SECCOMP_ARCHES or sys.byteorder != "little":
+        return None
+    import struct
+
+    arch, unshare, clone, clone3, setns = SECCOMP_ARCHES[machine]
+    # (label, opcode, k, jump-if-true label, jump-if-false label); None = next instruction
+    prog = [
+        # Syscalls of another ABI (i386's int 0x80 on x86_64) have other numbers, which
+        # would slip past the checks below: refused, no Python program makes them.
+        (None, BPF_LD_W_ABS, SECCOMP_ARCH, None, None),
+        (None, BPF_JEQ_K, arch, None, "deny"),
+        (None, BPF_LD_W_ABS, SECCOMP_NR, None, None),
+        # x32 shares x86_64's arch value and numbers its calls with this bit set: refused.
+        (None, BPF_JGE_K, X32_SYSCALL_BIT, "deny", None),
+        # unshare(flags) and clone(flags, ...): only the CLONE_NEWUSER flag is refused.
+        (None, BPF_JEQ_K, unshare, "flags", None),
+        (None, BPF_JEQ_K, clone, "flags", None),
+        # clone3 passes its flags in memory, which a filter cannot read: "not implemented"
+        # makes libc fall back to clone (threads, fork, posix_spawn), whose flags we check.
+        (None, BPF_JEQ_K, clone3, "enosys", None),
+        # setns: entering another namespace (it needs privileges anyway; never needed).
+        (None, BPF_JEQ_K, setns, "deny", None),
+        (None, BPF_RET_K, SECCOMP_RET_ALLOW, None, None),
+        # the kernel reads only the low 32 bits of the clone/unshare flags
+        ("flags", BPF_LD_W_ABS, SECCOMP_ARG0_LOW, None, None),
+        (None, BPF_JSET_K, CLONE_NEWUSER, "deny", None),
+        (None, BPF_RET_K, SECCOMP_RET_ALLOW, None, None),
+        ("deny", BPF_RET_K, SECCOMP_RET_ERRNO | errno.EPERM, None, None),
+        ("enosys", BPF_RET_K, SECCOMP_RET_ERRNO | errno.ENOSYS, None, None),
+    ]
+    where = {label: i for i, (label, *_) in enumerate(prog) if label}
+
+    def jump(i: int, label: str | None) -> int:  # BPF jumps are relative to the next one
+        return 0 if label is None else where[label] - i - 1
+
+    return b"".join(struct.pack("=HBBI", op, jump(i, jt), jump(i, jf), k)
+                    for i, (_, op, k, jt, jf) in enumerate(prog))
+
+
+def _install_seccomp(program: bytes) -> None:
+    import ctypes
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = SockFprog(len(program) // 8, ctypes.addressof(buf))
+    _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
 
 
 # ---------------------------------------------------------------------------------------

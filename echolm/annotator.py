@@ -223,6 +223,15 @@ def pair_agreement(ranking: list[int], scores: list[float]) -> tuple[int, int]:
     return agree, total
 
 
+SIMULATED = "simulated"  # every label of the simulated annotator starts with it
+
+
+def is_simulated_name(name: str) -> bool:
+    """Whether an annotator name is the simulated annotator's (any case): only it may store
+    rankings under such a name, so people (terminal, web page) are refused it."""
+    return name.strip().casefold().startswith(SIMULATED)
+
+
 class SimulatedAnnotator:
     """Ranks responses by the gold score with Plackett-Luce noise (see the module docstring).
 
@@ -230,12 +239,12 @@ class SimulatedAnnotator:
     person gives, never the scores behind it.
     """
 
-    def __init__(self, temperature: float = 0.1, seed: int = 0, name: str = "simulated"
+    def __init__(self, temperature: float = 0.1, seed: int = 0, name: str = SIMULATED
                  ) -> None:
         if temperature < 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.temperature, self.seed = temperature, seed
-        self.name = name if name.startswith("simulated") else f"simulated-{name}"
+        self.name = name if name.startswith(SIMULATED) else f"{SIMULATED}-{name}"
 
     @property
     def label(self) -> str:

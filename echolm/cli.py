@@ -196,7 +196,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     except ValueError as e:
         raise EchoError(str(e)) from None
     serve(a.run, host=a.host, port=a.port, api_key=a.api_key, limits=limits, device=a.device,
-          threads=a.threads)
+          threads=a.threads, allow_hosts=a.allow_host)
 
 
 def cmd_presets(a: argparse.Namespace) -> None:
@@ -356,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", "--out", dest="run", type=Path, required=True, help="run directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header names NAME (repeatable; '*' = "
+                        "any, e.g. behind a reverse proxy). Default: localhost, 127.0.0.1, ::1 "
+                        "and the --host address; on 0.0.0.0 also any IP address and this "
+                        "machine's host name. Others get 421 (against DNS rebinding)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 and /api (default: the "
                         "ECHOLM_API_KEY environment variable; unset = no key)")

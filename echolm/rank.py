@@ -32,7 +32,13 @@ from typing import TextIO
 import torch
 from tqdm import tqdm
 
-from echolm.annotator import SimulatedAnnotator, gold_score, pair_agreement
+from echolm.annotator import (
+    SIMULATED,
+    SimulatedAnnotator,
+    gold_score,
+    is_simulated_name,
+    pair_agreement,
+)
 from echolm.checkpoint import file_fingerprint
 from echolm.data.prompts import PromptItem, rlhf_prompts
 from echolm.data.text import read_jsonl
@@ -399,6 +405,12 @@ def run_rank(run_dir: Path, prompts: Path | None = None, k: int = DEFAULT_K,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EchoError(f"{run_dir}: no such run directory")
+    name = "" if simulated else (annotator or default_annotator()).strip()
+    if not simulated and not name:
+        raise EchoError("--annotator must not be empty")
+    if is_simulated_name(name):  # a person may not pass as the simulated annotator
+        raise EchoError(f"--annotator '{name}': names starting with '{SIMULATED}' are reserved "
+                        "for the simulated annotator (--simulated); choose another name")
     if prompts is not None:
         items = read_prompt_file(prompts)
         items = items[:n] if n else items
@@ -411,12 +423,6 @@ def run_rank(run_dir: Path, prompts: Path | None = None, k: int = DEFAULT_K,
                                 stage=stage, items=items, seed=seed, temperature=temperature,
                                 max_tokens=max_tokens,
                                 log=lambda m: print(m, file=out, flush=True))
-    name = (annotator or default_annotator()).strip()
-    if not name:
-        raise EchoError("--annotator must not be empty")
-    if name.startswith("simulated"):
-        raise EchoError(f"annotator name '{name}' is reserved for the simulated annotator "
-                        "(use --simulated)")
     out.write(f"loading the {stage} model from {run_dir} ...\n")
     out.flush()
     t0 = time.time()

@@ -29,7 +29,9 @@ Isolation, strongest first; the launcher picks the first that works and says whi
 Always: a separate session and process group, rlimits on CPU time, address space, processes,
 open files, file size and core dumps, a scrubbed environment (PATH, LANG, HOME, TMPDIR,
 PYTHONHASHSEED=0, PYTHONDONTWRITEBYTECODE), stdout/stderr capped (the program is killed when
-it writes more), the launcher kills the program if the host goes away.
+it writes more), the launcher kills the program if the host goes away, and a seccomp filter
+refuses new user namespaces and setns (x86_64 and aarch64; `isolation` says when it is not
+in force).
 """
 
 from __future__ import annotations

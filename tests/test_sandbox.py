@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -367,6 +368,95 @@ def test_orphan_that_outlives_the_program_is_killed():
     assert "parent done" in v.stdout
     time.sleep(0.1)
     assert marked_processes(marker) == []
+
+
+SECCOMP = "seccomp (" in isolation()
+needs_seccomp = pytest.mark.skipif(not SECCOMP, reason="no seccomp filter here: " + isolation())
+UNSHARE_PROBE = """\
+import ctypes, errno, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+def call(f, *args):
+    r = f(*args)
+    return errno.errorcode.get(ctypes.get_errno(), '?') if r == -1 else r
+NEWUSER, NEWNS, SIGCHLD = 0x10000000, 0x00020000, 17
+clone, clone3 = {'x86_64': 56, 'aarch64': 220}[platform.machine()], 435
+print('status', open('/proc/self/status').read().split('Seccomp:')[1].split()[0])
+print('unshare(0)', call(libc.unshare, 0))
+print('unshare(NEWUSER)', call(libc.unshare, NEWUSER))
+print('unshare(NEWUSER|NEWNS)', call(libc.unshare, NEWUSER | NEWNS))
+print('clone(NEWUSER)', call(libc.syscall, clone, NEWUSER | SIGCHLD, 0, 0, 0, 0))
+print('clone3', call(libc.syscall, clone3, 0, 88))
+fd = os.open('/proc/self/ns/user', os.O_RDONLY)
+print('setns', call(libc.setns, fd, 0))
+print('ns unchanged', os.readlink('/proc/self/ns/user') == os.readlink('/proc/1/ns/user'))
+"""
+
+
+@needs_seccomp
+def test_no_user_namespaces_inside():
+    """A hostile program tries every way to a new user namespace (ctypes, since
+    os.unshare needs Python 3.12): all refused with EPERM by the filter, which is in force
+    (Seccomp: 2); clone3, whose flags a filter cannot read, says ENOSYS."""
+    v = run_python(UNSHARE_PROBE, timeout_s=5)
+    assert v.status == "ok", v
+    assert v.stdout.splitlines() == [
+        "status 2", "unshare(0) 0", "unshare(NEWUSER) EPERM", "unshare(NEWUSER|NEWNS) EPERM",
+        "clone(NEWUSER) EPERM", "clone3 ENOSYS", "setns EPERM", "ns unchanged True"], v.stdout
+    # and the util-linux tool, as a subprocess of the program
+    v = run_python("import subprocess\n"
+                   "try:\n"
+                   "    r = subprocess.run(['unshare', '-U', 'id'], capture_output=True, "
+                   "text=True)\n"
+                   "    print(r.returncode, r.stderr.strip())\n"
+                   "except FileNotFoundError:\n"
+                   "    print('no unshare')\n", timeout_s=5)
+    assert v.status == "ok", v
+    if shutil.which("unshare"):  # the sandbox sees the host's /usr
+        assert v.stdout == "1 unshare: unshare failed: Operation not permitted\n", v.stdout
+    assert "seccomp (" in run_python("pass", mode="fallback").isolation
+
+
+@needs_seccomp
+def test_filter_keeps_threads_fork_and_subprocess():
+    v = run_python("import os, subprocess, threading\n"
+                   "from concurrent.futures import ThreadPoolExecutor\n"
+                   "with ThreadPoolExecutor(4) as pool:\n"
+                   "    print(sum(pool.map(lambda x: x * x, range(100))))\n"
+                   "pid = os.fork()\n"
+                   "if pid == 0:\n"
+                   "    os._exit(7)\n"
+                   "print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+                   "print(subprocess.run(['sh', '-c', 'echo $((6 * 7))'], capture_output=True,"
+                   " text=True).stdout.strip())\n", timeout_s=5)
+    assert (v.status, v.stdout) == ("ok", "328350\n7\n42\n"), v
+
+
+def test_no_uid_lock_files_left():
+    """Each run locks its uid with a file in the launcher's lock directory; none is left
+    after the run, stale ones (a launcher killed mid-run) are swept, held ones are not."""
+    from echolm._sandbox_launcher import LOCK_DIR
+
+    if "; uid " not in isolation():  # only root hands out a fresh uid per run (and locks it)
+        pytest.skip("no fresh uid per run here (not root): no lock files: " + isolation())
+    import fcntl
+
+    lockdir = Path(LOCK_DIR)
+    stale = lockdir / f"stale-{uuid.uuid4().hex}.lock"
+    held = lockdir / f"held-{uuid.uuid4().hex}.lock"
+    stale.write_text("")
+    fd = os.open(held, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        verdicts = run_many(["print(1)"] * 4, workers=2)
+        assert all(v.status == "ok" for v in verdicts), verdicts
+        uids = {v.isolation.split("; uid ", 1)[1].split()[0] for v in verdicts}
+        assert len(uids) >= 2  # fresh uids: not one shared (then nothing would be locked)
+        assert [u for u in uids if (lockdir / f"{u}.lock").exists()] == []
+        assert not stale.exists()  # nobody held it: swept
+        assert held.exists()  # someone holds it: left alone
+    finally:
+        os.close(fd)
+        held.unlink()
 
 
 # ---------------------------------------------------------------------------------------

@@ -409,7 +409,8 @@ def test_cli_serve_subprocess(serve_run: Path) -> None:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ECHOLM_API_KEY": "k"}
     proc = subprocess.Popen([sys.executable, "-m", "echolm", "serve", "--run", str(serve_run),
-                             "--port", str(port), "--max-tokens", "4", "--threads", "1"],
+                             "--port", str(port), "--max-tokens", "4", "--threads", "1",
+                             "--allow-host", "echo.example", "--allow-host", "Box.Example."],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -426,9 +427,14 @@ def test_cli_serve_subprocess(serve_run: Path) -> None:
                        json={"model": "echo-sft", "messages": MSG, "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text.startswith("<!doctype")
+        for host, status in (("echo.example", 200), (f"box.example:{port}", 200),
+                             (f"localhost:{port}", 200), ("other.example", 421)):
+            r = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Host": host}, timeout=5)
+            assert r.status_code == status, (host, r.text)
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(15)
+        out = proc.communicate(timeout=15)[0]
+    assert "answers Host 127.0.0.1, [::1], box.example, echo.example, localhost)" in out, out
 
 
 def test_cli_serve_errors(serve_run: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,7 +1,8 @@
 """`echolm serve`: an OpenAI-compatible HTTP API and a web page over a run's models.
 
 - `api`: the app put together (`create_app`) and the `serve` command;
-- `gate`: the middleware in front of it (API key, body size, UTF-8);
+- `gate`: the middleware in front of it (Host header against DNS rebinding, API key, body
+  size, UTF-8);
 - `errors`: errors in OpenAI's shape and the handlers that make every failure one;
 - `models`: the run's stage checkpoints, loaded on first use;
 - `jobs`: the server's state (admission, the engine thread) and each request's rows in it;

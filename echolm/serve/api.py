@@ -4,19 +4,21 @@ Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming
 temperature, top_p, top_k, max_tokens, stop, n, seed, logprobs), ``GET /v1/models`` (one model
 per stage checkpoint present: echo-base, echo-sft, echo-rl, echo-rlhf, echo-dpo),
 ``GET /health``, the page at ``/``, and for its rank mode ``POST /api/samples`` (K answers,
-stored in DIR/prefs.sqlite) and ``POST /api/rankings`` (a person's order, best first).
+stored in DIR/prefs.sqlite) and ``POST /api/rankings`` (a person's order, best first; names
+starting with "simulated" are the simulated annotator's and refused).
 
 Every request shares one engine thread (`echolm.serve.batcher`): all active sequences decode
 together, so throughput grows with concurrency. Errors have OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``: 400 invalid request (bad JSON, invalid
 UTF-8, wrong types, out-of-range values, a prompt longer than allowed), 401 missing/wrong API
-key, 404 unknown model or path, 405 wrong method, 413 body too large, 429 too many requests in
-flight, 500/503 engine failures. The OpenAPI schema at ``/openapi.json`` is generated from the
-same models that validate requests, so its limits are the server's.
+key, 404 unknown model or path, 405 wrong method, 413 body too large, 421 a Host header this
+server does not answer (against DNS rebinding; see `HostPolicy`, ``--allow-host``), 429 too
+many requests in flight, 500/503 engine failures. The OpenAPI schema at ``/openapi.json`` is
+generated from the same models that validate requests, so its limits are the server's.
 """
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -29,8 +31,8 @@ from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
-from echolm.serve.errors import add_error_handlers
-from echolm.serve.gate import Gate
+from echolm.serve.errors import add_error_handlers, error_responses
+from echolm.serve.gate import Gate, HostPolicy
 from echolm.serve.jobs import Server
 from echolm.serve.models import MODEL_PREFIX
 from echolm.serve.openai_routes import openai_routes
@@ -42,8 +44,9 @@ API_KEY_ENV = "ECHOLM_API_KEY"
 
 
 def create_app(run_dir: Path, limits: Limits | None = None, api_key: str | None = None,
-               device: str | None = None) -> Gate:
-    """The ASGI app: FastAPI behind the `Gate` middleware (its FastAPI app is `.app`).
+               device: str | None = None, hosts: HostPolicy | None = None) -> Gate:
+    """The ASGI app: FastAPI behind the `Gate` middleware (its FastAPI app is `.app`),
+    answering the Host names `hosts` allows (default: localhost, 127.0.0.1, ::1).
 
     Here: /health, the page and the schema; the /v1 routes come from `openai_routes`, the
     /api routes from `ranking_routes`, both built for this server's limits and API key."""
@@ -60,7 +63,7 @@ def create_app(run_dir: Path, limits: Limits | None = None, api_key: str | None 
             srv.stop()
 
     app = FastAPI(title="Echo", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description=__doc__)
+                  description=__doc__, responses=error_responses(421))  # the Gate, any path
     app.state.server = srv
     bearer = HTTPBearer(auto_error=False, description="the server's API key")
 
@@ -103,20 +106,28 @@ def create_app(run_dir: Path, limits: Limits | None = None, api_key: str | None 
         return schema
 
     app.openapi = openapi
-    return Gate(app, limits.max_body_bytes, api_key)
+    return Gate(app, limits.max_body_bytes, api_key, hosts)
 
 
 def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           limits: Limits | None = None, device: str | None = None,
-          threads: int | None = None, log_level: str = "info") -> None:
-    """Run the server until interrupted (the `echolm serve` command)."""
+          threads: int | None = None, log_level: str = "info",
+          allow_hosts: Sequence[str] = ()) -> None:
+    """Run the server until interrupted (the `echolm serve` command). `allow_hosts`: Host
+    names answered besides the default ones (`HostPolicy`); "*" = any."""
     import uvicorn
 
+    hosts = HostPolicy(host, allow_hosts)  # first: a bad name fails before the models load
     if threads:
         torch.set_num_threads(threads)
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    app = create_app(run_dir, limits, api_key, device)
-    where = f"http://{host}:{port}"
+    app = create_app(run_dir, limits, api_key, device, hosts)
+    where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     print(f"echolm serve: {run_dir} on {where}  (page: {where}/, API: {where}/v1, schema: "
-          f"{where}/openapi.json{', API key required' if api_key else ''})", flush=True)
+          f"{where}/openapi.json{', API key required' if api_key else ''}; answers "
+          f"{hosts.describe()})", flush=True)
+    if hosts.any:  # loopback too: a server on 127.0.0.1 is what rebinding aims at
+        print("echolm serve: warning: --allow-host '*' answers every Host name; use it only "
+              "behind a reverse proxy that checks Host (else any web page can reach this API "
+              "by DNS rebinding)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)

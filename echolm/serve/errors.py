@@ -92,6 +92,7 @@ ERRORS = {
     401: "missing or wrong API key",
     404: "unknown model",
     413: "request body too large",
+    421: "a Host header this server does not answer (DNS rebinding): see --allow-host",
     429: "too many requests in flight; retry",
     500: "the engine failed",
     503: "the engine is not running",

@@ -6,6 +6,7 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
+from echolm.annotator import SIMULATED, is_simulated_name
 from echolm.errors import EchoError
 from echolm.prefs import PreferenceStore
 from echolm.serve.batcher import RowParams
@@ -58,9 +59,16 @@ def ranking_routes(srv: Server, sample_request: type, guard: list,
                  tags=["echo"], responses=error_responses(400, *auth_errors, 413),
                  summary="store a person's order over sampled answers (best first)")
     async def rankings(body: RankingRequest) -> dict:
+        who = body.annotator.strip()
+        if is_simulated_name(who):  # its rankings must stay its own: they are labelled so
+            raise APIError(400, f"annotator: {who[:100]!r} is reserved: names starting with "
+                           f"'{SIMULATED}' belong to the simulated annotator (`echolm rank "
+                           "--simulated`); choose another name", param="annotator",
+                           code="reserved_annotator")
+
         def store() -> tuple[int, dict]:
             with PreferenceStore(path) as db:
-                rid = db.add_ranking(body.prompt_id, body.response_ids, body.annotator.strip())
+                rid = db.add_ranking(body.prompt_id, body.response_ids, who)
                 return rid, db.counts()
 
         try:

@@ -69,12 +69,14 @@ class ServerThread:
     """`echolm serve` on 127.0.0.1:<free port> in a thread; a context manager."""
 
     def __init__(self, run: Path, limits: Limits | None = None, api_key: str | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, allow_hosts: tuple[str, ...] = ()) -> None:
         import uvicorn
 
         from echolm.serve.api import create_app
+        from echolm.serve.gate import HostPolicy
 
-        self.app = create_app(run, limits, api_key, device="cpu")
+        self.app = create_app(run, limits, api_key, device="cpu",
+                              hosts=HostPolicy("127.0.0.1", allow_hosts))
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
