@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 from conftest import data_overrides, subprocess_env
+from test_reward_model import pref_run, pref_template  # noqa: F401  (fixtures)
 
 from echolm.cli import main
+from echolm.settings import load_config
 from echolm.staging import ForcePass, StageOutput
 
 
@@ -264,7 +266,7 @@ def test_forced_rlhf_replaces_both_of_its_folders(tmp_path):
     out = stage.start(quiet)
     (out / "model.safetensors").write_bytes(b"new")
     (stage.log_dir / "metrics.jsonl").write_text('{"stage": "rlhf", "step": 7}\n')
-    assert (run / "rlhf_unguarded" / "model.safetensors").exists()  # until the swap
+    assert (run / "rlhf_unguarded").is_dir()  # until the swap
     stage.commit({"new": True})
     assert snapshot(run / "rlhf") == {"model.safetensors": b"new",
                                       "done.json": b'{\n  "new": true\n}\n'}
@@ -293,3 +295,39 @@ def test_run_force_again_resumes_its_pass(tmp_path):
     again.finish()
     assert not (run / ".force_pass.json").exists()
     assert ForcePass(run, {"a": 1}, force=True).force("tokenizer")
+
+
+@pytest.mark.slow
+def test_forced_rm_dpo_rlhf_replace_their_outputs(pref_run, corpus):  # noqa: F811
+    """The stages that measure their new model before it is swapped in (DPO's and RLHF's gold
+    win rate read it from the redo's folder) and RLHF's second folder: a forced redo with
+    other settings is what the run has afterwards, and nothing is left beside it."""
+    from echolm.train.dpo import run_dpo
+    from echolm.train.reward_model import run_rm
+    from echolm.train.rlhf import run_rlhf
+
+    run = pref_run
+    base = [*data_overrides(corpus), "rm.max_steps=4", "rm.eval_every=0", "rm.epochs=0",
+            "dpo.max_steps=2", "dpo.eval_every=0", "rlhf.max_steps=2", "rlhf.eval_every=1",
+            "rlhf.eval_prompts=4", "rlhf.final_samples=1", "rlhf.eval_samples=1",
+            "data.task_examples=20", "rlhf.overopt_steps=2"]
+    for fn in (run_rm, run_dpo, run_rlhf):
+        fn(load_config("micro", base), run, log=quiet)
+    assert (run / "rlhf_unguarded").is_dir()
+    old = json.loads((run / "summary.json").read_text())
+    old_rm = (run / "rm" / "model.safetensors").read_bytes()
+
+    run_rm(load_config("micro", [*base, "rm.max_steps=5"]), run, force=True, log=quiet)
+    run_dpo(load_config("micro", [*base, "dpo.max_steps=3"]), run, force=True, log=quiet)
+    run_rlhf(load_config("micro", [*base, "rlhf.overopt_steps=0", "rlhf.max_steps=3"]), run,
+             force=True, log=quiet)
+    new = json.loads((run / "summary.json").read_text())
+    assert [new[s]["steps"] for s in ("rm", "dpo", "rlhf")] == [5, 3, 3]
+    assert new["dpo"]["gold_win_rate_vs_sft"] is not None and new["rlhf"]["unguarded"] is None
+    assert old["dpo"]["steps"] == 2 and (run / "rm" / "model.safetensors").read_bytes() != old_rm
+    assert not (run / "rlhf_unguarded").exists()  # the redo had no unguarded run
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    for stage, n in (("rm", 5), ("dpo", 3), ("rlhf", 3), ("rlhf_unguarded", 0)):
+        assert [r["step"] for r in recs if r["stage"] == stage and "loss" in r] == list(
+            range(1, n + 1)), stage
