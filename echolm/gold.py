@@ -114,17 +114,18 @@ def sft_baseline(cfg: Config, run_dir: Path) -> dict:
 
 
 def gold_win_rate(cfg: Config, run_dir: Path, stage: str, baseline: dict | None = None,
-                  log=print) -> dict:
+                  log=print, model_dir: Path | None = None) -> dict:
     """Gold reward of `stage`'s answers to the held-out RLHF prompts and its win rate against
     SFT's (`baseline` from `sft_baseline`, measured here if None): same prompts,
-    `final_samples` answers each, gold averaged per prompt, ties count half."""
+    `final_samples` answers each, gold averaged per prompt, ties count half. The model is
+    DIR/<stage>'s, or `model_dir`'s (a --force redo's, not yet swapped in)."""
     p = cfg.rlhf
     baseline = baseline or sft_baseline(cfg, run_dir)
     tok = Tokenizer.load(run_dir / "tokenizer")
     sft = load_model(run_dir / "sft")
     rm = load_reward_model(run_dir / "rm")
     items = rlhf_prompts("val", p.eval_prompts, 0)
-    ev, _, _ = evaluate_policy(load_model(run_dir / stage), sft, rm, tok, items, p,
+    ev, _, _ = evaluate_policy(load_model(model_dir or run_dir / stage), sft, rm, tok, items, p,
                                seed=FINAL_EVAL_SEED, samples=p.final_samples,
                                baseline=baseline["gold"])
     log(f"{stage}: gold {baseline['mean_gold']:.3f} (SFT) -> {ev.gold:.3f}, win rate vs SFT "

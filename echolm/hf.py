@@ -29,12 +29,16 @@ beyond the source's vocabulary extend the matrices. The model's own chat templat
 Llama 3's headers, ...) is not used: SFT then teaches the model Echo's format, and an export
 of the result carries Echo's template. Echo's `Tokenizer` encodes such a tokenizer through
 `tokenizers` itself (not tiktoken), since its split pattern differs from Echo's.
+
+Where it goes. `--out` is never the run or source itself, a folder holding it, or one inside
+a run directory; `--force` replaces only an earlier export (exactly EXPORT_FILES) or an
+earlier import nothing was added to (exactly IMPORT_FILES), swapped in once complete
+(`check_out`, `replacing`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -50,6 +54,7 @@ from echolm.checkpoint import load_model, read_weights, stage_dir
 from echolm.config import ModelConfig
 from echolm.errors import EchoError
 from echolm.model import Transformer
+from echolm.outdir import check_out, replacing
 from echolm.tokenizer import BOS, SPECIAL_TOKENS, Tokenizer
 
 # Echo's chat format (Tokenizer.render_conversation / render_prompt) as a Jinja template. The
@@ -76,25 +81,13 @@ CHAT_TEMPLATE = (
 )
 SUPPORTED = ("llama", "qwen2", "qwen3")
 
-
-def _atomic_dir(out: Path, force: bool) -> Path:
-    """A fresh temporary sibling of `out` to fill, after checking `out` may be (re)placed."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise EchoError(f"{out}: already exists and is not empty (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
-    os.replace(tmp, out)
+# What each command writes: `--force` replaces a folder only when it holds exactly this (an
+# earlier export; an earlier import nothing was added to), so it never deletes anything else.
+EXPORT_FILES = frozenset({"model.safetensors", "config.json", "generation_config.json",
+                          "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                          "echolm.json"})
+IMPORT_FILES = frozenset({"import.json", "tokenizer/tokenizer.json", "tokenizer/done.json",
+                          "base/model.safetensors", "base/config.json", "base/done.json"})
 
 
 # ---- export ---------------------------------------------------------------------------------
@@ -168,6 +161,7 @@ def export_hf(run_dir: Path, out: Path, stage: str | None = None, force: bool = 
               log=print) -> dict[str, Any]:
     """Write `stage`'s model (default: the latest) and the run's tokenizer as a folder that
     `transformers` loads. Returns what was written."""
+    check_out(out, force, "export", EXPORT_FILES, run_dir, "the run directory being exported")
     folder = stage_dir(run_dir, stage)
     tok_file = run_dir / "tokenizer" / "tokenizer.json"
     tok = Tokenizer.load(tok_file)
@@ -177,21 +171,20 @@ def export_hf(run_dir: Path, out: Path, stage: str | None = None, force: bool = 
         raise EchoError(f"{tok_file}: the tokenizer has {tok.vocab_size} tokens, more than the "
                         f"model's vocab_size {cfg.vocab_size}")
     config = hf_config(cfg, tok)
-    tmp = _atomic_dir(out, force)
-    save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    atomic_write_json(tmp / "config.json", config)
-    eos: int | list[int] = tok.assistant_end
-    if folder.name == "base":  # a base model ends a document with <|bos|>, never a turn
-        eos = [tok.assistant_end, tok.bos]
-    atomic_write_json(tmp / "generation_config.json", {
-        "bos_token_id": tok.bos, "eos_token_id": eos, "pad_token_id": tok.pad})
-    shutil.copyfile(tok_file, tmp / "tokenizer.json")  # byte for byte: same ids everywhere
-    for name, obj in tokenizer_files(tok, cfg).items():
-        atomic_write_json(tmp / name, obj)
-    atomic_write_json(tmp / "echolm.json", {
-        "run": str(run_dir.resolve()), "stage": folder.name, "echo_model_config": vars(cfg),
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    _publish(tmp, out)
+    with replacing(out) as tmp:
+        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", config)
+        eos: int | list[int] = tok.assistant_end
+        if folder.name == "base":  # a base model ends a document with <|bos|>, never a turn
+            eos = [tok.assistant_end, tok.bos]
+        atomic_write_json(tmp / "generation_config.json", {
+            "bos_token_id": tok.bos, "eos_token_id": eos, "pad_token_id": tok.pad})
+        shutil.copyfile(tok_file, tmp / "tokenizer.json")  # byte for byte: same ids everywhere
+        for name, obj in tokenizer_files(tok, cfg).items():
+            atomic_write_json(tmp / name, obj)
+        atomic_write_json(tmp / "echolm.json", {
+            "run": str(run_dir.resolve()), "stage": folder.name, "echo_model_config": vars(cfg),
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     result = {"out": str(out), "stage": folder.name, "architecture": config["architectures"][0],
               "params": model.num_params()}
     log(f"export: {folder.name} model ({model.num_params():,} parameters) -> {out} as "
@@ -373,6 +366,7 @@ def import_hf(src: Path, run_dir: Path, force: bool = False, log=print) -> dict[
     if not src.is_dir():
         raise EchoError(f"{src}: not a folder (expected a checkpoint with config.json, "
                         "safetensors and tokenizer.json)")
+    check_out(run_dir, force, "import", IMPORT_FILES, src, "the checkpoint being imported")
     where = str(src / "config.json")
     hf = _read_json(src / "config.json")
     cfg = echo_config_from_hf(hf, where)
@@ -409,31 +403,30 @@ def import_hf(src: Path, run_dir: Path, force: bool = False, log=print) -> dict[
     cfg.vocab_size = size
     tok = Tokenizer(HFTokenizer.from_str(hf_tok.to_str()))  # checks Echo's special tokens
 
-    tmp = _atomic_dir(run_dir, force)
-    (tmp / "tokenizer").mkdir()
-    if added:
-        tok.save(tmp / "tokenizer")
-    else:  # already Echo's chat tokens (e.g. an Echo export): keep the file byte for byte
-        shutil.copyfile(src / "tokenizer.json", tmp / "tokenizer" / "tokenizer.json")
-    base = tmp / "base"
-    base.mkdir()
-    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
-    atomic_write_json(base / "config.json", vars(cfg))
-    n_params = sum(t.numel() for t in sd.values())
-    info = {
-        "source": str(src.resolve()), "model_type": hf["model_type"],
-        "architectures": hf.get("architectures"), "source_dtypes": src_dtypes,
-        "added_special_tokens": {t: vocab[t] for t in added},
-        "vocab_size": {"source": src_vocab, "echo": size},
-        "bos_row_from": bos_src, "native_tokenizer": tok.native,
-        "source_chat_template": _has_chat_template(src), "params": n_params,
-        "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    atomic_write_json(tmp / "import.json", info)
-    atomic_write_json(tmp / "tokenizer" / "done.json", {
-        "vocab_size": tok.vocab_size, "imported_from": info["source"]})
-    atomic_write_json(base / "done.json", {
-        "imported_from": info["source"], "model_type": hf["model_type"], "params": n_params})
-    _publish(tmp, run_dir)
+    with replacing(run_dir) as tmp:
+        (tmp / "tokenizer").mkdir()
+        if added:
+            tok.save(tmp / "tokenizer")
+        else:  # already Echo's chat tokens (e.g. an Echo export): keep the file byte for byte
+            shutil.copyfile(src / "tokenizer.json", tmp / "tokenizer" / "tokenizer.json")
+        base = tmp / "base"
+        base.mkdir()
+        save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(base / "config.json", vars(cfg))
+        n_params = sum(t.numel() for t in sd.values())
+        info = {
+            "source": str(src.resolve()), "model_type": hf["model_type"],
+            "architectures": hf.get("architectures"), "source_dtypes": src_dtypes,
+            "added_special_tokens": {t: vocab[t] for t in added},
+            "vocab_size": {"source": src_vocab, "echo": size},
+            "bos_row_from": bos_src, "native_tokenizer": tok.native,
+            "source_chat_template": _has_chat_template(src), "params": n_params,
+            "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_json(tmp / "import.json", info)
+        atomic_write_json(tmp / "tokenizer" / "done.json", {
+            "vocab_size": tok.vocab_size, "imported_from": info["source"]})
+        atomic_write_json(base / "done.json", {
+            "imported_from": info["source"], "model_type": hf["model_type"], "params": n_params})
     log(f"import: {hf['model_type']} model ({n_params:,} parameters) from {src} -> {run_dir}"
         + (f"; added {len(added)} Echo special tokens (vocab {src_vocab} -> {size})"
            if added else ""))

@@ -102,8 +102,10 @@ def run_pipeline(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
     """Every stage in order. A stage that fails leaves the earlier ones intact; the report
     is still written and says which stage failed and why, then the error propagates."""
     from echolm.report import build_report
+    from echolm.staging import ForcePass
 
     t_all = time.time()
+    redo = ForcePass(run_dir, cfg.to_dict(), force)  # --force run again resumes its pass
     record_machine(cfg, run_dir)
     timings_path = run_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
@@ -112,7 +114,7 @@ def run_pipeline(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
         log(f"== {name} ==")
         t0 = time.time()
         try:
-            fn(cfg, run_dir, force=force, log=log)
+            fn(cfg, run_dir, force=redo.force(name), log=log)
         except BaseException as e:
             atomic_write_json(run_dir / "status.json", {
                 "failed_stage": name, "error": f"{type(e).__name__}: {e}"})
@@ -121,10 +123,12 @@ def run_pipeline(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
             except Exception as report_error:  # never hide the stage's own error
                 log(f"run: the report could not be written either: {report_error}")
             raise
+        redo.done(name)
         seconds = time.time() - t0
         if seconds > 1 or name not in timings:  # a skipped (finished) stage keeps its time
             timings[name] = {"seconds": round(seconds, 1), "peak_rss_mb": round(_peak_rss_mb())}
             atomic_write_json(timings_path, timings)
+    redo.finish()
     atomic_write_json(run_dir / "status.json", {"failed_stage": None})
     build_report(run_dir, log=log)
     summary = read_summary(run_dir)

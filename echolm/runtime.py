@@ -1,16 +1,12 @@
 """What every training stage sets up before its loop: the processes and device (one, or
-`torchrun` processes), the training dtype, and the checks and folder handling they share."""
+`torchrun` processes), the training dtype and the checks they share (their output folder:
+echolm/staging.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,20 +61,6 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def finished_stage(out: Path, name: str, force: bool, log: Callable[[str], Any] = print,
-                   also: tuple[Path, ...] = ()) -> dict | None:
-    """A stage's results if it already finished (its done.json) and `force` is off; else
-    None, after clearing the stage's folder (and `also`) when forced to start over."""
-    done = out / "done.json"
-    if done.exists() and not force:
-        log(f"{name}: already finished in {out} (use --force to redo)")
-        return json.loads(done.read_text())
-    if force:
-        for folder in (out, *also):  # ignore_errors: under torchrun every rank does this
-            shutil.rmtree(folder, ignore_errors=True)
-    return None
 
 
 def single_process(stage: str, why: str = "run it without torchrun") -> Dist:

@@ -211,8 +211,13 @@ def test_export_errors_are_one_line(run_dir, tmp_path, capsys):
     (out / "keep.txt").write_text("x")
     assert main(["export", "hf", "--run", str(run_dir), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main(["export", "hf", "--run", str(run_dir), "--out", str(out), "--force"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # --force replaces only an earlier export: keep.txt is someone's, never deleted
+    assert main(["export", "hf", "--run", str(run_dir), "--out", str(out), "--force"]) == 2
+    assert "not an earlier export as written (it holds keep.txt)" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "x" and not (out / "model.safetensors").exists()
+    (out / "keep.txt").unlink()
+    assert main(["export", "hf", "--run", str(run_dir), "--out", str(out)]) == 0
+    assert (out / "model.safetensors").exists()
 
 
 # ---- import ---------------------------------------------------------------------------------
@@ -404,7 +409,7 @@ def test_import_refuses_what_echo_cannot_compute(llama_source, tmp_path, capsys,
     assert main(["import", "hf", str(src), "--out", str(run)]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1, err
-    assert not run.exists() and not (tmp_path / "run.tmp").exists()
+    assert not run.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_import_refuses_nonzero_o_proj_bias_and_missing_files(llama_source, tmp_path, capsys):
@@ -432,8 +437,14 @@ def test_import_refuses_nonzero_o_proj_bias_and_missing_files(llama_source, tmp_
     (run / "x").write_text("x")
     assert main(["import", "hf", str(llama_source), "--out", str(run)]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert main(["import", "hf", str(llama_source), "--out", str(run), "--force"]) == 2
+    assert "not an earlier import as written (it holds x)" in capsys.readouterr().err
+    assert (run / "x").read_text() == "x" and not (run / "base").exists()
+    (run / "x").unlink()
+    assert main(["import", "hf", str(llama_source), "--out", str(run)]) == 0
+    first = (run / "base" / "model.safetensors").read_bytes()
     assert main(["import", "hf", str(llama_source), "--out", str(run), "--force"]) == 0
-    assert not (run / "x").exists() and (run / "base" / "model.safetensors").exists()
+    assert (run / "base" / "model.safetensors").read_bytes() == first  # an earlier import
 
 
 def test_import_reads_sharded_checkpoints(llama_source, tmp_path):

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from echolm.atomic import atomic_write_json
 from echolm.checkpoint import load_model, save_model
 from echolm.config import Config, DPOConfig
 from echolm.data.chat import sft_rows
@@ -41,9 +40,9 @@ from echolm.rankings import (
     step_indices,
 )
 from echolm.rollout import pad_batch, token_logprobs
-from echolm.runtime import autocast, check_seq_len, finished_stage, resolve_dtype, single_process
+from echolm.runtime import autocast, check_seq_len, resolve_dtype, single_process
 from echolm.schedule import capped_steps
-from echolm.summary import update_summary
+from echolm.staging import StageOutput
 from echolm.tokenizer import Tokenizer
 from echolm.trainer import Trainer
 
@@ -210,8 +209,8 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     rate against SFT on the held-out RLHF prompts (RLHF's final figure, measured the same
     way), all within `dpo.max_minutes`."""
     started = time.perf_counter()
-    out, done = run_dir / "dpo", run_dir / "dpo" / "done.json"
-    if (finished := finished_stage(out, "dpo", force, log)) is not None:
+    stage = StageOutput(run_dir, "dpo", force)
+    if (finished := stage.finished(log)) is not None:
         return finished
     dcfg = tcfg = cfg.dpo
     d = single_process("dpo")
@@ -230,7 +229,6 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     held_enc = encode_pairs(tok, held_pairs, tcfg.seq_len)
     gold = (run_dir / "rm" / "model.safetensors").exists()  # the gold evaluation reads it
 
-    out.mkdir(parents=True, exist_ok=True)
     ctx = autocast(d.device, resolve_dtype(tcfg.dtype, d.device))
     # the reference's side of the held-out pairs, once (timed: the final pass costs as much)
     t0 = time.perf_counter()
@@ -243,7 +241,8 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     baseline = sft_baseline(cfg, run_dir) if gold else None
 
     per_step = tcfg.micro_batch * tcfg.grad_accum
-    trainer = Trainer(policy, tcfg, out, "dpo", run_dir, d, started=started)
+    out = stage.start(log)  # inputs read (the reward model too, when gold): now write
+    trainer = Trainer(policy, tcfg, out, "dpo", stage.log_dir, d, started=started)
     if trainer.resume():
         log(f"dpo: resuming from step {trainer.step}")
     else:
@@ -310,10 +309,9 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
               "rankings": {"annotator": cfg.data.rankings_annotator,
                            "heldout_fraction": cfg.data.rankings_heldout_fraction}}
     if baseline is not None:
-        result.update(gold_win_rate(cfg, run_dir, "dpo", baseline, log=log))
+        result.update(gold_win_rate(cfg, run_dir, "dpo", baseline, log=log, model_dir=out))
     result["minutes"] = round((time.perf_counter() - started) / 60, 2)
-    update_summary(run_dir, "dpo", result)
-    atomic_write_json(done, result)
+    stage.commit(result)
     held = held_m["reward_accuracy"]
     log(f"dpo: implicit-reward accuracy {train_m['reward_accuracy']:.1%} on {len(sample):,} "
         f"sampled training pairs (margin {train_m['margin']:.3f}), "

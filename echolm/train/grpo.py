@@ -20,15 +20,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from echolm.atomic import atomic_write_json
 from echolm.checkpoint import load_model, save_model
 from echolm.config import Config, RLConfig
 from echolm.evaluate import task_pass_at_k
 from echolm.losses import clipped_policy_loss, group_advantages, kl_k3, overlong_penalty
 from echolm.model import Transformer
 from echolm.rollout import pad_batch, sample_responses, token_logprobs
-from echolm.runtime import autocast, finished_stage, single_process
-from echolm.summary import update_summary
+from echolm.runtime import autocast, single_process
+from echolm.staging import StageOutput
 from echolm.tasks import Problem, Task
 from echolm.tasks.spec import problems_up_to, task_from_spec, task_label
 from echolm.tokenizer import Tokenizer
@@ -120,8 +119,8 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     """One step = one batch of `prompts_per_step` groups: sampled, scored, and learned from
     in `epochs x minibatches` optimizer updates."""
     started = time.perf_counter()
-    out, done = run_dir / "rl", run_dir / "rl" / "done.json"
-    if (finished := finished_stage(out, "rl", force, log)) is not None:
+    stage = StageOutput(run_dir, "rl", force)
+    if (finished := stage.finished(log)) is not None:
         return finished
     d = single_process("rl", "generation is not sharded")
     g = cfg.rl
@@ -131,8 +130,8 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     tasks = [task_from_spec(s) for s in g.tasks]
     pool = [(t, p) for t in tasks for p in problems_up_to(t, "train", 5000, g.seed)]
 
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, g, out, "rl", run_dir, d, started=started, unit="batch")
+    out = stage.start(log)  # inputs read: only now is anything written
+    trainer = Trainer(model, g, out, "rl", stage.log_dir, d, started=started, unit="batch")
     if trainer.resume():
         log(f"rl: resuming from step {trainer.step}")
     else:
@@ -212,8 +211,7 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                   "group_size", "prompts_per_step", "scale_by_std", "aggregation", "clip_low",
                   "clip_high", "kl_beta", "epochs", "minibatches", "dynamic_sampling",
                   "overlong_buffer", "format_reward", "temperature")}}
-    update_summary(run_dir, "rl", result)
-    atomic_write_json(done, result)
+    stage.commit(result)
     log(f"rl: {facts['schedule']}, {facts['minutes']:.1f} min")
     for label, t in tasks_summary.items():
         log(f"rl: {label}: pass@1 {t['pass@1_before']:.1%} -> {t['pass@1_after']:.1%}, "

@@ -19,8 +19,8 @@ from echolm.engine import SamplingParams, generate
 from echolm.errors import EchoError
 from echolm.evaluate import bpb_key, cached, eval_bpb
 from echolm.model import Transformer
-from echolm.runtime import autocast, check_seq_len, finished_stage, setup_distributed
-from echolm.summary import update_summary
+from echolm.runtime import autocast, check_seq_len, setup_distributed
+from echolm.staging import StageOutput
 from echolm.tokenizer import Tokenizer
 from echolm.trainer import Trainer
 
@@ -58,8 +58,8 @@ def sample_texts(model: Transformer, tok: Tokenizer, prompts: list[str], max_tok
 def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     """One step = one optimizer update on `micro_batch x grad_accum` rows per process."""
     started = time.perf_counter()
-    out, done = run_dir / "base", run_dir / "base" / "done.json"
-    if (finished := finished_stage(out, "pretrain", force, log)) is not None:
+    stage = StageOutput(run_dir, "base", force, label="pretrain")
+    if (finished := stage.finished(log)) is not None:
         return finished
     d = setup_distributed()
     tcfg, mcfg = cfg.pretrain, cfg.model
@@ -80,8 +80,9 @@ def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
 
     torch.manual_seed(tcfg.seed)
     model = Transformer(mcfg)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, tcfg, out, "base", run_dir, d, shardable=True, started=started)
+    out = stage.start(log)  # inputs read: only now is anything written
+    trainer = Trainer(model, tcfg, out, "base", stage.log_dir, d, shardable=True,
+                      started=started)
     if trainer.resume():
         log(f"pretrain: resuming from step {trainer.step}")
     elif d.main:
@@ -137,8 +138,7 @@ def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
                   "params": whole.num_params(), "params_non_embedding": whole.num_params(True),
                   **facts, "eval_tokens": ev["tokens"], "samples": samples}
         atomic_write_json(out / "samples.json", samples)
-        update_summary(run_dir, "base", {k: v for k, v in result.items() if k != "samples"})
-        atomic_write_json(done, result)
+        stage.commit(result, {k: v for k, v in result.items() if k != "samples"})
         log(f"pretrain: val {ev['bpb']:.4f} bits/byte after {trainer.step} steps, "
             f"{trainer.tokens:,} tokens, {facts['minutes']:.1f} min; {facts['schedule']}")
         for s in samples:

@@ -45,9 +45,9 @@ from echolm.rankings import (
 )
 from echolm.reward import META_FILE, RewardModel, reward_model_from_backbone
 from echolm.rollout import pad_right
-from echolm.runtime import autocast, check_seq_len, finished_stage, single_process
+from echolm.runtime import autocast, check_seq_len, single_process
 from echolm.schedule import capped_steps
-from echolm.summary import update_summary
+from echolm.staging import StageOutput
 from echolm.tokenizer import Tokenizer
 from echolm.trainer import Trainer
 
@@ -243,8 +243,8 @@ def prepare_rm_data(cfg: Config, run_dir: Path, tok: Tokenizer, max_len: int) ->
 def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     """One step = one optimizer update on `micro_batch x grad_accum` rankings."""
     started = time.perf_counter()
-    out, done = run_dir / "rm", run_dir / "rm" / "done.json"
-    if (finished := finished_stage(out, "rm", force, log)) is not None:
+    stage = StageOutput(run_dir, "rm", force)
+    if (finished := stage.finished(log)) is not None:
         return finished
     rcfg = tcfg = cfg.rm
     d = single_process("rm")
@@ -259,8 +259,8 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     n_answers = sum(len(r) for r in data.train_ids)
     avg_len = sum(len(s) for r in data.train_ids for s in r) / max(n_answers, 1)
 
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(rm, tcfg, out, "rm", run_dir, d, started=started)
+    out = stage.start(log)  # inputs read: only now is anything written
+    trainer = Trainer(rm, tcfg, out, "rm", stage.log_dir, d, started=started)
     if trainer.resume():
         log(f"rm: resuming from step {trainer.step}")
     else:
@@ -335,14 +335,13 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
               "train_score_std": round(float(np.std([s for r in train_scores for s in r])), 5),
               "reliability": held_m["bins"], "ece": held_m["ece"]}
     atomic_write_json(out / "scores.json", scores)
-    figure = plot_scores(scores, held_m, run_dir / "report" / "rm_scores.png")
     result = {"heldout_accuracy": held_m["accuracy"], "n": held_m["n"], "ece": held_m["ece"],
               "loss": held_m["loss"], "train_accuracy": train_m["accuracy"],
               "train_pairs": train_m["n"], "heldout_rankings": len(data.heldout),
               "train_rankings": len(data.train), "objective": rcfg.loss, **facts,
               "minutes": round(trainer.clock.seconds() / 60, 2)}
-    update_summary(run_dir, "rm", result)
-    atomic_write_json(done, result)
+    stage.commit(result)
+    figure = plot_scores(scores, held_m, run_dir / "report" / "rm_scores.png")  # the new model's
     acc = held_m["accuracy"]
     log(f"rm: held-out pairwise accuracy "
         f"{'n/a' if acc is None else f'{acc:.1%}'} over {held_m['n']} pairs "

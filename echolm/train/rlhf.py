@@ -45,8 +45,8 @@ from echolm.losses import (
 from echolm.model import Transformer
 from echolm.reward import load_reward_model
 from echolm.rollout import pad_batch, response_logprobs, sample_responses, token_logprobs
-from echolm.runtime import autocast, finished_stage, single_process
-from echolm.summary import update_summary
+from echolm.runtime import autocast, single_process
+from echolm.staging import StageOutput
 from echolm.tokenizer import Tokenizer
 from echolm.trainer import Trainer
 
@@ -120,14 +120,15 @@ def _policy_loss(model: nn.Module, item: tuple, p: RLHFConfig, stats: dict) -> T
 
 def optimise(cfg: Config, run_dir: Path, out: Path, p: RLHFConfig,
              stage: str, started: float, budget_s: float, reserve_s: float = 0.0,
-             sft_eval: dict | None = None, log=print) -> tuple[dict, Transformer, dict]:
+             sft_eval: dict | None = None, log=print, log_dir: Path | None = None
+             ) -> tuple[dict, Transformer, dict]:
     """One RLHF run into `out` (the guarded main run, or the unguarded curve run) within
     `budget_s` seconds of the stage's clock (started at `started`), leaving `reserve_s` for
     what follows; returns its state (evaluation history ...), the trained policy, and the
     Trainer's facts. One step = one batch of `prompts_per_step` x `samples_per_prompt`
     answers, learned from in `epochs x minibatches` updates. `sft_eval`: the SFT model's
     evaluation from an earlier run with the same settings (the curve run reuses the main
-    run's), else it is measured first."""
+    run's), else it is measured first. `log_dir`: where metrics.jsonl is (default DIR)."""
     d = single_process(stage, "generation is not sharded")
     tok = Tokenizer.load(run_dir / "tokenizer")
     policy = load_model(run_dir / "sft")
@@ -139,8 +140,8 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: RLHFConfig,
     ptx = sft_rows(cfg, tok, p.ptx_rows) if p.ptx_coef > 0 else None
 
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, p, out, stage, run_dir, d, budget_s=budget_s, started=started,
-                      unit="batch")
+    trainer = Trainer(model, p, out, stage, log_dir or run_dir, d, budget_s=budget_s,
+                      started=started, unit="batch")
     if trainer.resume():
         log(f"{stage}: resuming from step {trainer.step}")
     ex = trainer.extra
@@ -262,21 +263,25 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     the unguarded run that draws the over-optimisation curve, all within `rlhf.max_minutes`:
     the guarded run gets its share of the budget by planned steps, the curve run the rest."""
     started = time.perf_counter()
-    out, done = run_dir / "rlhf", run_dir / "rlhf" / "done.json"
-    if (finished := finished_stage(out, "rlhf", force, log,
-                                   also=(run_dir / "rlhf_unguarded",))) is not None:
+    stage = StageOutput(run_dir, "rlhf", force, also=("rlhf_unguarded",))
+    if (finished := stage.finished(log)) is not None:
         return finished
     p = cfg.rlhf
-    out.mkdir(parents=True, exist_ok=True)
+    # the inputs, read before anything is written: the measurement below may be cached
+    single_process("rlhf", "generation is not sharded")
+    Tokenizer.load(run_dir / "tokenizer")
+    load_model(run_dir / "sft")
+    load_reward_model(run_dir / "rm")
     # SFT's answers for the final figure, first: the kept model is measured the same way
     # later (plus a KL pass: ~1.3x), so this times what the budget must keep for it
     baseline = sft_baseline(cfg, run_dir)
+    out = stage.start(log)
     final_s = 1.3 * baseline["seconds"]
     budget = 60 * p.max_minutes
     share = p.max_steps / (p.max_steps + p.overopt_steps)
     main_budget = (baseline["seconds"] + (budget - baseline["seconds"]) * share) if budget else 0
     ex, policy, facts = optimise(cfg, run_dir, out, p, "rlhf", started, main_budget,
-                                 reserve_s=final_s, log=log)
+                                 reserve_s=final_s, log=log, log_dir=stage.log_dir)
     # the model the stage hands on: the best by gold when the guard is on
     best = max(ex["history"], key=lambda h: h["gold"]) if p.guard else ex["history"][-1]
     if p.guard and best["step"] == 0:  # nothing beat SFT by gold: hand on SFT itself
@@ -289,7 +294,8 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     # (the best of several noisy measurements): the stage's result is measured afresh, with
     # another sampling seed and more answers per prompt, exactly as DPO's is.
     final = _cached_json(out / "final.json",
-                         lambda: gold_win_rate(cfg, run_dir, "rlhf", baseline, log=log))
+                         lambda: gold_win_rate(cfg, run_dir, "rlhf", baseline, log=log,
+                                               model_dir=out))
     curve = None
     if p.overopt_steps > 0:  # the over-optimisation curve: no KL penalty, no guard, longer
         log(f"rlhf: unguarded run (kl_beta=0, no ptx, {p.overopt_steps} steps planned) for "
@@ -298,9 +304,9 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
         free = replace(p, kl_beta=0.0, guard=False, ptx_coef=0.0, max_steps=p.overopt_steps,
                        lr_matrix=p.lr_matrix * m, lr_embed=p.lr_embed * m,
                        lr_head=p.lr_head * m, lr_scalar=p.lr_scalar * m)
-        curve, _, curve_facts = optimise(cfg, run_dir, run_dir / "rlhf_unguarded", free,
+        curve, _, curve_facts = optimise(cfg, run_dir, stage.folder("rlhf_unguarded"), free,
                                          "rlhf_unguarded", started, budget, sft_eval=ex,
-                                         log=log)
+                                         log=log, log_dir=stage.log_dir)
     minutes = round((time.perf_counter() - started) / 60, 2)
     result = {**final, "guard_stopped": ex["stopped_by_guard"], "best_step": best["step"],
               "selection": {k: round(best[k], 4) for k in ("gold", "win_rate", "proxy", "kl")},
@@ -313,9 +319,8 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
               "unguarded": ({k: curve_facts[k] for k in ("steps", "planned_steps",
                                                           "schedule", "cut_short")}
                             if curve else None)}
-    update_summary(run_dir, "rlhf", {k: v for k, v in result.items()
-                                     if k not in ("history", "unguarded_history")})
-    atomic_write_json(done, result)
+    stage.commit(result, {k: v for k, v in result.items()
+                          if k not in ("history", "unguarded_history")})
     log(f"rlhf: step {best['step']} kept (0 = SFT itself; gold {best['gold']:.3f} when chosen); "
         f"guard stopped: {result['guard_stopped']}; {facts['schedule']}; {minutes:.1f} min")
     return result

@@ -22,8 +22,8 @@ from echolm.data.chat import (
 )
 from echolm.evaluate import cached, task_accuracy, wilson_interval
 from echolm.model import Transformer
-from echolm.runtime import autocast, check_seq_len, finished_stage, setup_distributed
-from echolm.summary import update_summary
+from echolm.runtime import autocast, check_seq_len, setup_distributed
+from echolm.staging import StageOutput
 from echolm.tasks.spec import problems_up_to, task_from_spec, task_label
 from echolm.tokenizer import Tokenizer
 from echolm.trainer import Trainer
@@ -32,10 +32,11 @@ SAMPLED_TEMPERATURE = 0.7
 
 
 def evaluate_tasks(model: Transformer, tok: Tokenizer, specs: list[str], n: int,
-                   weights: Path, seed: int = 0) -> dict[str, dict]:
+                   weights: Path, run_dir: Path, seed: int = 0) -> dict[str, dict]:
     """Held-out accuracy of every task family, greedy and sampled (fixed seeds), of the model
-    saved in `weights` (kept in the run's eval cache: `echolm eval` reads the greedy ones)."""
-    cache_dir = weights.parent.parent / "eval" / "cache"
+    saved in `weights` (kept in the run's eval cache, keyed by the file's bytes: `echolm
+    eval` reads the greedy ones, also of a --force redo's model, written outside DIR/sft)."""
+    cache_dir = run_dir / "eval" / "cache"
     out = {}
     for spec in specs:
         task = task_from_spec(spec)
@@ -56,8 +57,8 @@ def evaluate_tasks(model: Transformer, tok: Tokenizer, specs: list[str], n: int,
 def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     """One step = one optimizer update on `micro_batch x grad_accum` packed rows per process."""
     started = time.perf_counter()
-    out, done = run_dir / "sft", run_dir / "sft" / "done.json"
-    if (finished := finished_stage(out, "sft", force, log)) is not None:
+    stage = StageOutput(run_dir, "sft", force)
+    if (finished := stage.finished(log)) is not None:
         return finished
     d = setup_distributed()
     tcfg, data = cfg.sft, cfg.data
@@ -76,8 +77,8 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     val_sampler = PackedSampler(encode_conversations(tok, val_convs, tcfg.seq_len + 1), tok.pad,
                                 tcfg.seq_len, tcfg.micro_batch, 1, 0)
 
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, tcfg, out, "sft", run_dir, d, started=started)
+    out = stage.start(log)  # inputs read: only now is anything written
+    trainer = Trainer(model, tcfg, out, "sft", stage.log_dir, d, started=started)
     if trainer.resume():
         log(f"sft: resuming from step {trainer.step}")
     elif d.main:
@@ -85,7 +86,8 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             f"{tcfg.seq_len} tokens; evaluating the base model first")
         t0 = time.perf_counter()
         trainer.extra["base_eval"] = evaluate_tasks(model, tok, data.tasks, data.eval_problems,
-                                                    run_dir / "base" / "model.safetensors")
+                                                    run_dir / "base" / "model.safetensors",
+                                                    run_dir)
         trainer.extra["eval_seconds"] = time.perf_counter() - t0
     ctx = autocast(d.device, trainer.dtype)
 
@@ -122,7 +124,7 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         log("sft: evaluating the fine-tuned model")
         save_model(model, out)
         after = evaluate_tasks(model, tok, data.tasks, data.eval_problems,
-                               out / "model.safetensors")
+                               out / "model.safetensors", run_dir)
         before = trainer.extra["base_eval"]
         tasks = {}
         for label, a in after.items():
@@ -135,8 +137,7 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         result = {"tasks": tasks, "val_loss": round(val_loss(), 4), "conversations": len(convs),
                   **facts, "sampled_temperature": SAMPLED_TEMPERATURE}
         atomic_write_json(out / "examples.json", {k: v["examples"] for k, v in after.items()})
-        update_summary(run_dir, "sft", result)
-        atomic_write_json(done, result)
+        stage.commit(result)
         log(f"sft: {facts['schedule']}, {facts['minutes']:.1f} min")
         for label, t in tasks.items():
             log(f"sft: {label:>14}: base {t['base']:.1%} -> sft {t['sft']:.1%} greedy, "

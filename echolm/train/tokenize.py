@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from echolm.atomic import atomic_write_json
 from echolm.config import Config
 from echolm.data.text import iter_documents
 from echolm.errors import EchoError
 from echolm.runtime import setup_distributed
-from echolm.summary import update_summary
+from echolm.staging import StageOutput
 from echolm.tokenizer import Tokenizer, iter_texts, train_tokenizer
 
 
@@ -24,11 +23,10 @@ def bytes_per_token(tok: Tokenizer, docs: list[str]) -> float:
 
 
 def run_tokenizer(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
-    out = run_dir / "tokenizer"
-    done = out / "done.json"
-    if done.exists() and not force:
-        log(f"tokenizer: already trained in {out} (use --force to redo)")
-        return json.loads(done.read_text())
+    stage = StageOutput(run_dir, "tokenizer", force)
+    if (finished := stage.finished(log)) is not None:
+        return finished
+    done = stage.final / "done.json"
     d = setup_distributed()
     if not d.main:  # under torchrun, rank 0 trains the tokenizer and the others wait for it
         dist.barrier()
@@ -39,7 +37,6 @@ def run_tokenizer(cfg: Config, run_dir: Path, force: bool = False, log=print) ->
     tok = train_tokenizer(texts, cfg.tokenizer.vocab_size)
     if tok.vocab_size < 256 + 16:
         raise EchoError("the training text is too small to learn any merges")
-    tok.save(out)
     val = []
     for doc in iter_documents(cfg.data.pretrain, "val", cfg.data.val_fraction):
         val.append(doc)
@@ -47,10 +44,10 @@ def run_tokenizer(cfg: Config, run_dir: Path, force: bool = False, log=print) ->
             break
     if not val:
         raise EchoError("no held-out (val) documents: add more text or raise data.val_fraction")
+    tok.save(stage.start(log))  # the text read and learnt from: only now is anything written
     result = {"vocab_size": tok.vocab_size, "bytes_per_token": round(bytes_per_token(tok, val), 4),
               "seconds": round(time.time() - t0, 2)}
-    update_summary(run_dir, "tokenizer", result)
-    atomic_write_json(done, result)
+    stage.commit(result)
     log(f"tokenizer: vocab {tok.vocab_size}, {result['bytes_per_token']:.2f} bytes/token on "
         f"held-out text, {result['seconds']:.1f}s")
     if d.world > 1:
