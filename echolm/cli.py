@@ -4,6 +4,7 @@ arguments, then calls one function. User errors print one line and exit 2 (no tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -227,10 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_data)
 
     p = sub.add_parser("tokenizer", help="train a BPE tokenizer, or show how text is cut")
-    p.add_argument("action", choices=["train", "encode", "show"])
-    p.add_argument("text", nargs="?", help="text to encode/show (default: stdin)")
-    p.add_argument("--json", action="store_true", help="machine-readable output for show")
-    _run_args(p)
+    # one sub-command per action: then the text may come before or after the options
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = actions.add_parser("train", help="train the run's tokenizer on data.pretrain")
+    _run_args(t)
+    _settings(t, "tokenizer", "data")
+    for action, what in (("encode", "print the token ids of a text (JSON)"),
+                         ("show", "show how a text is cut into tokens")):
+        t = actions.add_parser(action, help=what)
+        t.add_argument("text", nargs="?", help="the text (default: stdin)")
+        t.add_argument("--run", "--out", dest="run", type=Path, required=True,
+                       help="run directory")
+        if action == "show":
+            t.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_tokenizer)
 
     p = sub.add_parser("pretrain", help="pretrain the base model (resumes automatically)")
@@ -402,16 +412,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+# Commands that write a run directory: one at a time per run (echolm/runlock.py), and the
+# stage whose outcome they record in DIR/status.json (`run` records each of its stages).
+# Read-only ones (chat, explain, export, report) and `serve` (prefs.sqlite locks itself)
+# take no lock. Value: (creates the run directory, stage).
+WRITERS = {"run": (True, None), "tokenizer": (True, "tokenizer"),
+           "pretrain": (True, "pretrain"), "sft": (True, "sft"), "rl": (True, "rl"),
+           "rank": (False, "rank"), "rm": (True, "rm"), "rlhf": (True, "rlhf"),
+           "dpo": (True, "dpo"), "eval": (False, "eval")}
+
+
+def _writes(args: argparse.Namespace) -> bool:
+    return args.command in WRITERS and not (args.command == "tokenizer" and
+                                            args.action != "train")
+
+
+def _command(args: argparse.Namespace) -> None:
+    """Run the command; a writer holds the run's lock and records its outcome."""
+    if not _writes(args):
         args.fn(args)
-    except EchoError as e:
-        print(f"echolm: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\necholm: interrupted (run the same command again to resume)", file=sys.stderr)
-        return 130
+        return
+    from echolm.pipeline import recording
+    from echolm.runlock import run_lock
+
+    name = f"echolm {args.command}" + (f" {args.action}" if args.command == "tokenizer" else "")
+    create, stage = WRITERS[args.command]
+    with run_lock(args.run, name, create=create):
+        if stage is None:  # `echolm run` records each of its stages itself
+            args.fn(args)
+            return
+        with recording(args.run, name, stage):
+            args.fn(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from echolm import interrupt
+
+    args = build_parser().parse_args(argv)
+    # a writer stops cleanly on Ctrl-C or SIGTERM (echolm/interrupt.py); the others (chat,
+    # serve) keep Python's own handling
+    with interrupt.handled() if _writes(args) else contextlib.nullcontext():
+        try:
+            _command(args)
+        except EchoError as e:
+            print(f"echolm: error: {e}", file=sys.stderr)
+            return 2
+        except interrupt.Interrupted as e:
+            print(f"\necholm: interrupted {e}; run the same command again to resume",
+                  file=sys.stderr)
+            return interrupt.exit_code()
+        except KeyboardInterrupt:
+            print("\necholm: interrupted; run the same command again to resume (a training "
+                  "stage restarts from its last checkpoint)", file=sys.stderr)
+            return interrupt.exit_code()
     return 0
 
 

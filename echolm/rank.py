@@ -108,7 +108,7 @@ def read_prompt_file(path: Path) -> list[PromptItem]:
             items.append(PromptItem(rec["prompt"].strip(), problem, kind, (), where))
     else:
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a leading BOM is dropped
         except UnicodeDecodeError:
             raise EchoError(f"{path}: not valid UTF-8 text") from None
         for n, line in enumerate(text.split("\n"), 1):
@@ -215,6 +215,23 @@ def already_ranked(store: PreferenceStore, prompt_id: int, annotator: str,
     return any(set(json.loads(r[0])) <= response_ids for r in rows)
 
 
+def earlier_ranking(store: PreferenceStore, policy: Policy, item: PromptItem, annotator: str
+                    ) -> tuple[Question, list[int]] | None:
+    """The answers this annotator already ranked for `item` (this model's, in the store),
+    best first, and that order: what a resumed run counts as ranked before."""
+    pid, mine = stored_answers(store, policy, item)
+    by_id = {r["id"]: r for r in mine}
+    for (ids_json,) in store.db.execute("SELECT response_ids FROM rankings WHERE prompt_id = ? "
+                                        "AND annotator = ? ORDER BY id", (pid, annotator)):
+        ids = json.loads(ids_json)
+        if set(ids) <= by_id.keys():
+            rows = [by_id[i] for i in ids]
+            q = Question(item, pid, ids, [r["text"] for r in rows],
+                         [bool(r["sampling"].get("stopped", True)) for r in rows], True)
+            return q, list(range(len(ids)))
+    return None
+
+
 def stored_answers(store: PreferenceStore, policy: Policy, item: PromptItem) -> tuple[int, list]:
     """The prompt's id in the store and the answers this model (same weights) gave it."""
     pid = store.add_prompt(item.text, source=item.source)
@@ -252,11 +269,13 @@ def rank_prompts(store: PreferenceStore, policy: Policy, items: list[PromptItem]
                  annotator: str, choose: Chooser, seed: int = 0,
                  temperature: float | list[float] = TEMPERATURE, max_tokens: int = MAX_TOKENS,
                  on_question: Callable[[Question, list[int]], None] | None = None,
-                 batch: int = 1, keep_going: Callable[[int], bool] | None = None) -> dict:
+                 batch: int = 1, keep_going: Callable[[int], bool] | None = None,
+                 on_earlier: Callable[[Question, list[int]], None] | None = None) -> dict:
     """Ask `choose` (a person or the simulated annotator) to rank each prompt's answers;
     store each ranking at once. Returns counts. `batch` > 1 samples the answers of that many
     prompts together (the same batches again on a resumed run, so the same answers);
-    `keep_going(done)` is asked before each batch (a time budget), after `done` prompts."""
+    `keep_going(done)` is asked before each batch (a time budget), after `done` prompts.
+    `on_question` sees each ranking made now, `on_earlier` each one found from before."""
     counts = {"prompts": len(items), "ranked": 0, "already_ranked": 0, "skipped": 0,
               "identical": 0, "sampled": 0, "reused": 0, "responses": 0, "quit": False}
     for start in range(0, len(items), batch):
@@ -274,6 +293,9 @@ def rank_prompts(store: PreferenceStore, policy: Policy, items: list[PromptItem]
                         sampled)
             if isinstance(q, str):
                 counts["already_ranked" if q == "ranked" else "identical"] += 1
+                if q == "ranked" and on_earlier is not None and (
+                        earlier := earlier_ranking(store, policy, item, annotator)):
+                    on_earlier(*earlier)
                 continue
             counts["reused" if q.reused else "sampled"] += 1
             order = choose(q, n, len(items))
@@ -309,11 +331,13 @@ def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
     at a time. Resumable like the terminal. With `budget_s` > 0, as many whole batches as
     the budget fits (the result says how many of the planned prompts that was).
 
-    Returns counts (prompts, ranked, already_ranked, identical, sampled, reused, responses),
-    the annotator label, gold statistics of the answers ranked now (gold_mean: mean gold score
-    of all of them; gold_best_mean: of the best per prompt; gold_agreement: share of answer
-    pairs with different gold scores that the noisy rankings order as gold does), the store's
-    totals, the plan (planned and fitted prompts, cut short) and the seconds it took."""
+    Returns counts (prompts, ranked, already_ranked, identical, sampled, reused, responses;
+    ranked_total and responses_total: now and before, what an interrupted and resumed run
+    ranked in all), the annotator label, gold statistics of all those rankings (gold_mean:
+    mean gold score of the answers; gold_best_mean: of the best per prompt; gold_agreement:
+    share of answer pairs with different gold scores that the noisy rankings order as gold
+    does), the store's totals, the plan (planned and fitted prompts, cut short) and the
+    seconds it took."""
     t0 = time.perf_counter()
     _check_k(k)
     annotator = annotator or SimulatedAnnotator()
@@ -324,7 +348,7 @@ def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
     store = PreferenceStore(store_path(run_dir))
     golds: list[float] = []
     best: list[float] = []
-    agree = pairs = 0
+    agree = pairs = before = before_responses = 0
     plan = Schedule(len(items), len(items), 0, 0.0, 1.0, budget_s)
     marks: list[tuple[int, float]] = []
     bar = tqdm(total=len(items), desc="rank", unit="prompt", dynamic_ncols=True)
@@ -339,6 +363,11 @@ def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
         best.append(max(scores))
         a, p = pair_agreement(order, scores)
         agree, pairs = agree + a, pairs + p
+
+    def earlier(q: Question, order: list[int]) -> None:
+        nonlocal before, before_responses
+        before, before_responses = before + 1, before_responses + len(order)
+        measure(q, order)
 
     def keep_going(done: int) -> bool:
         """Progress, and the budget: another batch is ranked while one more fits (timed over
@@ -364,14 +393,16 @@ def collect_rankings(run_dir: Path, n_prompts: int, k: int = DEFAULT_K,
     try:
         counts = rank_prompts(store, policy, items, k, annotator.label, choose, seed,
                               temperature, max_tokens, on_question=measure, batch=batch,
-                              keep_going=keep_going)
+                              keep_going=keep_going, on_earlier=earlier)
         totals = store.counts()
     finally:
         store.close()
         bar.close()
     counts.pop("quit")
     counts.pop("skipped")
-    result = {**counts, "annotator": annotator.label, "stage": policy.stage, "k": k,
+    result = {**counts, "ranked_total": counts["ranked"] + before,
+              "responses_total": counts["responses"] + before_responses,
+              "annotator": annotator.label, "stage": policy.stage, "k": k,
               "gold_mean": round(sum(golds) / len(golds), 4) if golds else None,
               "gold_best_mean": round(sum(best) / len(best), 4) if best else None,
               "gold_agreement": round(agree / pairs, 4) if pairs else None,

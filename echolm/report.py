@@ -198,6 +198,28 @@ def machine_section(run_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def status_banner(run_dir: Path, status: dict) -> list[str]:
+    """How the last command that wrote the run ended (DIR/status.json), unless it succeeded."""
+    from echolm.runlock import in_use
+
+    state = status.get("state") or ("failed" if status.get("failed_stage") else "succeeded")
+    stage, error = status.get("stage") or status.get("failed_stage"), status.get("error", "")
+    if state == "failed":
+        line = f"**Stage `{stage}` failed:** {error}. Earlier stages' results are intact."
+    elif state == "interrupted":
+        line = (f"**Stage `{stage}` was interrupted** ({error}): run `{status.get('command')}` "
+                "again to resume. Earlier stages' results are intact.")
+    elif state == "running" and in_use(run_dir):
+        line = (f"**Still running:** `{status.get('command')}` is in stage `{stage}` (since "
+                f"{status.get('started')}); below are the stages finished so far.")
+    elif state == "running":
+        line = (f"**`{status.get('command')}` stopped in stage `{stage}` without saying why** "
+                "(killed?): run it again to resume.")
+    else:
+        return []
+    return ["> " + line, ""]
+
+
 def build_report(run_dir: Path, log=print) -> Path:
     summary = read_summary(run_dir)
     stages = [s for s in MODEL_STAGES if (run_dir / s / "model.safetensors").exists()]
@@ -213,9 +235,7 @@ def build_report(run_dir: Path, log=print) -> Path:
           f"Preset `{cfg.get('preset', '?')}`, written {time.strftime('%Y-%m-%d %H:%M')}. "
           "Every figure below comes with its sample size; proportions carry a 95% Wilson "
           "interval.", ""]
-    if status.get("failed_stage"):
-        md += [f"> **Stage `{status['failed_stage']}` failed:** {status.get('error', '')}. "
-               "Earlier stages' results are intact.", ""]
+    md += status_banner(run_dir, status)
     md += cut_short_warning(summary)
     md += ["## Summary", ""] + summary_table(evals, stages) + [""]
     md += schedule_table(summary) + machine_section(run_dir)

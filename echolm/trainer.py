@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from echolm import interrupt
 from echolm.checkpoint import (
     atomic_write_json,
     latest_checkpoint,
@@ -240,17 +241,42 @@ class Trainer:
 
     def running(self) -> bool:
         """True while the schedule has steps left and the budget has time for one more (less
-        what is reserved for after training). A loop the clock stops is `cut_short`."""
-        if self.step >= self.schedule.steps:
-            return False
+        what is reserved for after training). A loop the clock stops is `cut_short`. A loop
+        a signal (Ctrl-C, SIGTERM) asked to stop saves a checkpoint at the last finished
+        step and raises `Interrupted` (echolm/interrupt.py): the step in progress when the
+        signal came has finished, so the checkpoint is the one `end_step` would have saved."""
         sched = self.schedule
-        over = sched.budget_s > 0 and self.clock.seconds() + sched.reserve_s >= sched.budget_s
-        if self.d.world > 1:  # every process must stop at the same step
-            flag = torch.tensor([float(over)], device=self.d.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            over = bool(flag.item())
+        done = self.step >= sched.steps
+        over = (not done and sched.budget_s > 0
+                and self.clock.seconds() + sched.reserve_s >= sched.budget_s)
+        over, stop = self._agreed(over, interrupt.requested())
+        if stop:
+            self._stop()
+        if done:
+            interrupt.defer(False)
+            return False
         self.cut_short = over
+        interrupt.defer(not over)
         return not over
+
+    def _agreed(self, *flags: bool) -> Any:
+        """`flags`, each true if it is true in any process (every process must stop at the
+        same step); one flag alone, or a tuple."""
+        if self.d.world > 1:
+            t = torch.tensor([float(f) for f in flags], device=self.d.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flags = tuple(bool(v) for v in t.tolist())
+        return flags[0] if len(flags) == 1 else tuple(flags)
+
+    def _stop(self) -> None:
+        interrupt.defer(False)  # a second Ctrl-C while saving stops at once (saves are atomic)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._saved_at != self.step:
+            self.save()
+        self.metrics.close()
+        raise interrupt.Interrupted(f"{self.stage}: saved a checkpoint at step {self.step}")
 
     def update(self, micro_batches: list[Any], loss_fn: LossFn, n_tokens: int) -> float:
         """One optimizer update at the scheduled learning rate of the current step: forward/
@@ -379,8 +405,11 @@ class Trainer:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        interrupt.defer(False)
         if self._saved_at != self.step:
             self.save()
+        if self._agreed(interrupt.requested()):  # came in the last step (or a guard's stop)
+            self._stop()
         self.metrics.close()
         s = self.schedule
         facts: dict[str, Any] = {

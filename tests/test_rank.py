@@ -80,6 +80,11 @@ def test_prompt_files(tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(EchoError, match="no prompts"):
         read_prompt_file(tmp_path / "empty.txt")
+    # saved by an editor that starts files with a byte-order mark: the mark is not text
+    txt.write_text("\ufeffSay hi.\nName a fruit.\n", encoding="utf-8")
+    jl.write_text('\ufeff{"prompt": "Say hi."}\n', encoding="utf-8")
+    assert [i.text for i in read_prompt_file(txt)] == ["Say hi.", "Name a fruit."]
+    assert [i.text for i in read_prompt_file(jl)] == ["Say hi."]
 
 
 def test_parse_order():
@@ -307,3 +312,40 @@ def test_a_ranking_budget_fits_the_number_of_prompts_and_is_resumable(rank_run: 
     assert got["schedule"].endswith(f" s each): ran {got['prompts']}")
     again = collect_rankings(rank_run, got["prompts"], 2, SimulatedAnnotator(), **kw)
     assert again["already_ranked"] == got["ranked"] and again["sampled"] == 0
+
+
+class StopsAt(SimulatedAnnotator):
+    """The simulated annotator, stopped by Ctrl-C as it is about to rank prompt `n`."""
+
+    def __init__(self, n: int, temperature: float, seed: int) -> None:
+        super().__init__(temperature, seed)
+        self.left = n - 1
+
+    def rank(self, *args):  # noqa: ANN002, ANN201
+        if self.left == 0:
+            raise KeyboardInterrupt
+        self.left -= 1
+        return super().rank(*args)
+
+
+def test_the_rank_stage_counts_the_rankings_made_before_an_interruption(rank_run: Path):
+    from echolm.pipeline import resolve_run_config, run_rank_stage
+    from echolm.summary import read_summary
+
+    torch.set_num_threads(1)
+    cfg = resolve_run_config(rank_run, None, ["rank.prompts=4", "rank.k=2"])
+    stopping = StopsAt(3, cfg.rank.annotator_noise, cfg.sft.seed)
+    with pytest.raises(KeyboardInterrupt):
+        collect_rankings(rank_run, 4, 2, stopping, temperature=cfg.rank.temperatures,
+                         log=lambda _m: None)
+    db = sqlite3.connect(rank_run / "prefs.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM rankings").fetchone()[0] == 2
+    assert not (rank_run / "rank_done.json").exists()
+
+    result = run_rank_stage(cfg, rank_run, log=lambda _m: None)  # the same command again
+    assert result["already_ranked"] == 2 and result["ranked"] + result["identical"] == 2
+    rankings = db.execute("SELECT response_ids FROM rankings WHERE annotator = ?",
+                          (stopping.label,)).fetchall()
+    summary = read_summary(rank_run)["rank"]
+    assert summary["ranked"] == result["ranked_total"] == len(rankings) == 2 + result["ranked"]
+    assert summary["responses"] == sum(len(json.loads(r[0])) for r in rankings)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ def _read_utf8(path: Path) -> str:
     if b"\x00" in raw[:65536]:
         raise EchoError(f"{path}: looks binary (contains NUL bytes), expected UTF-8 text")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is dropped
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise EchoError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
@@ -143,11 +144,64 @@ def _held_out(doc: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def iter_documents(sources: list[str], split: str, val_fraction: float = 0.01
-                   ) -> Iterator[str]:
-    """Documents of `split` ("train" or "val") from all sources, in a fixed order."""
+# Fewer documents than this many held-out ones expected (count x val_fraction): too few to
+# hold whole documents out (one book would land on one side), so each is cut instead.
+MIN_HELD_OUT_DOCS = 5
+
+
+def _source_docs(source: str) -> Iterator[str]:
+    docs = _hf_docs(source) if source.startswith("hf:") else (
+        d for f in source_files(source) for d in _file_docs(f))
+    return (d for d in docs if d.strip())
+
+
+def few_documents(sources: list[str], val_fraction: float) -> int | None:
+    """The number of documents in the (non built-in) sources when too few to hold whole
+    ones out (see MIN_HELD_OUT_DOCS), else None. Reads no further than that number."""
+    if val_fraction <= 0:
+        return None
+    enough = math.ceil(MIN_HELD_OUT_DOCS / val_fraction)
+    n = 0
+    for source in sources:
+        if source == "builtin":  # split already (its own val.jsonl)
+            continue
+        for _ in _source_docs(source):
+            n += 1
+            if n >= enough:
+                return None
+    return n or None
+
+
+def cut_tail(doc: str, fraction: float) -> int:
+    """Where to cut `doc` so that about its last `fraction` is held out: at the paragraph
+    break (else line break, else space) nearest that point, else at that point; len(doc)
+    for a document too short to cut."""
+    target = round(len(doc) * (1 - fraction))
+    window = max(1, len(doc) - target)  # look no further than the held-out part's size
+    for sep in ("\n\n", "\n", " "):
+        before = doc.rfind(sep, max(0, target - window), target + 1)
+        after = doc.find(sep, target, min(len(doc), target + window))
+        found = [i for i in (before, after) if i > 0]
+        if found:
+            cut = min(found, key=lambda i: abs(i - target)) + len(sep)
+            if doc[:cut].strip() and doc[cut:].strip():
+                return cut
+    return target if doc[:target].strip() and doc[target:].strip() else len(doc)
+
+
+def iter_documents(sources: list[str], split: str, val_fraction: float = 0.01,
+                   log: Callable[[str], Any] | None = None) -> Iterator[str]:
+    """Documents of `split` ("train" or "val") from all sources, in a fixed order. Whole
+    documents are held out by a hash of their text; when the sources hold too few documents
+    for that (one book), the last `val_fraction` of each is held out instead, cut at a
+    paragraph break, and `log` says so."""
     if split not in ("train", "val"):
         raise ValueError(split)
+    few = few_documents(sources, val_fraction)
+    if few is not None and log is not None:
+        log(f"data: only {few} document(s) in data.pretrain, too few to hold whole ones out: "
+            f"the last {val_fraction:.0%} of each (cut at a paragraph break) is the held-out "
+            "text")
     for source in sources:
         if source == "builtin":
             from echolm.data.builtin import build_builtin_corpus
@@ -156,8 +210,11 @@ def iter_documents(sources: list[str], split: str, val_fraction: float = 0.01
             for _, rec in read_jsonl(folder / f"{split}.jsonl", "text"):
                 yield rec["text"]
             continue
-        docs = _hf_docs(source) if source.startswith("hf:") else (
-            d for f in source_files(source) for d in _file_docs(f))
-        for doc in docs:
-            if doc.strip() and _held_out(doc, val_fraction) == (split == "val"):
+        for doc in _source_docs(source):
+            if few is not None:
+                cut = cut_tail(doc, val_fraction)
+                part = doc[cut:] if split == "val" else doc[:cut]
+                if part.strip():
+                    yield part
+            elif _held_out(doc, val_fraction) == (split == "val"):
                 yield doc

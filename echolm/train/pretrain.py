@@ -36,7 +36,8 @@ def prepare_tokens(cfg: Config, run_dir: Path, tok: Tokenizer, log=print) -> Pat
     t0 = time.time()
     meta = {}
     for split in ("train", "val"):
-        docs = iter_documents(cfg.data.pretrain, split, cfg.data.val_fraction)
+        docs = iter_documents(cfg.data.pretrain, split, cfg.data.val_fraction,
+                              log if split == "train" else None)
         meta[split] = write_shards(docs, tok, folder, split)
     meta["seconds"] = round(time.time() - t0, 2)
     write_meta(folder, meta)

@@ -32,7 +32,7 @@ def run_tokenizer(cfg: Config, run_dir: Path, force: bool = False, log=print) ->
         dist.barrier()
         return json.loads(done.read_text())
     t0 = time.time()
-    texts = iter_texts(iter_documents(cfg.data.pretrain, "train", cfg.data.val_fraction),
+    texts = iter_texts(iter_documents(cfg.data.pretrain, "train", cfg.data.val_fraction, log),
                        cfg.tokenizer.train_bytes)
     tok = train_tokenizer(texts, cfg.tokenizer.vocab_size)
     if tok.vocab_size < 256 + 16:
