@@ -97,7 +97,7 @@ def test_a_second_writer_is_refused_and_a_killed_holders_lock_is_taken_over(
         "run it again to resume.", ""]
     capsys.readouterr()
     assert main(["tokenizer", "train", "--out", str(run_dir)]) == 0  # takes the dead one's
-    assert "tokenizer: already trained" in capsys.readouterr().out
+    assert "tokenizer: already finished" in capsys.readouterr().out
     assert not (run_dir / LOCK_NAME).exists()  # released: removed
 
 
