@@ -193,3 +193,30 @@ def test_no_documents_and_no_shards(tok: Tokenizer, tmp_path: Path) -> None:
         write_shards(iter([]), tok, tmp_path, "train", progress=False)
     with pytest.raises(EchoError, match="no val token shards"):
         load_tokens(tmp_path, "val")
+
+
+def test_tokens_are_encoded_again_for_a_retrained_tokenizer(run_dir: Path, corpus: Path) -> None:
+    """tokens/ remembers the tokenizer and data it was encoded from: the same ones reuse it,
+    a retrained tokenizer (`tokenizer --force`) gets its own ids, not the old one's."""
+    from conftest import data_overrides
+
+    from echolm.pipeline import resolve_run_config
+    from echolm.train.pretrain import prepare_tokens
+    from echolm.train.tokenize import run_tokenizer
+
+    cfg = resolve_run_config(run_dir, None, [])
+    folder = run_dir / "tokens"
+    shard = sorted(folder.glob("train_*.npy"))[0]
+    before = shard.read_bytes()
+    messages: list[str] = []
+    prepare_tokens(cfg, run_dir, Tokenizer.load(run_dir / "tokenizer"), log=messages.append)
+    assert messages == [] and shard.read_bytes() == before  # reused as it was
+    cfg = resolve_run_config(run_dir, "micro", [*data_overrides(corpus),
+                                                "tokenizer.vocab_size=300"])
+    run_tokenizer(cfg, run_dir, force=True, log=messages.append)
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    prepare_tokens(cfg, run_dir, tok, log=messages.append)
+    assert any("encoding again" in m for m in messages)
+    ids = load_tokens(folder, "train")
+    assert tok.vocab_size == 300 and int(ids.max()) < 300 and shard.read_bytes() != before
+    assert not list(run_dir.glob(".tokens*"))  # nothing left beside it

@@ -4,14 +4,17 @@ the shared loop; writes `base/model.safetensors` and the `base` entry of summary
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from echolm.atomic import atomic_write_json
-from echolm.checkpoint import save_model
+from echolm.atomic import atomic_path, atomic_write_json
+from echolm.checkpoint import file_fingerprint, save_model
 from echolm.config import Config
 from echolm.data.shards import BatchSampler, load_tokens, write_meta, write_shards
 from echolm.data.text import iter_documents
@@ -29,18 +32,35 @@ SAMPLE_PROMPTS = ["The", "Once upon a time", "To be, or not to be", "In the begi
 
 
 def prepare_tokens(cfg: Config, run_dir: Path, tok: Tokenizer, log=print) -> Path:
-    """Encode train/val text into run_dir/tokens (once; the folder's meta.json marks done)."""
+    """Encode train/val text into run_dir/tokens, once per tokenizer and data: meta.json keeps
+    what they were encoded from, so a retrained tokenizer (`tokenizer --force`) or other
+    data re-encodes them (built beside the old ones, swapped in when complete)."""
     folder = run_dir / "tokens"
-    if (folder / "meta.json").exists():
-        return folder
+    source = {"tokenizer": file_fingerprint(run_dir / "tokenizer" / "tokenizer.json"),
+              "pretrain": [str(p) for p in cfg.data.pretrain],
+              "val_fraction": cfg.data.val_fraction}
+    meta_file = folder / "meta.json"
+    if meta_file.exists():
+        try:
+            if json.loads(meta_file.read_text()).get("source") == source:
+                return folder
+        except (ValueError, AttributeError):
+            pass  # unreadable: encoded again below
+        log(f"tokens: {folder} was encoded from another tokenizer or data: encoding again")
     t0 = time.time()
-    meta = {}
-    for split in ("train", "val"):
-        docs = iter_documents(cfg.data.pretrain, split, cfg.data.val_fraction,
-                              log if split == "train" else None)
-        meta[split] = write_shards(docs, tok, folder, split)
-    meta["seconds"] = round(time.time() - t0, 2)
-    write_meta(folder, meta)
+    meta: dict = {"source": source}
+    with atomic_path(folder) as tmp:
+        for split in ("train", "val"):
+            docs = iter_documents(cfg.data.pretrain, split, cfg.data.val_fraction,
+                                  log if split == "train" else None)
+            meta[split] = write_shards(docs, tok, tmp, split)
+        meta["seconds"] = round(time.time() - t0, 2)
+        write_meta(tmp, meta)
+        if folder.exists():  # the old shards go only once the new ones are complete
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            shutil.rmtree(old)
     mb = meta["train"]["bytes"] / 1e6
     log(f"tokens: {meta['train']['tokens']:,} train / {meta['val']['tokens']:,} val tokens from "
         f"{mb:.1f} MB in {meta['seconds']:.1f}s ({mb / max(meta['seconds'], 1e-9):.1f} MB/s)")
