@@ -96,8 +96,8 @@ def resolve_run_config(run_dir: Path, preset: str | None, overrides: list[str],
             apply_overrides(cfg, overrides)
     except EchoError as e:
         if str(e) == broken:
-            raise EchoError(f"{saved}: {e} (change it with --set SECTION.FIELD=VALUE "
-                            "--reconfigure)") from None
+            raise EchoError(f"{saved}: {e} (change it with --set SECTION.FIELD=VALUE"
+                            f"{'' if read_only else ' --reconfigure'})") from None
         raise
     changes = config_changes(old, cfg)
     if changes and read_only:
