@@ -7,21 +7,50 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from echolm.errors import EchoError
 
 
 def _settings(p: argparse.ArgumentParser, *sections: str) -> None:
-    """Show the settings a stage reads, with their docs, at the end of its --help."""
+    """Show the settings a stage reads, with their docs, at the end of its --help (read from
+    the source when --help asks: that takes ~1 s, which no other command should wait for)."""
     from echolm.settings import settings_help
 
+    def format_help() -> str:
+        p.epilog = settings_help(list(sections))
+        return argparse.ArgumentParser.format_help(p)
+
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = settings_help(list(sections))
+    p.format_help = format_help  # type: ignore[method-assign]
 
 
-def _run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+def _number(kind: type, low: float, high: float = 2**53,
+            above: bool = False) -> Callable[[str], int | float]:
+    """An argparse `type=`: a finite int/float in [low, high] ((low, high] when `above`);
+    anything else is argparse's one-line usage error (exit 2)."""
+    wanted = (f"a {'whole' if kind is int else 'finite'} number {'>' if above else '>='} "
+              f"{low:g}" + (f" and <= {high:g}" if high < 2**53 else ""))
+
+    def parse(text: str) -> int | float:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if not math.isfinite(v) or v < low or v > high or (above and v == low):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
+        return v
+    return parse
+
+
+SEED = _number(int, 0, 2**63 - 1)
+
+
+def _run_args(p: argparse.ArgumentParser, out_required: bool = True,
+              reconfigure: bool = True) -> None:
     p.add_argument("--out", "--run", dest="run", type=Path, required=out_required,
                    help="run directory (e.g. runs/demo)")
     p.add_argument("--preset", default=None,
@@ -32,6 +61,11 @@ def _run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
                    help="override any config field (repeatable; a stage's own fields are listed "
                         "below, every field with its doc by `echolm presets`)")
     p.add_argument("--force", action="store_true", help="redo the stage even if finished")
+    if reconfigure:
+        p.add_argument("--reconfigure", action="store_true",
+                       help="let --preset/--set change the settings saved in DIR/config.json "
+                            "(saved once the command succeeds; without it such a change is "
+                            "refused, showing what would change)")
 
 
 def cmd_data(a: argparse.Namespace) -> None:
@@ -47,11 +81,11 @@ def cmd_tokenizer(a: argparse.Namespace) -> None:
     from echolm.tokenizer import Tokenizer
 
     if a.action == "train":
-        from echolm.pipeline import resolve_run_config
+        from echolm.pipeline import run_config
         from echolm.train.tokenize import run_tokenizer
 
-        cfg = resolve_run_config(a.run, a.preset, a.overrides)
-        run_tokenizer(cfg, a.run, force=a.force)
+        with run_config(a.run, a.preset, a.overrides, a.reconfigure) as cfg:
+            run_tokenizer(cfg, a.run, force=a.force)
         return
     tok = Tokenizer.load(a.run / "tokenizer")
     text = a.text if a.text is not None else sys.stdin.read()
@@ -73,24 +107,25 @@ def cmd_tokenizer(a: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(a: argparse.Namespace) -> None:
-    from echolm.pipeline import resolve_run_config
+    from echolm.pipeline import run_config
     from echolm.train.pretrain import run_pretrain
 
     if a.resume and not (a.run / "base" / "ckpt" / "latest").exists():  # before writing
         raise EchoError(f"{a.run / 'base'}: no checkpoint to resume from")
-    cfg = resolve_run_config(a.run, a.preset, a.overrides)
-    run_pretrain(cfg, a.run, force=a.force)
+    with run_config(a.run, a.preset, a.overrides, a.reconfigure) as cfg:
+        run_pretrain(cfg, a.run, force=a.force)
 
 
 def cmd_stage(a: argparse.Namespace) -> None:
     """One training stage: the run's config (+ overrides), then its `run_*` function."""
     import importlib
 
-    from echolm.pipeline import resolve_run_config
+    from echolm.pipeline import run_config
 
     module, name = a.runner.split(":")
     run = getattr(importlib.import_module(module), name)
-    run(resolve_run_config(a.run, a.preset, a.overrides), a.run, force=a.force)
+    with run_config(a.run, a.preset, a.overrides, a.reconfigure) as cfg:
+        run(cfg, a.run, force=a.force)
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -99,7 +134,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
     if not (a.run / "config.json").exists():
         raise EchoError(f"{a.run}: not a run directory (no config.json)")
-    cfg = resolve_run_config(a.run, a.preset, a.overrides)
+    # read-only: --preset/--set apply to this evaluation only, DIR/config.json stays as it is
+    cfg = resolve_run_config(a.run, a.preset, a.overrides, read_only=True)
     stages = [a.stage] if a.stage else None
     log = (lambda *_: None) if a.json else print
     results = evaluate_run(cfg, a.run, stages, force=a.force, log=log,
@@ -122,10 +158,10 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> None:
-    from echolm.pipeline import resolve_run_config, run_pipeline
+    from echolm.pipeline import run_config, run_pipeline
 
-    cfg = resolve_run_config(a.run, a.preset, a.overrides)
-    summary = run_pipeline(cfg, a.run, force=a.force)
+    with run_config(a.run, a.preset, a.overrides, a.reconfigure) as cfg:
+        summary = run_pipeline(cfg, a.run, force=a.force)
     print(json.dumps(summary, indent=2))
 
 
@@ -209,7 +245,7 @@ def cmd_presets(a: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from echolm.config import RankConfig
-    from echolm.rank_terminal import DEFAULT_K, MAX_TOKENS, TEMPERATURE
+    from echolm.rank_terminal import DEFAULT_K, MAX_K, MAX_TOKENS, TEMPERATURE
     from echolm.settings import list_presets
 
     parser = argparse.ArgumentParser(
@@ -257,12 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base, sft, rl, rlhf or dpo (default: the latest present)")
     p.add_argument("--prompt", default=None, help="answer this one message, print only the answer")
     p.add_argument("--system", default=None, help="a system message to start the conversation")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--temperature", type=_number(float, 0), default=0.7,
+                   help="0 = greedy (default 0.7)")
+    p.add_argument("--top-k", type=_number(int, 0), default=50,
+                   help="sample among the k likeliest (0 = off)")
+    p.add_argument("--top-p", type=_number(float, 0, 1, above=True), default=1.0,
+                   help="nucleus sampling (1 = off)")
+    p.add_argument("--max-tokens", type=_number(int, 1), default=None,
                    help="longest answer (default: half the model's context)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--seed", type=SEED, default=None, help="seed for reproducible sampling")
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("explain", help="show how text is cut into tokens and what the model "
@@ -271,12 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", "--out", dest="run", type=Path, required=True, help="run directory")
     p.add_argument("--stage", default=None,
                    help="base, sft, rl, rlhf or dpo (default: the latest present)")
-    p.add_argument("--top-k", type=int, default=5, help="candidates shown per position")
-    p.add_argument("--generate", type=int, default=0, metavar="N",
+    p.add_argument("--top-k", type=_number(int, 1), default=5,
+                   help="candidates shown per position")
+    p.add_argument("--generate", type=_number(int, 0), default=0, metavar="N",
                    help="then continue the text N tokens, showing each choice")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--temperature", type=_number(float, 0), default=0.0,
                    help="for --generate: 0 = greedy (default), else sample")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampled --generate")
+    p.add_argument("--seed", type=SEED, default=None, help="seed for sampled --generate")
     p.add_argument("--chat", action="store_true",
                    help="wrap the text as a user message, to see the assistant's first tokens")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -312,10 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, default=None,
                    help="a text file (one prompt per line) or JSONL with a 'prompt' field "
                         "(default: built-in RLHF prompts, train split)")
-    p.add_argument("--k", type=int, default=DEFAULT_K,
+    p.add_argument("--k", type=_number(int, 2, MAX_K), default=DEFAULT_K,
                    help=f"answers per prompt (default {DEFAULT_K})")
     p.add_argument("--stage", default="sft", help="which stage's model answers (default sft)")
-    p.add_argument("--n", type=int, default=None,
+    p.add_argument("--n", type=_number(int, 1), default=None,
                    help="number of prompts (default 20, or all of --prompts)")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--annotator", default=None,
@@ -323,14 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--simulated", action="store_true",
                      help="let the simulated annotator (echolm/annotator.py) rank, no human")
     noise = RankConfig.annotator_noise
-    p.add_argument("--noise", type=float, default=noise,
+    p.add_argument("--noise", type=_number(float, 0), default=noise,
                    help=f"simulated annotator's temperature (0 = exact gold order; default "
                         f"{noise})")
-    p.add_argument("--temperature", type=float, default=TEMPERATURE,
+    p.add_argument("--temperature", type=_number(float, 0, above=True), default=TEMPERATURE,
                    help=f"sampling temperature of the answers (default {TEMPERATURE})")
-    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+    p.add_argument("--max-tokens", type=_number(int, 1), default=MAX_TOKENS,
                    help=f"longest answer (default {MAX_TOKENS})")
-    p.add_argument("--seed", type=int, default=0, help="seed for prompts and sampling")
+    p.add_argument("--seed", type=SEED, default=0, help="seed for prompts and sampling")
     p.set_defaults(fn=cmd_rank)
 
     p = sub.add_parser("export", help="write a stage's model and tokenizer as a Hugging Face "
@@ -356,8 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sandbox", help="run a Python file in the code sandbox (no network, "
                        "private filesystem, limits); exit 1 unless it succeeds")
     p.add_argument("file", type=Path, help="the Python file to run")
-    p.add_argument("--timeout", type=float, default=5.0, help="wall-clock seconds (default 5)")
-    p.add_argument("--memory-mb", type=int, default=512, help="memory limit (default 512)")
+    p.add_argument("--timeout", type=_number(float, 0.01, 86_400), default=5.0,
+                   help="wall-clock seconds (default 5)")
+    p.add_argument("--memory-mb", type=_number(int, 32, 1 << 20), default=512,
+                   help="memory limit (default 512)")
     p.add_argument("--json", action="store_true", help="print the full verdict as JSON")
     p.set_defaults(fn=cmd_sandbox)
 
@@ -365,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "stages, rank answers, tokens) over a run's models")
     p.add_argument("--run", "--out", dest="run", type=Path, required=True, help="run directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=_number(int, 1, 65_535), default=8000,
+                   help="port (default 8000)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests whose Host header names NAME (repeatable; '*' = "
                         "any, e.g. behind a reverse proxy). Default: localhost, 127.0.0.1, ::1 "
@@ -375,13 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 and /api (default: the "
                         "ECHOLM_API_KEY environment variable; unset = no key)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_number(int, 1, 4096), default=None,
+                   help="torch CPU threads")
     from echolm.serve.schemas import Limits
     from echolm.settings import field_docs
 
     docs = field_docs(Limits)  # the limits, their defaults and docs: one place (Limits)
     for f in dataclasses.fields(Limits):
-        p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default,
+        p.add_argument("--" + f.name.replace("_", "-"), type=_number(int, 1), default=f.default,
                        help=f"{docs[f.name]} (default {f.default})")
     p.set_defaults(fn=cmd_serve)
 
@@ -392,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_stage, runner="echolm.train.rlhf:run_rlhf")
 
     p = sub.add_parser("eval", help="the same measurements for every stage's model")
-    _run_args(p)
+    _run_args(p, reconfigure=False)  # read-only: --preset/--set for this evaluation only
     p.add_argument("--stage", choices=["base", "sft", "rl", "rlhf", "dpo"],
                    help="evaluate one stage (default: every finished one)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -10,22 +10,18 @@ configs are read by `echolm.settings`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from echolm.config_checks import (
+    at_least,
+    check_sources,
+    check_task_specs,
+    finite,
+    fraction,
+    numbers,
+)
 from echolm.errors import EchoError
-
-
-def _finite(section: str, obj: Any, names: tuple[str, ...], low: float = 0.0,
-            strict: bool = False) -> None:
-    """Each named field a finite number >= low (> low when strict), else one clear error."""
-    for name in names:
-        v = getattr(obj, name)
-        if not math.isfinite(v) or v < low or (strict and v == low):
-            raise EchoError(f"{section}.{name}={v} must be a finite number "
-                            f"{'>' if strict else '>='} {low:g}")
-
 
 
 @dataclass
@@ -34,6 +30,15 @@ class TokenizerConfig:
 
     vocab_size: int = 8192  # tokens in the BPE vocabulary, special tokens included
     train_bytes: int = 50_000_000  # how much of the corpus the BPE trainer reads
+
+    def validate(self) -> None:
+        from echolm.tokenizer import SPECIAL_TOKENS  # (no cycle: tokenizer imports no config)
+
+        low = 256 + len(SPECIAL_TOKENS) + 1  # every byte, the special tokens, one merge
+        if self.vocab_size < low:
+            raise EchoError(f"tokenizer.vocab_size={self.vocab_size} is too small: must be >= "
+                            f"{low} (256 bytes + {len(SPECIAL_TOKENS)} special tokens + a merge)")
+        at_least("tokenizer", self, ("train_bytes",), 1)
 
 
 @dataclass
@@ -67,12 +72,15 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise EchoError(f"model.{name}={getattr(self, name)} must be positive")
+        at_least("model", self, ("head_dim", "mlp_hidden"), 0)
+        finite("model", self, ("rope_theta", "norm_eps", "init_std"), strict=True)
         if self.n_head % self.n_kv_head:
             raise EchoError(
                 f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head}"
             )
-        if self.d_head % 2:
-            raise EchoError(f"model head_dim={self.d_head} must be even (RoPE rotates pairs)")
+        if self.d_head % 2 or not self.d_head:
+            raise EchoError(f"model.head_dim={self.d_head} (0: n_embd // n_head) must be even "
+                            "and positive (RoPE rotates pairs)")
 
 
 @dataclass
@@ -103,15 +111,16 @@ class DataConfig:
     rankings_heldout_fraction: float = 0.1
 
     def validate(self) -> None:
-        if not 0 <= self.val_fraction < 1:
-            raise EchoError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
-        if not 0 <= self.rankings_heldout_fraction < 1:
-            raise EchoError(f"data.rankings_heldout_fraction={self.rankings_heldout_fraction} "
-                            "must be in [0, 1)")
-        for name in ("task_examples", "open_examples", "eval_problems", "humaneval",
-                     "gold_prompts"):
-            if getattr(self, name) < 0:
-                raise EchoError(f"data.{name}={getattr(self, name)} must be >= 0")
+        fraction("data", self, "val_fraction", high_open=True)
+        fraction("data", self, "rankings_heldout_fraction", high_open=True)
+        at_least("data", self, ("task_examples", "open_examples", "eval_problems",
+                                 "humaneval", "gold_prompts"), 0)
+        for name in ("pretrain", "sft"):
+            check_sources(f"data.{name}", getattr(self, name))
+        examples = check_task_specs("data.tasks", self.tasks, self.task_examples)
+        if self.sft == ["builtin"] and examples + self.open_examples == 0:
+            raise EchoError("data.sft=[\"builtin\"] would hold no conversations: data.tasks "
+                            f"{self.tasks} give 0 examples and data.open_examples=0")
 
 
 @dataclass
@@ -149,13 +158,13 @@ class LoopConfig:
     def validate(self, section: str) -> None:
         if self.ckpt_every <= 0:
             raise EchoError(f"{section}.ckpt_every={self.ckpt_every} must be positive")
-        for name in ("max_steps", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise EchoError(f"{section}.{name}={getattr(self, name)} must be >= 0")
-        if not 0 <= self.warmdown_frac <= 1 or not 0 <= self.final_lr_frac <= 1:
-            raise EchoError(f"{section}.warmdown_frac and final_lr_frac must be in [0, 1]")
-        _finite(section, self, ("lr_matrix", "lr_embed", "lr_head", "lr_scalar"), strict=True)
-        _finite(section, self, ("weight_decay", "grad_clip", "max_minutes"))
+        at_least(section, self, ("max_steps", "warmup_steps"), 0)
+        fraction(section, self, "warmdown_frac")
+        fraction(section, self, "final_lr_frac")
+        if not 0 <= self.seed < 2**32:
+            raise EchoError(f"{section}.seed={self.seed} must be a whole number in [0, 2^32)")
+        finite(section, self, ("lr_matrix", "lr_embed", "lr_head", "lr_scalar"), strict=True)
+        finite(section, self, ("weight_decay", "grad_clip", "max_minutes"))
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise EchoError(f"{section}.adam_betas={list(self.adam_betas)} must be in [0, 1)")
         if self.dtype not in ("auto", "fp32", "bf16"):
@@ -167,6 +176,9 @@ class LoopConfig:
             raise EchoError(f"{section}.optimizer='{self.optimizer}': expected muon or adamw")
         if self.parallel not in ("ddp", "fsdp"):
             raise EchoError(f"{section}.parallel='{self.parallel}': expected ddp or fsdp")
+        if self.parallel == "fsdp" and section != "pretrain":
+            raise EchoError(f"{section}.parallel='fsdp': FSDP is implemented for pretraining "
+                            "only; expected ddp")
         for name in self.trackers:
             if name not in ("tensorboard", "wandb"):
                 raise EchoError(f"{section}.trackers: unknown tracker '{name}' "
@@ -188,8 +200,7 @@ class BatchConfig(LoopConfig):
         for name in ("seq_len", "micro_batch", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise EchoError(f"{section}.{name}={getattr(self, name)} must be positive")
-        if self.eval_every < 0:
-            raise EchoError(f"{section}.eval_every={self.eval_every} must be >= 0")
+        at_least(section, self, ("eval_every",), 0)
 
 
 @dataclass
@@ -202,9 +213,7 @@ class PretrainConfig(BatchConfig):
 
     def validate(self, section: str = "pretrain") -> None:
         super().validate(section)
-        for name in ("eval_tokens", "sample_every"):
-            if getattr(self, name) < 0:
-                raise EchoError(f"{section}.{name}={getattr(self, name)} must be >= 0")
+        at_least(section, self, ("eval_tokens", "sample_every"), 0)
 
 
 @dataclass
@@ -245,33 +254,24 @@ class RLConfig(LoopConfig):
         if not self.tasks:
             raise EchoError(f"{section}.tasks is empty: name at least one task (e.g. "
                             "\"spelling\")")
-        from echolm.tasks.spec import task_from_spec  # the tasks package imports no config
-
-        for spec in self.tasks:
-            try:
-                task_from_spec(spec)
-            except (EchoError, TypeError, ValueError) as e:
-                raise EchoError(f"{section}.tasks: '{spec}': {e}") from None
+        check_task_specs(f"{section}.tasks", self.tasks)
         if self.init not in ("sft", "base"):
             raise EchoError(f"{section}.init must be 'sft' or 'base', got {self.init!r}")
         if self.aggregation not in ("token", "sequence", "constant"):
             raise EchoError(f"{section}.aggregation must be token, sequence or constant, "
                             f"got {self.aggregation!r}")
-        for name in ("prompts_per_step", "group_size", "max_tokens", "epochs", "minibatches",
-                     "eval_problems", "eval_samples"):
-            if getattr(self, name) < 1:
-                raise EchoError(f"{section}.{name}={getattr(self, name)} must be >= 1")
+        at_least(section, self, ("prompts_per_step", "group_size", "max_tokens", "epochs",
+                                  "minibatches", "eval_problems", "eval_samples"), 1)
         if self.group_size < 2:
             raise EchoError(f"{section}.group_size={self.group_size} must be >= 2: advantages "
                             "compare the samples of one prompt")
-        for name in ("max_refills", "overlong_buffer"):
-            if getattr(self, name) < 0:
-                raise EchoError(f"{section}.{name}={getattr(self, name)} must be >= 0")
+        at_least(section, self, ("max_refills", "overlong_buffer"), 0)
         if self.overlong_buffer > self.max_tokens:
             raise EchoError(f"{section}.overlong_buffer={self.overlong_buffer} must be <= "
                             f"{section}.max_tokens={self.max_tokens}")
-        _finite(section, self, ("temperature",), strict=True)
-        _finite(section, self, ("clip_low", "clip_high", "kl_beta", "format_reward"))
+        finite(section, self, ("temperature",), strict=True)
+        finite(section, self, ("clip_low", "clip_high", "kl_beta", "format_reward"))
+        fraction(section, self, "clip_low", high_open=True)  # the ratio's floor 1 - clip_low > 0
 
 
 @dataclass
@@ -288,13 +288,13 @@ class RankConfig:
     annotator_noise: float = 0.1  # the simulated annotator's temperature (0 = always gold)
 
     def validate(self, section: str = "rank") -> None:
-        if self.prompts < 1 or not 2 <= self.k <= 16:
-            raise EchoError(f"{section}.prompts={self.prompts} must be >= 1 and {section}.k="
-                            f"{self.k} between 2 and 16")
+        at_least(section, self, ("prompts",), 1)
+        if not 2 <= self.k <= 16:
+            raise EchoError(f"{section}.k={self.k} must be between 2 and 16")
         if not self.temperatures or min(self.temperatures) <= 0:
             raise EchoError(f"{section}.temperatures={self.temperatures} must be positive "
                             "numbers, at least one (the K answers must differ)")
-        _finite(section, self, ("max_minutes", "annotator_noise"))
+        finite(section, self, ("max_minutes", "annotator_noise"))
 
 
 @dataclass
@@ -325,7 +325,7 @@ class RMConfig(BatchConfig):
         super().validate(section)
         if self.loss not in ("bt", "pl"):
             raise EchoError(f"{section}.loss='{self.loss}': expected bt or pl")
-        _finite(section, self, ("margin", "center_coef", "epochs"))
+        finite(section, self, ("margin", "center_coef", "epochs"))
 
 
 @dataclass
@@ -375,19 +375,17 @@ class RLHFConfig(LoopConfig):
             raise EchoError(f"{section}.algorithm={self.algorithm} needs {section}."
                             f"samples_per_prompt >= 2 (got {self.samples_per_prompt}): it "
                             "compares answers to one prompt")
-        for name in ("prompts_per_step", "samples_per_prompt", "max_tokens", "epochs",
-                     "minibatches", "eval_every", "eval_prompts", "eval_samples",
-                     "final_samples", "guard_patience", "train_prompts", "ptx_rows"):
-            if getattr(self, name) < 1:
-                raise EchoError(f"{section}.{name}={getattr(self, name)} must be >= 1")
-        if self.overopt_steps < 0:
-            raise EchoError(f"{section}.overopt_steps={self.overopt_steps} must be >= 0")
-        _finite(section, self, ("temperature", "overopt_lr_mult"), strict=True)
-        _finite(section, self, ("kl_beta", "unfinished_penalty", "clip", "value_clip",
+        at_least(section, self, ("prompts_per_step", "samples_per_prompt", "max_tokens",
+                                  "epochs", "minibatches", "eval_every", "eval_prompts",
+                                  "eval_samples", "final_samples", "guard_patience",
+                                  "train_prompts", "ptx_rows"), 1)
+        at_least(section, self, ("overopt_steps",), 0)
+        finite(section, self, ("temperature", "overopt_lr_mult"), strict=True)
+        finite(section, self, ("kl_beta", "unfinished_penalty", "clip", "value_clip",
                                 "vf_coef", "ptx_coef"))
-        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
-            raise EchoError(f"{section}.gamma={self.gamma} and {section}.lam={self.lam} must "
-                            "be in [0, 1]")
+        for name in ("gamma", "lam"):
+            fraction(section, self, name)
+        fraction(section, self, "clip", high_open=True)  # the ratio's floor 1 - clip > 0
 
 
 @dataclass
@@ -421,10 +419,12 @@ class DPOConfig(BatchConfig):
         super().validate(section)
         if self.loss not in ("sigmoid", "ipo"):
             raise EchoError(f"{section}.loss='{self.loss}': expected sigmoid or ipo")
-        _finite(section, self, ("beta",), strict=True)
-        _finite(section, self, ("epochs", "ptx_coef", "nll_coef"))
-        if self.ptx_rows < 1:
-            raise EchoError(f"{section}.ptx_rows={self.ptx_rows} must be >= 1")
+        finite(section, self, ("beta",), strict=True)
+        finite(section, self, ("epochs", "ptx_coef", "nll_coef"))
+        at_least(section, self, ("ptx_rows",), 1)
+        if any(t <= 0 for t in self.temperatures):
+            raise EchoError(f"{section}.temperatures={self.temperatures} must be positive "
+                            "numbers ([] = every pair)")
 
 
 @dataclass
@@ -445,11 +445,24 @@ class Config:
         return asdict(self)
 
     def validate(self) -> None:
-        """Every check of every section, before any stage runs."""
+        """Every check of every section, and the rules across them, before any stage runs."""
         self.model.vocab_size = self.tokenizer.vocab_size  # one source of truth
+        sections = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                    if dataclasses.is_dataclass(getattr(self, f.name))]
+        for name, section in sections:
+            numbers(name, section, int)
+        self.tokenizer.validate()
         self.model.validate()
         self.data.validate()
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
+        for name, section in sections:
             if isinstance(section, (LoopConfig, RankConfig)):
-                section.validate(f.name)
+                section.validate(name)
+            numbers(name, section, float)  # what the section's own checks leave: nan in lists
+        longest = self.model.max_seq_len
+        for name, section in sections:  # rows and answers must fit the model's context
+            if isinstance(section, BatchConfig) and section.seq_len > longest:
+                raise EchoError(f"{name}.seq_len={section.seq_len} exceeds model.max_seq_len="
+                                f"{longest}")
+            if isinstance(section, (RLConfig, RLHFConfig)) and section.max_tokens >= longest:
+                raise EchoError(f"{name}.max_tokens={section.max_tokens} leaves no room for "
+                                f"the prompt: must be < model.max_seq_len={longest}")

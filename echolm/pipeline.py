@@ -4,16 +4,18 @@ one resumes from its last checkpoint."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from echolm.atomic import atomic_write_json
 from echolm.config import Config
-from echolm.settings import apply_overrides, config_from_dict, load_config
+from echolm.errors import EchoError
+from echolm.settings import apply_overrides, config_changes, config_from_dict, load_config
 from echolm.summary import read_summary
 
 StageFn = Callable[..., dict]
@@ -65,19 +67,116 @@ def run_eval(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
                         gold_prompts=cfg.data.gold_prompts)
 
 
-def resolve_run_config(run_dir: Path, preset: str | None, overrides: list[str]) -> Config:
-    """The run's config: the saved one if the directory exists (so a resumed run keeps its
-    settings), else the preset; CLI overrides apply on top and are saved."""
+def resolve_run_config(run_dir: Path, preset: str | None, overrides: list[str],
+                       reconfigure: bool = False, read_only: bool = False) -> Config:
+    """The run's config, every setting checked before any stage runs. A new run directory:
+    the preset (default cpu) + overrides, saved now as DIR/config.json so that a killed first
+    run resumes with the same settings. An existing one: its saved config; a --preset or --set
+    that changes a saved value is refused, showing what would change, unless `reconfigure`
+    (checked against what the run already built; `run_config` saves it once the command
+    succeeded) or `read_only` (used by this command only, never saved)."""
     saved = run_dir / "config.json"
-    if saved.exists() and preset is None:
-        cfg = config_from_dict(json.loads(saved.read_text()))
-        apply_overrides(cfg, overrides)
-    else:
+    if not saved.exists():
+        if read_only:
+            raise EchoError(f"{run_dir}: not a run directory (no config.json)")
         cfg = load_config(preset or "cpu", overrides)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here: one writer
-        atomic_write_json(saved, cfg.to_dict())
+        _check_inputs(cfg, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here: one writer
+            atomic_write_json(saved, cfg.to_dict())
+        return cfg
+    data = json.loads(saved.read_text())
+    old = config_from_dict(data)
+    try:
+        old.validate()
+        broken = None
+    except EchoError as e:  # saved before a check existed: say where, and how to fix it
+        broken = str(e)
+    try:
+        cfg = load_config(preset, overrides) if preset else config_from_dict(data)
+        if not preset:
+            apply_overrides(cfg, overrides)
+    except EchoError as e:
+        if str(e) == broken:
+            raise EchoError(f"{saved}: {e} (change it with --set SECTION.FIELD=VALUE"
+                            f"{'' if read_only else ' --reconfigure'})") from None
+        raise
+    changes = config_changes(old, cfg)
+    if changes and read_only:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6
+                                          else "")
+        print(f"echolm: for this command only ({saved} unchanged): {shown}", file=sys.stderr)
+    elif changes and not reconfigure:
+        asked = " and ".join(x for x, on in (("--preset", preset), ("--set", overrides)) if on)
+        lines = changes[:30] + ([f"... and {len(changes) - 30} more"] if len(changes) > 30
+                                else [])
+        raise EchoError(f"{saved}: {asked} would change {len(changes)} saved setting"
+                        f"{'s' * (len(changes) > 1)} of this run; add --reconfigure to change "
+                        "them, or leave them out to go on as saved:\n  " + "\n  ".join(lines))
+    elif changes:
+        _check_fits_run(old, cfg, run_dir)
+    if not read_only:
+        _check_inputs(cfg, run_dir)
     return cfg
+
+
+@contextmanager
+def run_config(run_dir: Path, preset: str | None, overrides: list[str],
+               reconfigure: bool = False) -> Iterator[Config]:
+    """`resolve_run_config` for a command that trains: a --reconfigure's settings are saved
+    when the command has succeeded, never by one that failed (or was interrupted: running
+    the same command again resumes with them)."""
+    cfg = resolve_run_config(run_dir, preset, overrides, reconfigure=reconfigure)
+    asked = cfg.to_dict()  # a stage may adjust its cfg in memory: save what was asked
+    yield cfg
+    save_run_config(run_dir, asked)
+
+
+def save_run_config(run_dir: Path, asked: dict) -> None:
+    """DIR/config.json := `asked`, when a value differs (a file of an earlier layout that
+    holds the same values is left as it is)."""
+    saved = run_dir / "config.json"
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if saved.exists() and not config_changes(config_from_dict(json.loads(saved.read_text())),
+                                             config_from_dict(asked)):
+        return
+    atomic_write_json(saved, asked)
+
+
+def _check_fits_run(old: Config, new: Config, run_dir: Path) -> None:
+    """A --reconfigure may change how stages train, not what the run already built: the
+    tokenizer's vocabulary and the model's shape are those of its files."""
+    built = [("tokenizer", "tokenizer", run_dir / "tokenizer"), ("model", "base model",
+                                                                   run_dir / "base")]
+    for section, what, folder in built:
+        if not folder.exists():
+            continue
+        for key, value in vars(getattr(new, section)).items():
+            was = getattr(getattr(old, section), key)
+            if value != was and (section, key) != ("tokenizer", "train_bytes"):
+                raise EchoError(f"{section}.{key}={json.dumps(value)} does not match the {what} "
+                                f"in {folder} ({key}={json.dumps(was)}); a different "
+                                f"{'vocabulary' if section == 'tokenizer' else 'shape'} needs a "
+                                "new run directory")
+
+
+def _check_inputs(cfg: Config, run_dir: Path) -> None:
+    """What the settings name must be there before the first stage: data files (unless the
+    stages that read them are done) and the trackers' packages."""
+    import importlib.util
+
+    reads = [("pretrain", run_dir / "tokens" / "meta.json"), ("sft", run_dir / "sft" / "done.json")]
+    for name, done in reads:
+        for source in getattr(cfg.data, name):
+            local = source != "builtin" and not source.startswith("hf:")
+            if local and not done.exists() and not Path(source).expanduser().exists():
+                raise EchoError(f"data.{name}: source '{source}': no such file or folder")
+    for section in ("pretrain", "sft", "rl", "rm", "rlhf", "dpo"):
+        for tracker in getattr(cfg, section).trackers:
+            if importlib.util.find_spec(tracker) is None:
+                raise EchoError(f"{section}.trackers: '{tracker}' needs the {tracker} package "
+                                f"(pip install {tracker}), or remove it from {section}.trackers")
 
 
 def _peak_rss_mb() -> float:
@@ -135,7 +234,7 @@ def read_status(run_dir: Path) -> dict:
     return status if isinstance(status, dict) else {}
 
 
-@contextlib.contextmanager
+@contextmanager
 def recording(run_dir: Path, command: str, stage: str) -> Iterator[None]:
     """DIR/status.json around one stage's own command (`echolm sft`): running, then how it
     ended. A success leaves an earlier failure of another stage standing (that stage is

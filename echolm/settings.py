@@ -10,6 +10,7 @@ Unknown sections, fields or wrongly typed values are user errors, reported with 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import io
 import json
@@ -94,6 +95,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     raise EchoError(f"{where}: expected {type_name}, got {value!r}")
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # cached: it evaluates every annotation (~1 ms a call)
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
     name = f"{section}.{key}"
     if name in MOVED:
@@ -110,7 +116,7 @@ def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
         known = ", ".join(sorted(sections))
         raise EchoError(f"{where}: unknown section '{section}' (known: {known})")
     obj = getattr(cfg, section)
-    hints = typing.get_type_hints(type(obj))
+    hints = _type_hints(type(obj))
     if key not in hints:
         known = ", ".join(f.name for f in dataclasses.fields(obj))
         raise EchoError(f"{where}: unknown field '{section}.{key}' (known: {known})")
@@ -174,6 +180,20 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     if "pref" in d and "ptx_rows" in d.get("ppo", {}):  # DPO read RLHF's ptx_rows then
         cfg.dpo.ptx_rows = d["ppo"]["ptx_rows"]
     return cfg
+
+
+def config_changes(old: Config, new: Config) -> list[str]:
+    """What `new` changes of `old`, one "section.field: old -> new" per field, in the
+    config's order after the preset's name."""
+    def flat(cfg: Config) -> dict[str, Any]:
+        return {f"{section}.{key}" if isinstance(values, dict) else section: value
+                for section, values in json.loads(json.dumps(cfg.to_dict())).items()
+                for key, value in (values.items() if isinstance(values, dict) else [(0, values)])}
+
+    a, b = flat(old), flat(new)
+    keys = ["preset", *(k for k in b if k != "preset")]
+    return [f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b[k])}" for k in keys
+            if a.get(k) != b[k]]
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -142,8 +142,9 @@ def echolm_cli() -> Callable[..., subprocess.CompletedProcess]:
 
 
 def pretrain_args(run: Path, corpus: Path, *overrides: str) -> list[str]:
-    """`pretrain` arguments for the micro preset on the test corpus."""
-    args = ["pretrain", "--out", str(run), "--preset", "micro"]
+    """`pretrain` arguments for the micro preset on the test corpus (--reconfigure: the test's
+    settings replace those a copied run directory saved)."""
+    args = ["pretrain", "--out", str(run), "--preset", "micro", "--reconfigure"]
     for o in [*data_overrides(corpus), "pretrain.dtype=fp32", *overrides]:
         args += ["--set", o]
     return args

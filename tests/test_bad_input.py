@@ -217,9 +217,14 @@ def test_resume_from_damaged_training_state(damage: str, trained_run: Path, corp
 def test_resume_with_a_different_model(trained_run: Path, corpus: Path,
                                        capsys: pytest.CaptureFixture) -> None:
     ckpt = _as_if_killed_after_last_checkpoint(trained_run)
+    before = (trained_run / "config.json").read_bytes()
     rc, err = run_main(capsys, *pretrain_args(trained_run, corpus, "pretrain.max_steps=4",
                                               "pretrain.ckpt_every=2", "model.n_embd=32"))
-    assert_user_error(rc, err, str(ckpt), "does not match")
+    # refused before the stage: the checkpoints in base/ were made with n_embd=64
+    assert_user_error(rc, err, f"model.n_embd=32 does not match the base model in "
+                      f"{trained_run / 'base'} (n_embd=64)")
+    assert (trained_run / "config.json").read_bytes() == before
+    assert ckpt.exists()
     assert_nothing_half_written(trained_run, finished=("tokenizer",))
 
 

@@ -130,8 +130,6 @@ def test_table_shows_pieces_with_visible_whitespace(run, capsys):
     (["--run", "{run}", "--stage", "nope", "hello"], "unknown stage 'nope'"),
     (["--run", "{run}", "--stage", "rlhf", "hello"], "no finished 'rlhf' model"),
     (["--run", "{run}", ""], "the text to explain is empty"),
-    (["--run", "{run}", "hello", "--top-k", "0"], "--top-k"),
-    (["--run", "{run}", "hello", "--generate", "-1"], "--generate"),
     (["--run", "{run}", "word " * 1100], "the model reads at most 1024"),
 ])
 def test_bad_input_is_one_line(run, tmp_path, capsys, args, needle):

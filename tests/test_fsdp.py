@@ -179,7 +179,9 @@ def test_sharded_checkpoint_in_one_process_and_a_mismatch(tmp_path: Path) -> Non
 def test_parallel_setting_is_checked(tmp_path: Path) -> None:
     with pytest.raises(EchoError, match="pretrain.parallel='zero3': expected ddp or fsdp"):
         load_config("micro", ["pretrain.parallel=zero3"])
-    assert load_config("micro", ["sft.parallel=fsdp"]).sft.parallel == "fsdp"
+    with pytest.raises(EchoError, match="sft.parallel='fsdp': FSDP is implemented for "
+                                        "pretraining only"):  # refused before any stage runs
+        load_config("micro", ["sft.parallel=fsdp"])
     model = Transformer(load_config("micro").model)
     with pytest.raises(EchoError, match="sft: parallel='fsdp' is implemented for pretraining"):
         Trainer(model, PretrainConfig(parallel="fsdp"), tmp_path, "sft", tmp_path, Dist(world=2))

@@ -112,7 +112,7 @@ def test_export_random_weights_logits_match(variant, run_dir, tmp_path):
 @pytest.fixture(scope="module")
 def trained_runs(prepared_run, tmp_path_factory) -> dict[str, Path]:
     """A few Muon steps of real pretraining per variant (llama/qwen3, tied/untied)."""
-    from echolm.pipeline import resolve_run_config
+    from echolm.pipeline import run_config
     from echolm.train.pretrain import run_pretrain
 
     runs = {}
@@ -123,8 +123,8 @@ def trained_runs(prepared_run, tmp_path_factory) -> dict[str, Path]:
         overrides = [f"model.{k}={str(v).lower()}" for k, v in fields.items()] + [
             "pretrain.max_steps=4", "pretrain.eval_every=0", "pretrain.eval_tokens=512",
             "pretrain.ckpt_every=100", "pretrain.warmup_steps=1"]
-        cfg = resolve_run_config(run, "micro", overrides)
-        run_pretrain(cfg, run, log=lambda *_: None)
+        with run_config(run, "micro", overrides, reconfigure=True) as cfg:
+            run_pretrain(cfg, run, log=lambda *_: None)
         # pretend the base model was fine-tuned, so that `--stage sft` exists too
         shutil.copytree(run / "base", run / "sft", ignore=shutil.ignore_patterns("ckpt"))
         runs[name] = run

@@ -67,7 +67,7 @@ def test_tokenizer_and_pretrain_stages_read_a_saved_dataset(text_dataset, chat_d
     run = tmp_path / "run"
     common = ["--set", f'data.pretrain=["hf:{text_dataset}"]', "--set", "data.val_fraction=0.1"]
     assert main(["tokenizer", "train", "--out", str(run), "--preset", "micro", *common]) == 0
-    assert main(["pretrain", "--out", str(run), "--set", "pretrain.max_steps=3",
+    assert main(["pretrain", "--out", str(run), "--reconfigure", "--set", "pretrain.max_steps=3",
                  "--set", "pretrain.eval_every=0", "--set", "pretrain.eval_tokens=1024"]) == 0
     meta = json.loads((run / "tokens" / "meta.json").read_text())
     docs = list(iter_documents([f"hf:{text_dataset}"], "train", 0.1))
@@ -75,7 +75,8 @@ def test_tokenizer_and_pretrain_stages_read_a_saved_dataset(text_dataset, chat_d
     assert json.loads((run / "base" / "done.json").read_text())["steps"] == 3
 
     # SFT on a saved dataset of conversations (`messages` column)
-    assert main(["sft", "--out", str(run), "--set", f'data.sft=["hf:{chat_dataset}"]',
+    assert main(["sft", "--out", str(run), "--reconfigure",
+                 "--set", f'data.sft=["hf:{chat_dataset}"]',
                  "--set", "sft.max_steps=2", "--set", "sft.micro_batch=2",
                  "--set", "data.eval_problems=2", "--set", 'data.tasks=["identity"]']) == 0
     done = json.loads((run / "sft" / "done.json").read_text())

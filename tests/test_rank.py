@@ -104,21 +104,22 @@ def test_parse_order():
 @pytest.fixture(scope="session")
 def sft_run(prepared_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The prepared micro run with base and sft models (a few steps each), built in-process."""
-    from echolm.pipeline import resolve_run_config
+    from echolm.pipeline import run_config
     from echolm.train.pretrain import run_pretrain
     from echolm.train.sft import run_sft
 
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("rank") / "run"
     shutil.copytree(prepared_run, run)
-    cfg = resolve_run_config(run, None, ["pretrain.max_steps=5", "sft.max_steps=2",
-                                         "data.eval_problems=2", "data.task_examples=20"])
+    overrides = ["pretrain.max_steps=5", "sft.max_steps=2", "data.eval_problems=2",
+                 "data.task_examples=20"]
 
     def quiet(*_a: object) -> None:
         pass
 
-    run_pretrain(cfg, run, log=quiet)
-    run_sft(cfg, run, log=quiet)
+    with run_config(run, None, overrides, reconfigure=True) as cfg:
+        run_pretrain(cfg, run, log=quiet)
+        run_sft(cfg, run, log=quiet)
     return run
 
 
@@ -270,7 +271,6 @@ def test_user_errors_are_one_line(rank_run: Path, tmp_path: Path, capsys):
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     cases = [
         (["--run", tmp_path / "nope"], "no such run directory"),
-        (["--run", rank_run, "--k", "1"], "--k must be between 2 and"),
         (["--run", rank_run, "--prompts", bad], "bad.jsonl:2: field 'prompt' is missing"),
         (["--run", rank_run, "--annotator", "simulated"], "reserved for the simulated"),
         (["--run", rank_run, "--stage", "rlhf"], "no finished 'rlhf' model"),
@@ -279,9 +279,11 @@ def test_user_errors_are_one_line(rank_run: Path, tmp_path: Path, capsys):
         assert main(["rank", *map(str, args)]) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
-    with pytest.raises(SystemExit) as e:
-        main(["rank", "--run", str(rank_run), "--simulated", "--annotator", "x"])
-    assert e.value.code == 2
+    for args in (["--simulated", "--annotator", "x"], ["--k", "1"]):  # argparse's usage error
+        with pytest.raises(SystemExit) as e:
+            main(["rank", "--run", str(rank_run), *args])
+        assert e.value.code == 2
+    assert "argument --k: expected a whole number >= 2 and <= 16, got 1" in capsys.readouterr().err
 
 
 def test_answers_can_be_sampled_at_a_mix_of_temperatures(rank_run: Path):

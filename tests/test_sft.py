@@ -161,7 +161,8 @@ def test_micro_pipeline_end_to_end_writes_the_summary_contract(tmp_path, corpus,
     assert rows and all(k in r for r in rows for k in (
         "clip_frac", "approx_kl", "value_loss", "explained_variance")), rows[:2]
     # a second run is a no-op: every stage is already finished, nothing trains again
-    r = echolm_cli(*_run_args(run, corpus), timeout=120)
+    r = echolm_cli(*_run_args(run, corpus, "sft.max_steps=6", "data.eval_problems=8"),
+                   timeout=120)
     assert r.returncode == 0 and r.stdout.count("already finished") >= 2, r.stdout
     assert (run / "metrics.jsonl").read_text() == metrics
 
@@ -170,10 +171,10 @@ def test_micro_pipeline_end_to_end_writes_the_summary_contract(tmp_path, corpus,
 def test_sft_really_learns_to_answer(run_dir, echolm_cli):
     """Fine-tuning on the identity family takes held-out accuracy from ~0 to most answers:
     the loss mask, packing, optimizer and evaluation all have to work for this to pass."""
-    base = ["--set", "pretrain.max_steps=10"]
+    base = ["--reconfigure", "--set", "pretrain.max_steps=10"]
     r = echolm_cli("pretrain", "--out", run_dir, *base)
     assert r.returncode == 0, r.stderr
-    sft = ["--set", 'data.tasks=["identity"]', "--set", "data.task_examples=400",
+    sft = ["--reconfigure", "--set", 'data.tasks=["identity"]', "--set", "data.task_examples=400",
            "--set", "data.eval_problems=24", "--set", "sft.max_steps=60",
            "--set", "sft.micro_batch=16", "--set", "sft.lr_matrix=0.02",
            "--set", "sft.lr_embed=0.05", "--set", "sft.lr_head=0.01"]
