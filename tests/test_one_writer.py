@@ -153,17 +153,19 @@ def test_ctrl_c_saves_the_step_and_the_same_command_resumes_exactly(
 def test_status_json_says_which_stage_failed_and_keeps_saying_it(
         run_dir: Path, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     new = tmp_path / "new"
-    book = f'data.pretrain=["{tmp_path / "no-such-book.txt"}"]'
+    empty = tmp_path / "empty-book.txt"  # it exists (checked at start), the tokenizer fails
+    empty.write_text("")
+    book = f'data.pretrain=["{empty}"]'
     assert main(["run", "--preset", "micro", "--out", str(new), "--set", book]) == 2
     status = _status(new)
     assert (status["state"], status["stage"], status["command"]) == \
         ("failed", "tokenizer", "echolm run")
-    assert status["error"].startswith("EchoError: data source") and status["ended"]
+    assert status["error"] == f"EchoError: {empty}: file is empty" and status["ended"]
     assert status_banner(new, status) == [
         f"> **Stage `tokenizer` failed:** {status['error']}. Earlier stages' results are "
         "intact.", ""]
     # the failed stage succeeding on its own clears it ...
-    assert main(["tokenizer", "train", "--out", str(new), "--set",
+    assert main(["tokenizer", "train", "--out", str(new), "--reconfigure", "--set",
                  f'data.pretrain=["{corpus}"]']) == 0
     status = _status(new)
     assert (status["state"], status["stage"], status["error"]) == \
