@@ -37,19 +37,19 @@ def quiet(*_a: object) -> None:
 def finished_run(prepared_run: Path, tmp_path_factory: pytest.TempPathFactory,
                  corpus: Path) -> Path:
     """A micro run with finished tokenizer, base and sft stages (a few steps each)."""
-    from echolm.pipeline import resolve_run_config
+    from echolm.pipeline import run_config
     from echolm.train.pretrain import run_pretrain
     from echolm.train.sft import run_sft
 
     run = tmp_path_factory.mktemp("finished") / "run1"
     shutil.copytree(prepared_run, run)
-    cfg = resolve_run_config(run, "micro", [
-        *data_overrides(corpus), "pretrain.max_steps=4", "pretrain.eval_every=0",
-        "pretrain.eval_tokens=512", "sft.max_steps=2", "sft.eval_every=0",
-        'data.tasks=["identity"]', "data.eval_problems=2", "data.task_examples=20",
-        "data.open_examples=0"])
-    run_pretrain(cfg, run, log=quiet)
-    run_sft(cfg, run, log=quiet)
+    with run_config(run, "micro", [
+            *data_overrides(corpus), "pretrain.max_steps=4", "pretrain.eval_every=0",
+            "pretrain.eval_tokens=512", "sft.max_steps=2", "sft.eval_every=0",
+            'data.tasks=["identity"]', "data.eval_problems=2", "data.task_examples=20",
+            "data.open_examples=0"], reconfigure=True) as cfg:
+        run_pretrain(cfg, run, log=quiet)
+        run_sft(cfg, run, log=quiet)
     return run
 
 
@@ -169,7 +169,8 @@ def test_forced_stage_that_completes_replaces_output_summary_and_metrics(run1, c
     old_model = (run1 / "sft" / "model.safetensors").read_bytes()
     old = json.loads((run1 / "summary.json").read_text())
     assert old["sft"]["steps"] == 2
-    assert main(["sft", "--out", str(run1), "--force", "--set", "sft.max_steps=3"]) == 0
+    assert main(["sft", "--out", str(run1), "--force", "--reconfigure",
+                 "--set", "sft.max_steps=3"]) == 0
     new = json.loads((run1 / "summary.json").read_text())
     assert new["sft"]["steps"] == 3 and new["base"] == old["base"]
     assert json.loads((run1 / "sft" / "done.json").read_text())["steps"] == 3
@@ -196,6 +197,7 @@ def _records(run: Path, stage: str) -> list[int]:
 @pytest.mark.slow
 def test_forced_run_killed_keeps_the_old_output_and_resumes(run1):
     args = [sys.executable, "-m", "echolm", "pretrain", "--out", str(run1), "--force",
+            "--reconfigure",
             "--set", "pretrain.max_steps=12", "--set", "pretrain.ckpt_every=2",
             "--set", "pretrain.eval_every=0"]
     base, summary = snapshot(run1 / "base"), (run1 / "summary.json").read_bytes()

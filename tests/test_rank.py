@@ -335,7 +335,8 @@ def test_the_rank_stage_counts_the_rankings_made_before_an_interruption(rank_run
     from echolm.summary import read_summary
 
     torch.set_num_threads(1)
-    cfg = resolve_run_config(rank_run, None, ["rank.prompts=4", "rank.k=2"])
+    cfg = resolve_run_config(rank_run, None, ["rank.prompts=4", "rank.k=2"],
+                             reconfigure=True)
     stopping = StopsAt(3, cfg.rank.annotator_noise, cfg.sft.seed)
     with pytest.raises(KeyboardInterrupt):
         collect_rankings(rank_run, 4, 2, stopping, temperature=cfg.rank.temperatures,

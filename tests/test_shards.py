@@ -201,6 +201,7 @@ def test_tokens_are_encoded_again_for_a_retrained_tokenizer(run_dir: Path, corpu
     from conftest import data_overrides
 
     from echolm.pipeline import resolve_run_config
+    from echolm.settings import load_config
     from echolm.train.pretrain import prepare_tokens
     from echolm.train.tokenize import run_tokenizer
 
@@ -211,8 +212,7 @@ def test_tokens_are_encoded_again_for_a_retrained_tokenizer(run_dir: Path, corpu
     messages: list[str] = []
     prepare_tokens(cfg, run_dir, Tokenizer.load(run_dir / "tokenizer"), log=messages.append)
     assert messages == [] and shard.read_bytes() == before  # reused as it was
-    cfg = resolve_run_config(run_dir, "micro", [*data_overrides(corpus),
-                                                "tokenizer.vocab_size=300"])
+    cfg = load_config("micro", [*data_overrides(corpus), "tokenizer.vocab_size=300"])
     run_tokenizer(cfg, run_dir, force=True, log=messages.append)
     tok = Tokenizer.load(run_dir / "tokenizer")
     prepare_tokens(cfg, run_dir, tok, log=messages.append)

@@ -55,7 +55,7 @@ def test_one_book_trains_a_tokenizer_and_a_model(book: Path, tmp_path: Path,
     args = ["--out", str(run), "--preset", "micro", "--set", f'data.pretrain=["{book}"]',
             "--set", "data.val_fraction=0.1"]
     assert main(["tokenizer", "train", *args]) == 0
-    assert main(["pretrain", *args, "--set", "pretrain.max_steps=2",
+    assert main(["pretrain", *args, "--reconfigure", "--set", "pretrain.max_steps=2",
                  "--set", "pretrain.eval_tokens=1024"]) == 0
     out = capsys.readouterr().out
     assert out.count("data: only 1 document(s) in data.pretrain") == 2  # tokenizer, tokens
