@@ -56,6 +56,9 @@ TEXTS = [
     "<|bos|> <|user_start|> special-token text stays text", "!!!???...\n\n!!  --==>>",
     "```python\nprint('hi')\n```\n\n\n\n", "",
 ]
+# Known to differ, shown but not counted: after an apostrophe, Echo's `'(?i:s|...)` folds the
+# long s (U+017F) to "s" (so does Qwen2's own regex), llama.cpp's qwen2 splitter does not.
+KNOWN_DIFFERENT = ["it'\u017ft"]
 CHAT_PROMPTS = ["What is 12 + 30?", "Write one sentence about the sea.",
                 "Spell the word 'cat' backwards, please!"]
 DOC_PROMPTS = ["Once upon a time", "The capital of France is", "def add(a, b):\n"]
@@ -107,6 +110,11 @@ def check_file(path: Path, run: Path, stage: str, label: str, chat: bool) -> dic
         else:
             print(f"  {label}: tokenization differs on {text!r}:\n    echo  {ours}\n"
                   f"    llama {theirs}")
+    for text in KNOWN_DIFFERENT:
+        ours = tok.encode(text)
+        theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        print(f"  {label}: known difference {text!r}: echo {ours} llama {theirs} "
+              f"({'equal' if ours == theirs else 'differs'})")
     if chat:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
