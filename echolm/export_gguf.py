@@ -13,8 +13,10 @@ pre-tokenizers, named in ``tokenizer.ggml.pre``: Echo's split pattern (GPT-4's w
 digits) selects exactly the same pieces as Qwen2's (only possessive quantifiers differ, which
 never change a match here), so Echo's tokenizers are ``qwen2``; an imported tokenizer must use
 Qwen2's, Llama 3's or GPT-2's split, anything else is refused. ``<|bos|>`` is added to every
-text (``add_bos_token``), the chat template is Echo's (`echolm.hf.CHAT_TEMPLATE`), and the
-end of generation is ``<|assistant_end|>`` (a base model's, which ends documents, ``<|bos|>``).
+text (``add_bos_token``); the chat template and end of generation are those the model knows
+(`chat_format`): Echo's template (`echolm.hf.CHAT_TEMPLATE`) and ``<|assistant_end|>``, or
+``<|bos|>`` (the end of a document) for an Echo base model; an imported base model keeps its
+source's own template and end token.
 
 Dtypes: ``f32`` (exact), ``f16`` and ``q8_0`` for the matrices (1-D tensors, the norms and
 biases, stay f32 as llama.cpp's converter keeps them). The file is written under a temporary
@@ -135,9 +137,24 @@ def _tensor_data(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
     return a.astype(np.float16), None
 
 
+def chat_format(run_dir: Path, stage: str, tok: Tokenizer) -> tuple[str, int]:
+    """(chat template, end-of-generation id) of the model in `stage`: Echo's format and
+    <|assistant_end|> for a chat stage, <|bos|> (the end of a document) for an Echo base model;
+    an imported base model keeps its source's own template and end token (import.json)."""
+    if stage != "base":
+        return CHAT_TEMPLATE, tok.assistant_end
+    imported = run_dir / "import.json"
+    source = json.loads(imported.read_text()).get("source_chat") if imported.exists() else None
+    if not source:
+        return CHAT_TEMPLATE, tok.bos
+    eos = tok.hf.token_to_id(source["eos_token"]) if source.get("eos_token") else None
+    return source["template"], tok.bos if eos is None else eos
+
+
 def write_gguf(path: Path, model: Transformer, tok: Tokenizer, *, dtype: str, name: str,
-               chat: bool, where: str) -> dict[str, Any]:
-    """Write `model` and `tok` to `path` (llama.cpp's GGUF). Returns what was written."""
+               chat: tuple[str, int], where: str) -> dict[str, Any]:
+    """Write `model` and `tok` to `path` (llama.cpp's GGUF) with `chat` = (template, end of
+    generation id). Returns what was written."""
     cfg: ModelConfig = model.cfg
     arch, _ = hf_architecture(cfg)
     if arch == "qwen2" and cfg.d_head * cfg.n_head != cfg.n_embd:
@@ -167,13 +184,12 @@ def write_gguf(path: Path, model: Transformer, tok: Tokenizer, *, dtype: str, na
     w.add_token_types(vocab["types"])
     w.add_token_merges(vocab["merges"])
     w.add_bos_token_id(tok.bos)
-    # a chat model ends its turn with <|assistant_end|>; a base model ends documents with BOS
-    w.add_eos_token_id(tok.assistant_end if chat else tok.bos)
-    w.add_eot_token_id(tok.assistant_end)
+    w.add_eos_token_id(chat[1])
+    w.add_eot_token_id(chat[1] if chat[1] != tok.bos else tok.assistant_end)
     w.add_pad_token_id(tok.pad)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(chat[0])
     for tname, t in gguf_tensors(model, arch).items():
         data, raw = _tensor_data(t, dtype)
         w.add_tensor(tname, data, raw_dtype=raw)
@@ -204,7 +220,8 @@ def export_gguf(run_dir: Path, out: Path, stage: str | None = None, dtype: str =
     started = time.time()
     with atomic_path(out) as tmp, torch.no_grad():
         info = write_gguf(tmp, model, tok, dtype=dtype, name=f"echolm {run_dir.name} "
-                          f"{folder.name}", chat=folder.name != "base", where=str(tok_file))
+                          f"{folder.name}", chat=chat_format(run_dir, folder.name, tok),
+                          where=str(tok_file))
     result = {"out": str(out), "stage": folder.name, "params": model.num_params(),
               "bytes": out.stat().st_size, **info}
     log(f"export: {folder.name} model ({model.num_params():,} parameters) -> {out} as GGUF "

@@ -444,7 +444,8 @@ def import_hf(src: Path, run_dir: Path, force: bool = False, log=print) -> dict[
         "added_special_tokens": {t: vocab[t] for t in added},
         "vocab_size": {"source": src_vocab, "echo": size},
         "bos_row_from": bos_src, "native_tokenizer": tok.native,
-        "source_chat_template": _has_chat_template(src), "params": n_params,
+        "source_chat_template": source_chat(src) is not None, "source_chat": source_chat(src),
+        "params": n_params,
         "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_json(tmp / "import.json", info)
     atomic_write_json(tmp / "tokenizer" / "done.json", {
@@ -471,8 +472,17 @@ def _copy_run_tokenizer(path: Path, tok: Tokenizer, dst: Path) -> None:
     HFTokenizer.from_str(json.dumps(spec)).save(str(dst))
 
 
-def _has_chat_template(src: Path) -> bool:
-    if (src / "chat_template.jinja").exists() or (src / "chat_template.json").exists():
-        return True
-    tc = src / "tokenizer_config.json"
-    return tc.exists() and bool(_read_json(tc).get("chat_template"))
+def source_chat(src: Path) -> dict[str, Any] | None:
+    """The source's own chat template and end-of-turn token (tokenizer_config.json's eos_token):
+    a GGUF export of the imported base model carries them (it knows that format, not Echo's)."""
+    tc = _read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").exists() \
+        else {}
+    jinja, js = src / "chat_template.jinja", src / "chat_template.json"
+    template = (jinja.read_text(encoding="utf-8") if jinja.exists() else
+                _read_json(js).get("chat_template") if js.exists() else tc.get("chat_template"))
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    eos = tc.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    return {"template": template, "eos_token": eos if isinstance(eos, str) else None} \
+        if isinstance(template, str) and template else None

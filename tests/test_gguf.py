@@ -9,6 +9,7 @@ difference of every comparison is printed (pytest -s)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,10 @@ def test_base_stage_ends_documents_with_bos(run_dir, tmp_path):
 
 # ---- imported models ------------------------------------------------------------------------
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def _foreign_source(folder: Path, corpus: Path, kind: str) -> Path:
     """A small random `kind` checkpoint with its own byte-level BPE: GPT-2's split (llama)
     or Qwen2's (qwen2), ChatML specials, saved with save_pretrained."""
@@ -197,6 +202,7 @@ def _foreign_source(folder: Path, corpus: Path, kind: str) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<|endoftext|>",
                                                eos_token="<|im_end|>")
+    tok.chat_template = CHATML
     config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[kind](
         vocab_size=448, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -224,6 +230,10 @@ def test_imported_model_exports_to_gguf(kind, pre, corpus, tmp_path):
     types = _field(reader, "tokenizer.ggml.token_type")
     assert tokens[tok.bos] == "<|bos|>" and types[tok.bos] == 3
     assert tokens[0] == "<|endoftext|>" and types[0] == 3  # the source's own specials stay
+    # the imported base model knows its own chat format: the file carries it and its end token
+    assert _field(reader, "tokenizer.chat_template") == CHATML
+    assert tokens[_field(reader, "tokenizer.ggml.eos_token_id")] == "<|im_end|>"
+    assert _field(reader, "tokenizer.ggml.bos_token_id") == tok.bos
     model = load_model(run / "base")
     ids = torch.randint(0, model.cfg.vocab_size, (2, 40),
                         generator=torch.Generator().manual_seed(2))
@@ -231,6 +241,12 @@ def test_imported_model_exports_to_gguf(kind, pre, corpus, tmp_path):
     print(f"\nimported {kind} f32: max |logit diff| vs Echo = {diff:.3g}")
     assert diff <= 1e-5
     _check_tokenizer(out, tok, pre)
+    # fine-tuned in Echo (here: the base weights as `sft`), it speaks Echo's format
+    shutil.copytree(run / "base", run / "sft")
+    _export(run, tmp_path / "sft.gguf", "--stage", "sft")
+    reader = gguf.GGUFReader(tmp_path / "sft.gguf")
+    assert _field(reader, "tokenizer.chat_template") == CHAT_TEMPLATE
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.assistant_end
 
 
 # ---- refusals -------------------------------------------------------------------------------
