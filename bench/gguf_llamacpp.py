@@ -54,11 +54,8 @@ TEXTS = [
     "🙂👍🏽👨‍👩‍👧 — “quoted” ‘single’ …", "   \n \n  \t\t  spaces   and\ttabs  ",
     "3.14159e-10 +42 -7 ١٢٣ ²³ ½ 1,000,000", "a\u00a0b\u2003c \u200bd\u3000e",
     "<|bos|> <|user_start|> special-token text stays text", "!!!???...\n\n!!  --==>>",
-    "```python\nprint('hi')\n```\n\n\n\n", "",
+    "```python\nprint('hi')\n```\n\n\n\n", "it'\u017ft (long s after an apostrophe)", "",
 ]
-# Known to differ, shown but not counted: after an apostrophe, Echo's `'(?i:s|...)` folds the
-# long s (U+017F) to "s" (so does Qwen2's own regex), llama.cpp's qwen2 splitter does not.
-KNOWN_DIFFERENT = ["it'\u017ft"]
 CHAT_PROMPTS = ["What is 12 + 30?", "Write one sentence about the sea.",
                 "Spell the word 'cat' backwards, please!"]
 DOC_PROMPTS = ["Once upon a time", "The capital of France is", "def add(a, b):\n"]
@@ -73,24 +70,21 @@ def echo_greedy(model, tok: Tokenizer, prompt: list[int]) -> tuple[list[int], li
 
 
 def llama_greedy(llm, prompt: list[int], echo_logits: list[torch.Tensor]
-                 ) -> tuple[list[int], float]:
-    """llama.cpp's greedy tokens; the largest |logit diff| to Echo's at the same steps (while
-    the two sequences agree, the logits are of the same text)."""
+                 ) -> tuple[list[int], list[float]]:
+    """llama.cpp's greedy tokens, and each step's largest |logit diff| to Echo's."""
     import numpy as np
 
     llm.reset()
     llm.eval(prompt)
-    out, worst = [], 0.0
+    out, diffs = [], []
     for i in range(STEPS):
         logits = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-        nxt = int(logits.argmax())
-        if i < len(echo_logits):
-            ref = echo_logits[i].numpy()
-            worst = max(worst, float(np.abs(logits[: len(ref)] - ref).max()))
-        out.append(nxt)
+        ref = echo_logits[i].numpy()
+        diffs.append(float(np.abs(logits[: len(ref)] - ref).max()))
+        out.append(int(logits.argmax()))
         if i < STEPS - 1:
-            llm.eval([nxt])
-    return out, worst
+            llm.eval([out[-1]])
+    return out, diffs
 
 
 def check_file(path: Path, run: Path, stage: str, label: str, chat: bool) -> dict:
@@ -110,11 +104,6 @@ def check_file(path: Path, run: Path, stage: str, label: str, chat: bool) -> dic
         else:
             print(f"  {label}: tokenization differs on {text!r}:\n    echo  {ours}\n"
                   f"    llama {theirs}")
-    for text in KNOWN_DIFFERENT:
-        ours = tok.encode(text)
-        theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-        print(f"  {label}: known difference {text!r}: echo {ours} llama {theirs} "
-              f"({'equal' if ours == theirs else 'differs'})")
     if chat:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -132,11 +121,12 @@ def check_file(path: Path, run: Path, stage: str, label: str, chat: bool) -> dic
     with torch.no_grad():
         for p in prompts:
             ours, logits = echo_greedy(model, tok, p)
-            theirs, diff = llama_greedy(llm, p, logits)
+            theirs, diffs = llama_greedy(llm, p, logits)
             agree = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b),
                          len(ours))
             same.append(agree)
-            worst = max(worst, diff)
+            # up to the first different token both sides saw the same text
+            worst = max(worst, *diffs[: agree + 1])
             print(f"  {label}: prompt {len(p)} tokens -> {agree}/{STEPS} greedy tokens equal;"
                   f" echo {tok.decode(ours)[:60]!r}")
     res.update(greedy_equal_steps=same, max_logit_diff=worst)

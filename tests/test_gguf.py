@@ -36,7 +36,7 @@ TEXTS = [
     "x = 1234567890\n\n\n\tdef f(a, b):\n        return a+b  # sum\r\n\r\n",
     "naïve café, Zürich 北京 東京 🙂👍🏽 — “quoted” ‘single’ 'tis", "   \n \n  trailing   ",
     "3.14159e-10 +42 -7 ١٢٣ ²³ ½", "a\u00a0b\u2003c \u200bd", "don't  'll 's's 've\n's",
-    "<|bos|> is text here", "!!!???...\n\n!!  ", "",
+    "<|bos|> is text here", "!!!???...\n\n!!  ", "it'\u017ft, x'\u212a", "",
 ]
 VARIANTS = {  # Echo model fields -> llama.cpp architecture
     "llama": ({"qk_norm": False, "tie_embeddings": False}, "llama"),
