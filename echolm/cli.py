@@ -190,8 +190,15 @@ def cmd_rank(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
+    if a.format == "gguf":
+        from echolm.export_gguf import export_gguf
+
+        export_gguf(a.run, a.out, stage=a.stage, dtype=a.dtype or "f16", force=a.force)
+        return
     from echolm.hf import export_hf
 
+    if a.dtype is not None:
+        raise EchoError("--dtype applies to `export gguf` only (export hf writes fp32)")
     export_hf(a.run, a.out, stage=a.stage, force=a.force)
 
 
@@ -374,12 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_rank)
 
     p = sub.add_parser("export", help="write a stage's model and tokenizer as a Hugging Face "
-                       "folder (transformers' AutoModelForCausalLM / AutoTokenizer)")
-    p.add_argument("format", choices=["hf"], help="output format")
+                       "folder (transformers' AutoModelForCausalLM / AutoTokenizer) or one GGUF "
+                       "file (llama.cpp, Ollama, LM Studio)")
+    p.add_argument("format", choices=["hf", "gguf"], help="output format")
     p.add_argument("--run", dest="run", type=Path, required=True, help="run directory")
     p.add_argument("--stage", default=None,
                    help="base, sft, rl, rlhf or dpo (default: the latest present)")
-    p.add_argument("--out", dest="out", type=Path, required=True, help="folder to write")
+    p.add_argument("--out", dest="out", type=Path, required=True,
+                   help="folder to write (hf), .gguf file to write (gguf)")
+    p.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default=None,
+                   help="GGUF weights: f32 (exact), f16 (default) or q8_0")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(fn=cmd_export)
 

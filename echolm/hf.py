@@ -6,10 +6,13 @@ directions are a rename plus a config translation; no tensor is ever transformed
 Export writes a folder that `transformers` loads with ``AutoModelForCausalLM`` and
 ``AutoTokenizer``: ``LlamaForCausalLM`` when QK-norm is off (``Qwen2ForCausalLM`` when the model
 also has q/k/v biases), ``Qwen3ForCausalLM`` when it is on. Weights are fp32 safetensors; the
-tokenizer is the run's own ``tokenizer.json`` with a Jinja chat template that renders exactly
-Echo's chat format (``<|bos|>`` comes from the template, the tokenizer adds nothing), and
-``generation_config.json`` stops at ``<|assistant_end|>`` (a base model also at ``<|bos|>``,
-its end of document). The folder is written under a temporary name and renamed.
+tokenizer is the run's own ``tokenizer.json`` (same vocabulary, merges and split) plus a
+post-processor that starts every text with ``<|bos|>`` as Echo starts every document
+(``add_bos_token``, as Llama's tokenizers), and a Jinja chat template that renders exactly
+Echo's chat format (the template writes its ``<|bos|>``; ``apply_chat_template`` tokenizes
+without special tokens, so there is one). ``generation_config.json`` stops at
+``<|assistant_end|>`` (a base model also at ``<|bos|>``, its end of document). The folder is
+written under a temporary name and renamed. Import takes that post-processor off again.
 
 Import takes a local Llama / Qwen2 / Qwen3 checkpoint folder (config.json, safetensors, a fast
 tokenizer's tokenizer.json) and makes a run directory whose ``tokenizer`` and ``base`` stages
@@ -46,7 +49,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken
+from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from echolm.atomic import atomic_write_json
@@ -151,10 +154,25 @@ def tokenizer_files(tok: Tokenizer, cfg: ModelConfig) -> dict[str, dict]:
     """tokenizer_config.json and special_tokens_map.json for `AutoTokenizer`."""
     specials = {"bos_token": BOS, "eos_token": "<|assistant_end|>", "pad_token": "<|pad|>"}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
-              "add_bos_token": False, "add_eos_token": False,
+              "add_bos_token": True, "add_eos_token": False,
               "clean_up_tokenization_spaces": False, "model_max_length": cfg.max_seq_len,
               "chat_template": CHAT_TEMPLATE}
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
+
+
+def bos_processor(tok: Tokenizer) -> processors.TemplateProcessing:
+    """Start every text with <|bos|>, as Echo starts every document (Llama's tokenizers do
+    the same): `tokenizer(text)` then gives the ids Echo's model saw in training."""
+    return processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1",
+                                         special_tokens=[(BOS, tok.bos)])
+
+
+def export_tokenizer_json(tok_file: Path, tok: Tokenizer) -> str:
+    """The run's tokenizer.json (same vocabulary, merges and split: same ids) with
+    `bos_processor` as its post-processor."""
+    hf = HFTokenizer.from_file(str(tok_file))
+    hf.post_processor = bos_processor(tok)
+    return hf.to_str(pretty=True)
 
 
 def export_hf(run_dir: Path, out: Path, stage: str | None = None, force: bool = False,
@@ -179,7 +197,8 @@ def export_hf(run_dir: Path, out: Path, stage: str | None = None, force: bool = 
             eos = [tok.assistant_end, tok.bos]
         atomic_write_json(tmp / "generation_config.json", {
             "bos_token_id": tok.bos, "eos_token_id": eos, "pad_token_id": tok.pad})
-        shutil.copyfile(tok_file, tmp / "tokenizer.json")  # byte for byte: same ids everywhere
+        (tmp / "tokenizer.json").write_text(export_tokenizer_json(tok_file, tok),
+                                            encoding="utf-8")
         for name, obj in tokenizer_files(tok, cfg).items():
             atomic_write_json(tmp / name, obj)
         atomic_write_json(tmp / "echolm.json", {
@@ -408,7 +427,8 @@ def import_hf(src: Path, run_dir: Path, force: bool = False, log=print) -> dict[
         if added:
             tok.save(tmp / "tokenizer")
         else:  # already Echo's chat tokens (e.g. an Echo export): keep the file byte for byte
-            shutil.copyfile(src / "tokenizer.json", tmp / "tokenizer" / "tokenizer.json")
+            _copy_run_tokenizer(src / "tokenizer.json", tok,
+                                tmp / "tokenizer" / "tokenizer.json")
         base = tmp / "base"
         base.mkdir()
         save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
@@ -420,7 +440,8 @@ def import_hf(src: Path, run_dir: Path, force: bool = False, log=print) -> dict[
             "added_special_tokens": {t: vocab[t] for t in added},
             "vocab_size": {"source": src_vocab, "echo": size},
             "bos_row_from": bos_src, "native_tokenizer": tok.native,
-            "source_chat_template": _has_chat_template(src), "params": n_params,
+            "source_chat_template": source_chat(src) is not None,
+            "source_chat": source_chat(src), "params": n_params,
             "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_json(tmp / "import.json", info)
         atomic_write_json(tmp / "tokenizer" / "done.json", {
@@ -433,8 +454,30 @@ def import_hf(src: Path, run_dir: Path, force: bool = False, log=print) -> dict[
     return info
 
 
-def _has_chat_template(src: Path) -> bool:
-    if (src / "chat_template.jinja").exists() or (src / "chat_template.json").exists():
-        return True
-    tc = src / "tokenizer_config.json"
-    return tc.exists() and bool(_read_json(tc).get("chat_template"))
+def _copy_run_tokenizer(path: Path, tok: Tokenizer, dst: Path) -> None:
+    """Copy tokenizer.json byte for byte, except that the <|bos|> post-processor an Echo export
+    adds is taken off again (a run's tokenizer has none): export -> import is bit-exact."""
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    hf = HFTokenizer.from_file(str(path))
+    hf.post_processor = bos_processor(tok)
+    if spec.get("post_processor") != json.loads(hf.to_str())["post_processor"]:
+        shutil.copyfile(path, dst)
+        return
+    spec["post_processor"] = None
+    HFTokenizer.from_str(json.dumps(spec)).save(str(dst))
+
+
+def source_chat(src: Path) -> dict[str, Any] | None:
+    """The source's own chat template and end-of-turn token (tokenizer_config.json's eos_token):
+    a GGUF export of the imported base model carries them (it knows that format, not Echo's)."""
+    tc = _read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").exists() \
+        else {}
+    jinja, js = src / "chat_template.jinja", src / "chat_template.json"
+    template = (jinja.read_text(encoding="utf-8") if jinja.exists() else
+                _read_json(js).get("chat_template") if js.exists() else tc.get("chat_template"))
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    eos = tc.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    return {"template": template, "eos_token": eos if isinstance(eos, str) else None} \
+        if isinstance(template, str) and template else None

@@ -39,6 +39,14 @@ CONVERSATION = [
     {"role": "assistant", "content": "c-a-t"},
 ]
 
+# varied text: unicode, digits, runs of newlines and spaces, contractions, code, emoji
+PLAIN_TEXTS = [
+    "The quick brown fox", " leading space", "It's 12:30 -- we'll see; they'RE here, I'd go",
+    "x = 1234567890\n\n\n\tdef f(a, b):\n        return a+b  # sum\r\n",
+    "naïve café, Zürich 北京 東京 🙂👍🏽 — “quoted” ‘single’", "   \n \n  trailing   ",
+    "3.14159e-10 +42 -7 ١٢٣ ²³", "",
+]
+
 # (echo model fields, the class transformers should load)
 VARIANTS = {
     "llama": ({"qk_norm": False, "tie_embeddings": False}, "LlamaForCausalLM"),
@@ -186,7 +194,10 @@ def test_chat_template_gives_echo_ids(run_dir, tmp_path):
     assert prompt == tok.render_prompt(CONVERSATION[:4])
     text = ht.apply_chat_template(CONVERSATION, tokenize=False)
     assert text.startswith("<|bos|><|system_start|>You are terse.")
-    assert ht(text)["input_ids"] == ids  # the tokenizer itself adds no second BOS
+    # the rendered text already holds its BOS: tokenized again, as Llama's tokenizers, it
+    # needs add_special_tokens=False (apply_chat_template above does exactly that)
+    assert ht(text, add_special_tokens=False)["input_ids"] == ids
+    assert ht(text)["input_ids"] == [tok.bos, *ids]
     assert ht.bos_token == "<|bos|>" and ht.eos_token == "<|assistant_end|>"
     assert ht.pad_token_id == tok.pad
     with pytest.raises(Exception, match="system message must come first"):
@@ -195,8 +206,18 @@ def test_chat_template_gives_echo_ids(run_dir, tmp_path):
     assert gen["eos_token_id"] == tok.assistant_end
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == \
         CHAT_TEMPLATE
-    assert (out / "tokenizer.json").read_bytes() == (run_dir / "tokenizer" /
-                                                    "tokenizer.json").read_bytes()
+    # plain text: the ids of a document as Echo trains on and explains it, <|bos|> first
+    for plain in PLAIN_TEXTS:
+        assert ht(plain)["input_ids"] == [tok.bos, *tok.encode(plain)], plain
+    assert ht.decode(ht("The quick brown fox")["input_ids"], skip_special_tokens=True) == \
+        "The quick brown fox"
+    assert ht("a", "b")["input_ids"] == [tok.bos, *tok.encode("a"), tok.bos, *tok.encode("b")]
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is True
+    # the same vocabulary, merges and split as the run's: only the post-processor differs
+    exported = json.loads((out / "tokenizer.json").read_text())
+    own = json.loads((run_dir / "tokenizer" / "tokenizer.json").read_text())
+    assert exported.pop("post_processor")["type"] == "TemplateProcessing"
+    assert own.pop("post_processor") is None and exported == own
 
 
 def test_export_errors_are_one_line(run_dir, tmp_path, capsys):
