@@ -8,10 +8,9 @@ even mid-save, leaves either the previous checkpoint or the new one, never half 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from echolm.atomic import atomic_path, atomic_write_json, atomic_write_text
 from echolm.config import ModelConfig
 from echolm.errors import EchoError
 from echolm.model import Transformer
+from echolm.runfiles import read_json
 
 
 def file_fingerprint(path: Path) -> str:
@@ -53,12 +53,18 @@ def load_model_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     if not path.exists():
         raise EchoError(f"{path}: missing (no checkpoint in {folder})")
+    fix = "retrain the stage with --force"
+    data = read_json(path, fix)
+    types = {"int": int, "float": (int, float), "bool": bool}
+    for f in fields(ModelConfig):  # the Transformer would fail on a wrong type far later
+        value = data.get(f.name, f.default)
+        if not isinstance(value, types[f.type]) or isinstance(value, bool) != (f.type == "bool"):
+            raise EchoError(f"{path}: '{f.name}' should be {f.type}, found {value!r}; {fix}")
     try:
-        data = json.loads(path.read_text())
         cfg = ModelConfig(**data)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise EchoError(f"{path}: not a valid model config ({e})") from None
-    cfg.validate()
+        cfg.validate()
+    except (TypeError, ValueError, EchoError) as e:  # unknown fields, wrong types or values
+        raise EchoError(f"{path}: not a valid model config ({e}); {fix}") from None
     return cfg
 
 
@@ -129,9 +135,12 @@ def latest_checkpoint(folder: Path) -> Path | None:
     pointer = root / "latest"
     if not pointer.exists():
         return None
-    path = root / pointer.read_text().strip()
-    if not path.is_dir():
-        raise EchoError(f"{pointer}: points to {path.name}, which is missing")
+    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    path = root / name
+    if not name.startswith("step_") or "/" in name or not path.is_dir():
+        raise EchoError(f"{pointer}: points to {name[:60]!r}, which is missing; write the "
+                        "name of a step_* folder beside it into it, or rerun the stage with "
+                        "--force")
     return path
 
 

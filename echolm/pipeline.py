@@ -4,7 +4,6 @@ one resumes from its last checkpoint."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from echolm.atomic import atomic_write_json
 from echolm.config import Config
+from echolm.runfiles import CONFIG_FIX, TIMINGS_FIX, read_json
 from echolm.settings import apply_overrides, config_from_dict, load_config
 from echolm.summary import read_summary
 
@@ -40,9 +40,11 @@ def run_rank_stage(cfg: Config, run_dir: Path, force: bool = False, log=print) -
     from echolm.summary import update_summary
 
     done = run_dir / "rank_done.json"
+    read_summary(run_dir)  # a corrupt summary.json stops the stage now, not at its end
     if done.exists() and not force:
         log("rank: already done (use --force to redo)")
-        return json.loads(done.read_text())
+        return read_json(done, "delete it to rank again (the rankings in prefs.sqlite are "
+                         "kept and reused)")
     r = cfg.rank
     annotator = SimulatedAnnotator(temperature=r.annotator_noise, seed=cfg.sft.seed)
     result = collect_rankings(run_dir, r.prompts, r.k, annotator, temperature=r.temperatures,
@@ -67,7 +69,7 @@ def resolve_run_config(run_dir: Path, preset: str | None, overrides: list[str]) 
     settings), else the preset; CLI overrides apply on top and are saved."""
     saved = run_dir / "config.json"
     if saved.exists() and preset is None:
-        cfg = config_from_dict(json.loads(saved.read_text()))
+        cfg = config_from_dict(read_json(saved, CONFIG_FIX), where=str(saved))
         apply_overrides(cfg, overrides)
     else:
         cfg = load_config(preset or "cpu", overrides)
@@ -106,7 +108,7 @@ def run_pipeline(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
     t_all = time.time()
     record_machine(cfg, run_dir)
     timings_path = run_dir / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings = read_json(timings_path, TIMINGS_FIX, values=dict, default={})
     atomic_write_json(run_dir / "status.json", {"running": True})
     for name, fn in stages():
         log(f"== {name} ==")

@@ -21,7 +21,6 @@ In the terminal the answers are numbered and the order is typed best first: "314
 from __future__ import annotations
 
 import getpass
-import json
 import sys
 import time
 from collections import Counter
@@ -204,9 +203,7 @@ class Policy:
 
 def already_ranked(store: PreferenceStore, prompt_id: int, annotator: str,
                    response_ids: set[int]) -> bool:
-    rows = store.db.execute("SELECT response_ids FROM rankings WHERE prompt_id = ? AND "
-                            "annotator = ?", (prompt_id, annotator)).fetchall()
-    return any(set(json.loads(r[0])) <= response_ids for r in rows)
+    return any(ids <= response_ids for ids in store.ranked_sets(prompt_id, annotator))
 
 
 def stored_answers(store: PreferenceStore, policy: Policy, item: PromptItem) -> tuple[int, list]:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -17,6 +16,8 @@ import torch.distributed as dist
 
 from echolm.errors import EchoError
 from echolm.machine import fast_dtype
+from echolm.runfiles import read_json
+from echolm.summary import read_summary
 
 
 @dataclass
@@ -71,10 +72,11 @@ def finished_stage(out: Path, name: str, force: bool, log: Callable[[str], Any] 
                    also: tuple[Path, ...] = ()) -> dict | None:
     """A stage's results if it already finished (its done.json) and `force` is off; else
     None, after clearing the stage's folder (and `also`) when forced to start over."""
+    read_summary(out.parent)  # a corrupt summary.json stops the stage now, not after training
     done = out / "done.json"
     if done.exists() and not force:
         log(f"{name}: already finished in {out} (use --force to redo)")
-        return json.loads(done.read_text())
+        return read_json(done, f"rerun `echolm {name} --force`")
     if force:
         for folder in (out, *also):  # ignore_errors: under torchrun every rank does this
             shutil.rmtree(folder, ignore_errors=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -12,8 +11,9 @@ from echolm.atomic import atomic_write_json
 from echolm.config import Config
 from echolm.data.text import iter_documents
 from echolm.errors import EchoError
+from echolm.runfiles import read_json
 from echolm.runtime import setup_distributed
-from echolm.summary import update_summary
+from echolm.summary import read_summary, update_summary
 from echolm.tokenizer import Tokenizer, iter_texts, train_tokenizer
 
 
@@ -26,13 +26,15 @@ def bytes_per_token(tok: Tokenizer, docs: list[str]) -> float:
 def run_tokenizer(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     out = run_dir / "tokenizer"
     done = out / "done.json"
+    fix = "rerun `echolm tokenizer train --force` (and the stages after it)"
+    read_summary(run_dir)  # a corrupt summary.json stops the stage now, not at its end
     if done.exists() and not force:
         log(f"tokenizer: already trained in {out} (use --force to redo)")
-        return json.loads(done.read_text())
+        return read_json(done, fix)
     d = setup_distributed()
     if not d.main:  # under torchrun, rank 0 trains the tokenizer and the others wait for it
         dist.barrier()
-        return json.loads(done.read_text())
+        return read_json(done, fix)
     t0 = time.time()
     texts = iter_texts(iter_documents(cfg.data.pretrain, "train", cfg.data.val_fraction),
                        cfg.tokenizer.train_bytes)
