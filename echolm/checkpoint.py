@@ -23,14 +23,22 @@ from echolm.errors import EchoError
 from echolm.model import Transformer
 from echolm.runfiles import read_json
 
+_FINGERPRINTS: dict[tuple, str] = {}
+
 
 def file_fingerprint(path: Path) -> str:
-    """A short hash of a file's bytes (which weights a cached result was computed from)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    """A short hash (sha256) of a file's bytes: which weights a cached result was computed
+    from. Within one process a file is hashed once while it stays the same file (inode,
+    size, mtime: a checkpoint is replaced by a rename, a new inode), not once per result."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _FINGERPRINTS[key] = h.hexdigest()[:16]
+    return _FINGERPRINTS[key]
 
 
 def save_model(model: Transformer, folder: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from echolm.atomic import atomic_write_json
 from echolm.config import Config
+from echolm.errors import EchoError
 from echolm.runfiles import CONFIG_FIX, TIMINGS_FIX, read_json
 from echolm.settings import apply_overrides, config_from_dict, load_config
 from echolm.summary import read_summary
@@ -69,7 +70,11 @@ def resolve_run_config(run_dir: Path, preset: str | None, overrides: list[str]) 
     settings), else the preset; CLI overrides apply on top and are saved."""
     saved = run_dir / "config.json"
     if saved.exists() and preset is None:
-        cfg = config_from_dict(read_json(saved, CONFIG_FIX), where=str(saved))
+        data = read_json(saved, CONFIG_FIX)
+        try:
+            cfg = config_from_dict(data, where=str(saved))
+        except EchoError as e:  # a field of the wrong type or name
+            raise EchoError(f"{e}; {CONFIG_FIX}") from None
         apply_overrides(cfg, overrides)
     else:
         cfg = load_config(preset or "cpu", overrides)

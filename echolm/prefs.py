@@ -102,9 +102,10 @@ class PreferenceStore:
         if damage != "ok":
             raise EchoError(f"{self.path}: damaged ({damage}); {MOVE_ASIDE}")
 
-    def _bad_row(self, table: str, row_id: int, what: str) -> EchoError:
-        return EchoError(f"{self.path}: {table} row {row_id}: {what}; delete that row (sqlite3 "
-                         f"{self.path} 'DELETE FROM {table} WHERE id = {row_id}')")
+    def _bad_row(self, table: str, row_id: int, what: str, fix: str = "") -> EchoError:
+        fix = fix or f"DELETE FROM {table} WHERE id = {row_id}"
+        return EchoError(f"{self.path}: {table} row {row_id}: {what}; mend or delete that row, "
+                         f'e.g. sqlite3 {self.path} "{fix}"')
 
     def _response_ids(self, row_id: int, prompt_id: int, raw: str) -> list[int]:
         """A ranking row's response ids, checked: distinct responses to its prompt."""
@@ -207,9 +208,12 @@ class PreferenceStore:
                 sampling = json.loads(raw)
             except (TypeError, ValueError):
                 sampling = None
-            if not isinstance(sampling, dict) or not isinstance(text, str):
-                raise self._bad_row("responses", rid, "its text or sampling record (a JSON "
-                                    "object) is damaged")
+            if not isinstance(text, str):
+                raise self._bad_row("responses", rid, "its text is not text")
+            if not isinstance(sampling, dict):
+                raise self._bad_row("responses", rid, f"sampling {str(raw)[:40]!r} is not a "
+                                    "JSON object", f"UPDATE responses SET sampling = '{{}}' "
+                                    f"WHERE id = {rid}")
             out.append({"id": rid, "text": text, "stage": stage, "checkpoint": checkpoint,
                         "sampling": sampling})
         return out

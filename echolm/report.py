@@ -13,6 +13,7 @@ from pathlib import Path
 
 from echolm.atomic import atomic_write_text
 from echolm.checkpoint import MODEL_STAGES, load_model
+from echolm.errors import EchoError
 from echolm.plots import plot_all
 from echolm.runfiles import CONFIG_FIX, TIMINGS_FIX, read_json
 from echolm.summary import read_summary
@@ -196,9 +197,18 @@ def schedule_table(summary: dict) -> list[str]:
 
 
 def machine_section(run_dir: Path) -> list[str]:
-    m = _json(run_dir / "machine.json", "delete it (`echolm run` measures the machine again)")
+    path, fix = run_dir / "machine.json", "delete it (`echolm run` measures the machine again)"
+    m = _json(path, fix)
     if not m:
         return []
+    try:
+        return _machine_lines(m)
+    except (KeyError, TypeError, ValueError) as e:  # edited by hand, or an older layout
+        raise EchoError(f"{path}: field {e} is missing or not as `echolm run` writes it; "
+                        f"{fix}") from None
+
+
+def _machine_lines(m: dict) -> list[str]:
     peaks = m.get("peak_tflops", {})
     lines = ["## Machine", "",
              f"- CPU: {m['cpu']} ({m['cores']} cores); instruction sets: "
@@ -220,6 +230,9 @@ def build_report(run_dir: Path, log=print) -> Path:
     stages = [s for s in MODEL_STAGES if (run_dir / s / "model.safetensors").exists()]
     evals = current_evals(run_dir, stages, log)
     timings = read_json(run_dir / "timings.json", TIMINGS_FIX, values=dict, default={})
+    if bad := [k for k, t in timings.items() if type(t.get("seconds")) not in (int, float)]:
+        raise EchoError(f"{run_dir / 'timings.json'}: '{bad[0]}' has no number of seconds; "
+                        f"{TIMINGS_FIX}")
     status = _json(run_dir / "status.json", "delete it (it only tells whether the last "
                    "`echolm run` failed)") or {}
     figures = plot_all(run_dir)

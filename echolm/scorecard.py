@@ -132,7 +132,8 @@ def evaluate_stage(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
         gold, texts = gold_answers(model, tok, gold_prompts)
         out["gold"] = {"reward": round(sum(gold) / len(gold), 4), "n": len(gold)}
         prev = PREVIOUS.get(stage)
-        prev_result = prev and current_result(cfg, run_dir, prev, humaneval, gold_prompts, log)
+        prev_result = prev and current_result(cfg, run_dir, prev, humaneval, gold_prompts,
+                                              log=lambda *_: None)  # none: no win rate
         if prev_result:
             prev_gold = prev_result.get("gold_scores")
             if prev_gold and len(prev_gold) == len(gold):
