@@ -146,7 +146,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
     name = pointer.read_text(encoding="utf-8", errors="replace").strip()
     path = root / name
     if not name.startswith("step_") or "/" in name or not path.is_dir():
-        raise EchoError(f"{pointer}: points to {name[:60]!r}, which is missing; write the "
+        shown = name[:60] if name.isprintable() else repr(name[:60])  # one line, always
+        raise EchoError(f"{pointer}: points to {shown}, which is missing; write the "
                         "name of a step_* folder beside it into it, or rerun the stage with "
                         "--force")
     return path
