@@ -8,10 +8,9 @@ even mid-save, leaves either the previous checkpoint or the new one, never half 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -22,15 +21,24 @@ from echolm.atomic import atomic_path, atomic_write_json, atomic_write_text
 from echolm.config import ModelConfig
 from echolm.errors import EchoError
 from echolm.model import Transformer
+from echolm.runfiles import read_json
+
+_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def file_fingerprint(path: Path) -> str:
-    """A short hash of a file's bytes (which weights a cached result was computed from)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    """A short hash (sha256) of a file's bytes: which weights a cached result was computed
+    from. Within one process a file is hashed once while it stays the same file (inode,
+    size, mtime: a checkpoint is replaced by a rename, a new inode), not once per result."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _FINGERPRINTS[key] = h.hexdigest()[:16]
+    return _FINGERPRINTS[key]
 
 
 def save_model(model: Transformer, folder: Path) -> None:
@@ -53,12 +61,18 @@ def load_model_config(folder: Path) -> ModelConfig:
     path = folder / "config.json"
     if not path.exists():
         raise EchoError(f"{path}: missing (no checkpoint in {folder})")
+    fix = "retrain the stage with --force"
+    data = read_json(path, fix)
+    types = {"int": int, "float": (int, float), "bool": bool}
+    for f in fields(ModelConfig):  # the Transformer would fail on a wrong type far later
+        value = data.get(f.name, f.default)
+        if not isinstance(value, types[f.type]) or isinstance(value, bool) != (f.type == "bool"):
+            raise EchoError(f"{path}: '{f.name}' should be {f.type}, found {value!r}; {fix}")
     try:
-        data = json.loads(path.read_text())
         cfg = ModelConfig(**data)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise EchoError(f"{path}: not a valid model config ({e})") from None
-    cfg.validate()
+        cfg.validate()
+    except (TypeError, ValueError, EchoError) as e:  # unknown fields, wrong types or values
+        raise EchoError(f"{path}: not a valid model config ({e}); {fix}") from None
     return cfg
 
 
@@ -129,9 +143,13 @@ def latest_checkpoint(folder: Path) -> Path | None:
     pointer = root / "latest"
     if not pointer.exists():
         return None
-    path = root / pointer.read_text().strip()
-    if not path.is_dir():
-        raise EchoError(f"{pointer}: points to {path.name}, which is missing")
+    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    path = root / name
+    if not name.startswith("step_") or "/" in name or not path.is_dir():
+        shown = name[:60] if name.isprintable() else repr(name[:60])  # one line, always
+        raise EchoError(f"{pointer}: points to {shown}, which is missing; write the "
+                        "name of a step_* folder beside it into it, or rerun the stage with "
+                        "--force")
     return path
 
 

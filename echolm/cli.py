@@ -70,9 +70,10 @@ def _run_args(p: argparse.ArgumentParser, out_required: bool = True,
 
 def cmd_data(a: argparse.Namespace) -> None:
     from echolm.data.builtin import build_builtin_corpus
+    from echolm.runfiles import read_json
 
     folder = build_builtin_corpus(force=a.force)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = read_json(folder / "manifest.json", "rebuild it: `echolm data builtin --force`")
     print(f"built-in corpus in {folder}")
     print(json.dumps(manifest.get("totals", manifest), indent=2))
 

@@ -5,7 +5,6 @@ own evaluation and `echolm eval`'s)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from echolm.checkpoint import file_fingerprint
 from echolm.engine import SamplingParams, generate
 from echolm.losses import bits_per_byte, token_cross_entropy
 from echolm.model import Transformer
+from echolm.runfiles import read_cache
 from echolm.tasks import Problem, Task
 from echolm.tasks.code import pass_at_k
 from echolm.tokenizer import Tokenizer
@@ -129,15 +129,13 @@ def bpb_key(seq_len: int, eval_tokens: int) -> str:
     return f"bpb:val:seq_len={seq_len}:tokens={eval_tokens}"
 
 
-def cached(cache_dir: Path, weights: Path, key: str, compute: Callable[[], dict]) -> dict:
+def cached(cache_dir: Path, weights: Path, key: str, compute: Callable[[], dict],
+           log: Callable[[str], object] = print) -> dict:
     """`compute()`'s result for the model in `weights` measured as `key` says, computed once:
     kept in `cache_dir`/<hash of the weights>.json, so that a retrained model (other bytes) is
-    measured again and the same one never twice."""
+    measured again and the same one never twice (a corrupt cache file: measured again)."""
     path = cache_dir / f"{file_fingerprint(weights)}.json"
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        entries = {}  # none yet, or unreadable: measured again
+    entries = read_cache(path, log) or {}
     if key not in entries:
         entries[key] = compute()
         cache_dir.mkdir(parents=True, exist_ok=True)

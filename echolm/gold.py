@@ -6,7 +6,6 @@ greedy answer per prompt with the same annotator: scorecard.py)."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from echolm.data.prompts import PromptItem, rlhf_prompts
 from echolm.model import Transformer
 from echolm.reward import load_reward_model
 from echolm.rollout import pad_batch, sample_responses, token_logprobs
+from echolm.runfiles import read_cache
 from echolm.tokenizer import Tokenizer
 
 FINAL_EVAL_SEED = 1  # not the seed the guard chose by
@@ -84,23 +84,21 @@ def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: 
     return res, gold, texts
 
 
-def sft_baseline(cfg: Config, run_dir: Path) -> dict:
+def sft_baseline(cfg: Config, run_dir: Path, log=print) -> dict:
     """SFT's answers to the held-out prompts as the final figures compare against: gold per
     prompt, proxy, and how long measuring one model took (a stage times its budget by it).
     `final_samples` answers per prompt, with a sampling seed no model was selected with.
     Kept in DIR/sft_baseline.json for the same SFT model, reward model and settings (RLHF
-    and DPO share it; a retrained model or a changed setting measures again)."""
+    and DPO share it; a retrained model or a changed setting measures again, as does a
+    corrupt file)."""
     p = cfg.rlhf
     path = run_dir / "sft_baseline.json"
     key = "/".join([file_fingerprint(run_dir / "sft" / "model.safetensors"),
                     file_fingerprint(run_dir / "rm" / "model.safetensors"),
                     str((p.eval_prompts, p.final_samples, p.max_tokens, p.temperature))])
-    try:
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached
-    except (OSError, ValueError):
-        pass  # none yet, or cut by a kill: measured (again)
+    cached = read_cache(path, log)
+    if cached is not None and cached.get("key") == key:
+        return cached
     t0 = time.perf_counter()
     tok = Tokenizer.load(run_dir / "tokenizer")
     rm = load_reward_model(run_dir / "rm")
@@ -120,7 +118,7 @@ def gold_win_rate(cfg: Config, run_dir: Path, stage: str, baseline: dict | None 
     `final_samples` answers each, gold averaged per prompt, ties count half. The model is
     DIR/<stage>'s, or `model_dir`'s (a --force redo's, not yet swapped in)."""
     p = cfg.rlhf
-    baseline = baseline or sft_baseline(cfg, run_dir)
+    baseline = baseline or sft_baseline(cfg, run_dir, log)
     tok = Tokenizer.load(run_dir / "tokenizer")
     sft = load_model(run_dir / "sft")
     rm = load_reward_model(run_dir / "rm")

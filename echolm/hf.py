@@ -58,6 +58,7 @@ from echolm.config import ModelConfig
 from echolm.errors import EchoError
 from echolm.model import Transformer
 from echolm.outdir import check_out, replacing
+from echolm.runfiles import read_json
 from echolm.tokenizer import BOS, SPECIAL_TOKENS, Tokenizer
 
 # Echo's chat format (Tokenizer.render_conversation / render_prompt) as a Jinja template. The
@@ -214,15 +215,7 @@ def export_hf(run_dir: Path, out: Path, stage: str | None = None, force: bool = 
 # ---- import ---------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EchoError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EchoError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise EchoError(f"{path}: expected a JSON object")
-    return data
+    return read_json(path, "is this a complete Hugging Face checkpoint folder?")
 
 
 def _rope_theta(hf: dict[str, Any], where: str) -> float:

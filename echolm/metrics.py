@@ -31,14 +31,8 @@ class MetricsLog:
             tracker.restart(step)
         if not (self.enabled and self.path.exists()):
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill mid-write
-            if not (rec.get("stage") == self.stage and rec.get("step", 0) > step):
-                keep.append(line)
+        keep = [line for line, rec in _records(self.path)
+                if not (rec.get("stage") == self.stage and rec.get("step", 0) > step)]
         atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
     def write(self, **record: Any) -> None:
@@ -59,12 +53,19 @@ class MetricsLog:
 def read_metrics(path: Path, stage: str | None = None) -> list[dict]:
     if not path.exists():
         return []
+    return [rec for _, rec in _records(path) if stage is None or rec.get("stage") == stage]
+
+
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for every line of `path` that holds a JSON object with a numeric step
+    (if any); other lines (cut by a kill mid-write, or garbage) are left out: metrics are a
+    log to plot, not something a stage resumes from."""
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except ValueError:
             continue
-        if stage is None or rec.get("stage") == stage:
-            out.append(rec)
+        if isinstance(rec, dict) and isinstance(rec.get("step", 0), (int, float)):
+            out.append((line, rec))
     return out

@@ -15,6 +15,7 @@ from pathlib import Path
 from echolm.atomic import atomic_write_json
 from echolm.config import Config
 from echolm.errors import EchoError
+from echolm.runfiles import CONFIG_FIX, TIMINGS_FIX, read_json
 from echolm.settings import apply_overrides, config_changes, config_from_dict, load_config
 from echolm.summary import read_summary
 
@@ -43,9 +44,11 @@ def run_rank_stage(cfg: Config, run_dir: Path, force: bool = False, log=print) -
     from echolm.summary import update_summary
 
     done = run_dir / "rank_done.json"
+    read_summary(run_dir)  # a corrupt summary.json stops the stage now, not at its end
     if done.exists() and not force:
         log("rank: already done (use --force to redo)")
-        return json.loads(done.read_text())
+        return read_json(done, "delete it to rank again (the rankings in prefs.sqlite are "
+                         "kept and reused)")
     r = cfg.rank
     annotator = SimulatedAnnotator(temperature=r.annotator_noise, seed=cfg.sft.seed)
     result = collect_rankings(run_dir, r.prompts, r.k, annotator, temperature=r.temperatures,
@@ -85,8 +88,11 @@ def resolve_run_config(run_dir: Path, preset: str | None, overrides: list[str],
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here: one writer
             atomic_write_json(saved, cfg.to_dict())
         return cfg
-    data = json.loads(saved.read_text())
-    old = config_from_dict(data)
+    data = read_json(saved, CONFIG_FIX)
+    try:
+        old = config_from_dict(data, where=str(saved))
+    except EchoError as e:  # a field of the wrong type or name
+        raise EchoError(f"{e}; {CONFIG_FIX}") from None
     try:
         old.validate()
         broken = None
@@ -138,7 +144,7 @@ def save_run_config(run_dir: Path, asked: dict) -> None:
     saved = run_dir / "config.json"
     if os.environ.get("RANK", "0") != "0":
         return
-    if saved.exists() and not config_changes(config_from_dict(json.loads(saved.read_text())),
+    if saved.exists() and not config_changes(config_from_dict(read_json(saved, CONFIG_FIX)),
                                              config_from_dict(asked)):
         return
     atomic_write_json(saved, asked)
@@ -304,7 +310,7 @@ def _run_stages(cfg: Config, run_dir: Path, force: bool, log: Callable[[str], ob
     redo = ForcePass(run_dir, cfg.to_dict(), force)  # --force run again resumes its pass
     record_machine(cfg, run_dir)
     timings_path = run_dir / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings = read_json(timings_path, TIMINGS_FIX, values=dict, default={})
     for name, fn in stages():
         starting(name)
         log(f"== {name} ==")

@@ -4,11 +4,11 @@ None when the stage has not run."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from echolm.metrics import read_metrics
+from echolm.runfiles import read_json
 
 
 def _plt() -> Any:
@@ -33,7 +33,7 @@ def _save(fig: Any, run_dir: Path, name: str) -> Path:
 
 def _done(run_dir: Path, stage: str) -> dict | None:
     path = run_dir / stage / "done.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path, f"rerun the {stage} stage with --force", default=None)
 
 
 def plot_pretrain(run_dir: Path) -> Path | None:

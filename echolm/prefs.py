@@ -34,6 +34,12 @@ CREATE TABLE IF NOT EXISTS rankings (
 CREATE INDEX IF NOT EXISTS responses_prompt ON responses(prompt_id);
 CREATE INDEX IF NOT EXISTS rankings_prompt ON rankings(prompt_id);
 """
+# the columns Echo reads, per table: a store without them is someone else's database
+COLUMNS = {"prompts": {"id", "text", "source", "created"},
+           "responses": {"id", "prompt_id", "text", "stage", "checkpoint", "sampling",
+                         "created"},
+           "rankings": {"id", "prompt_id", "response_ids", "annotator", "created"}}
+MOVE_ASIDE = "move it away (Echo then starts an empty store) or put back a good copy"
 
 
 def implied_pairs(answers: Sequence) -> list[tuple[int, int]]:
@@ -55,18 +61,69 @@ class Ranking:
 
 class PreferenceStore:
     """One connection to the store at `path` (created if absent). `with PreferenceStore(path)
-    as store:` closes it at the end of the block."""
+    as store:` closes it at the end of the block. A file that is not an Echo store (not
+    SQLite, damaged, another program's tables) is refused as it is opened, untouched; a
+    row that does not make sense is refused when it is read, naming the row."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=60000")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        with self._write() as db:
-            for statement in filter(str.strip, SCHEMA.split(";")):
-                db.execute(statement)
+        try:
+            self.db.execute("PRAGMA busy_timeout=60000")
+            self._check_schema()  # before anything writes to the file
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            with self._write() as db:
+                for statement in filter(str.strip, SCHEMA.split(";")):
+                    db.execute(statement)
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise EchoError(f"{self.path}: not a readable preference store ({e}); "
+                            f"{MOVE_ASIDE}") from None
+        except EchoError:
+            self.db.close()
+            raise
+
+    def _check_schema(self) -> None:
+        tables = {r[0] for r in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+        if not tables:
+            return  # a new store
+        for table, columns in COLUMNS.items():
+            if table not in tables:
+                raise EchoError(f"{self.path}: not an Echo preference store (no table "
+                                f"'{table}'; it has {', '.join(sorted(tables))}); {MOVE_ASIDE}")
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})").fetchall()}
+            if missing := columns - have:
+                raise EchoError(f"{self.path}: not an Echo preference store (table '{table}' "
+                                f"has no column {', '.join(sorted(missing))}); {MOVE_ASIDE}")
+        damage = self.db.execute("PRAGMA quick_check").fetchone()[0]
+        if damage != "ok":
+            raise EchoError(f"{self.path}: damaged ({damage}); {MOVE_ASIDE}")
+
+    def _bad_row(self, table: str, row_id: int, what: str, fix: str = "") -> EchoError:
+        fix = fix or f"DELETE FROM {table} WHERE id = {row_id}"
+        return EchoError(f"{self.path}: {table} row {row_id}: {what}; mend or delete that row, "
+                         f'e.g. sqlite3 {self.path} "{fix}"')
+
+    def _response_ids(self, row_id: int, prompt_id: int, raw: str) -> list[int]:
+        """A ranking row's response ids, checked: distinct responses to its prompt."""
+        try:
+            ids = json.loads(raw)
+        except (TypeError, ValueError):
+            ids = None
+        if not (isinstance(ids, list) and len(ids) >= 2 and len(set(ids)) == len(ids)
+                and all(type(i) is int for i in ids)):
+            raise self._bad_row("rankings", row_id, f"response_ids {str(raw)[:40]!r} is not a "
+                                "list of two or more response ids")
+        known = {r[0] for r in self.db.execute(
+            f"SELECT id FROM responses WHERE prompt_id = ? AND id IN "
+            f"({','.join('?' * len(ids))})", (prompt_id, *ids)).fetchall()}
+        if unknown := [i for i in ids if i not in known]:
+            raise self._bad_row("rankings", row_id, f"response_ids names response {unknown[0]}"
+                                f", which is not an answer to its prompt {prompt_id}")
+        return ids
 
     def close(self) -> None:
         self.db.close()
@@ -145,8 +202,31 @@ class PreferenceStore:
     def responses(self, prompt_id: int) -> list[dict]:
         rows = self.db.execute("SELECT id, text, stage, checkpoint, sampling FROM responses "
                                "WHERE prompt_id = ? ORDER BY id", (prompt_id,)).fetchall()
-        return [{"id": r[0], "text": r[1], "stage": r[2], "checkpoint": r[3],
-                 "sampling": json.loads(r[4])} for r in rows]
+        out = []
+        for rid, text, stage, checkpoint, raw in rows:
+            try:
+                sampling = json.loads(raw)
+            except (TypeError, ValueError):
+                sampling = None
+            if not isinstance(text, str):
+                raise self._bad_row("responses", rid, "its text is not text")
+            if not isinstance(sampling, dict):
+                raise self._bad_row("responses", rid, f"sampling {str(raw)[:40]!r} is not a "
+                                    "JSON object", f"UPDATE responses SET sampling = '{{}}' "
+                                    f"WHERE id = {rid}")
+            out.append({"id": rid, "text": text, "stage": stage, "checkpoint": checkpoint,
+                        "sampling": sampling})
+        return out
+
+    def ranked_orders(self, prompt_id: int, annotator: str) -> list[list[int]]:
+        """The orders (response ids, best first) `annotator` gave a prompt, oldest first."""
+        rows = self.db.execute("SELECT id, response_ids FROM rankings WHERE prompt_id = ? AND "
+                               "annotator = ? ORDER BY id", (prompt_id, annotator)).fetchall()
+        return [self._response_ids(rid, prompt_id, raw) for rid, raw in rows]
+
+    def ranked_sets(self, prompt_id: int, annotator: str) -> list[set[int]]:
+        """The sets of responses `annotator` has ranked for a prompt (one per ranking)."""
+        return [set(ids) for ids in self.ranked_orders(prompt_id, annotator)]
 
     def unranked(self, annotator: str, limit: int = 100) -> list[int]:
         """Prompts with at least two responses that `annotator` has not ranked yet."""
@@ -158,15 +238,16 @@ class PreferenceStore:
         return [r[0] for r in rows]
 
     def rankings(self, annotator: str | None = None) -> list[Ranking]:
-        q = ("SELECT k.prompt_id, k.response_ids, k.annotator, p.text FROM rankings k "
+        q = ("SELECT k.id, k.prompt_id, k.response_ids, k.annotator, p.text FROM rankings k "
              "JOIN prompts p ON p.id = k.prompt_id")
         args: tuple = ()
         if annotator is not None:
             q += " WHERE k.annotator = ?"
             args = (annotator,)
         out = []
-        for pid, ids_json, who, prompt in self.db.execute(q + " ORDER BY k.id", args).fetchall():
-            ids = json.loads(ids_json)
+        for rid, pid, ids_json, who, prompt in self.db.execute(q + " ORDER BY k.id",
+                                                               args).fetchall():
+            ids = self._response_ids(rid, pid, ids_json)
             texts = dict(self.db.execute(
                 f"SELECT id, text FROM responses WHERE id IN ({','.join('?' * len(ids))})",
                 ids).fetchall())

@@ -21,7 +21,6 @@ In the terminal the answers are numbered and the order is typed best first: "314
 from __future__ import annotations
 
 import getpass
-import json
 import sys
 import time
 from collections import Counter
@@ -210,9 +209,7 @@ class Policy:
 
 def already_ranked(store: PreferenceStore, prompt_id: int, annotator: str,
                    response_ids: set[int]) -> bool:
-    rows = store.db.execute("SELECT response_ids FROM rankings WHERE prompt_id = ? AND "
-                            "annotator = ?", (prompt_id, annotator)).fetchall()
-    return any(set(json.loads(r[0])) <= response_ids for r in rows)
+    return any(ids <= response_ids for ids in store.ranked_sets(prompt_id, annotator))
 
 
 def earlier_ranking(store: PreferenceStore, policy: Policy, item: PromptItem, annotator: str
@@ -221,9 +218,7 @@ def earlier_ranking(store: PreferenceStore, policy: Policy, item: PromptItem, an
     best first, and that order: what a resumed run counts as ranked before."""
     pid, mine = stored_answers(store, policy, item)
     by_id = {r["id"]: r for r in mine}
-    for (ids_json,) in store.db.execute("SELECT response_ids FROM rankings WHERE prompt_id = ? "
-                                        "AND annotator = ? ORDER BY id", (pid, annotator)):
-        ids = json.loads(ids_json)
+    for ids in store.ranked_orders(pid, annotator):
         if set(ids) <= by_id.keys():
             rows = [by_id[i] for i in ids]
             q = Question(item, pid, ids, [r["text"] for r in rows],

@@ -5,7 +5,6 @@ only the fixed-prompt answers are generated here (greedy, a few tokens)."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -14,7 +13,9 @@ from pathlib import Path
 
 from echolm.atomic import atomic_write_text
 from echolm.checkpoint import MODEL_STAGES, load_model
+from echolm.errors import EchoError
 from echolm.plots import plot_all
+from echolm.runfiles import CONFIG_FIX, TIMINGS_FIX, read_json
 from echolm.summary import read_summary
 
 FIXED_PROMPTS = ["What is 23 + 19?", "Spell the word 'garden'.", "Who are you?",
@@ -36,8 +37,25 @@ def _win(d: dict) -> str:
     return f"**{_pct(d['gold_win_rate_vs_sft'])}** (95% CI {_pct(lo)}-{_pct(hi)})"
 
 
-def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+def _json(path: Path, fix: str) -> dict | None:
+    return read_json(path, fix, default=None)
+
+
+def current_evals(run_dir: Path, stages: list[str], log=print) -> dict[str, dict | None]:
+    """Each stage's DIR/eval/<stage>.json if it measured the model files now in the run;
+    a result of other (since retrained) models is left out, never shown as this one's."""
+    from echolm.scorecard import same_models
+
+    out: dict[str, dict | None] = {}
+    for s in stages:
+        path = run_dir / "eval" / f"{s}.json"
+        ev = _json(path, f"delete it and run `echolm eval --run {run_dir}`")
+        if ev is not None and not same_models(run_dir, ev):
+            log(f"report: {path} measured other model files than those now in {run_dir}: "
+                f"left out (run `echolm eval --run {run_dir}` to measure them)")
+            ev = None
+        out[s] = ev
+    return out
 
 
 def environment() -> dict:
@@ -179,9 +197,18 @@ def schedule_table(summary: dict) -> list[str]:
 
 
 def machine_section(run_dir: Path) -> list[str]:
-    m = _json(run_dir / "machine.json")
+    path, fix = run_dir / "machine.json", "delete it (`echolm run` measures the machine again)"
+    m = _json(path, fix)
     if not m:
         return []
+    try:
+        return _machine_lines(m)
+    except (KeyError, TypeError, ValueError) as e:  # edited by hand, or an older layout
+        raise EchoError(f"{path}: field {e} is missing or not as `echolm run` writes it; "
+                        f"{fix}") from None
+
+
+def _machine_lines(m: dict) -> list[str]:
     peaks = m.get("peak_tflops", {})
     lines = ["## Machine", "",
              f"- CPU: {m['cpu']} ({m['cores']} cores); instruction sets: "
@@ -223,13 +250,17 @@ def status_banner(run_dir: Path, status: dict) -> list[str]:
 def build_report(run_dir: Path, log=print) -> Path:
     summary = read_summary(run_dir)
     stages = [s for s in MODEL_STAGES if (run_dir / s / "model.safetensors").exists()]
-    evals = {s: _json(run_dir / "eval" / f"{s}.json") for s in stages}
-    timings = _json(run_dir / "timings.json") or {}
-    status = _json(run_dir / "status.json") or {}
+    evals = current_evals(run_dir, stages, log)
+    timings = read_json(run_dir / "timings.json", TIMINGS_FIX, values=dict, default={})
+    if bad := [k for k, t in timings.items() if type(t.get("seconds")) not in (int, float)]:
+        raise EchoError(f"{run_dir / 'timings.json'}: '{bad[0]}' has no number of seconds; "
+                        f"{TIMINGS_FIX}")
+    status = _json(run_dir / "status.json", "delete it (it only tells whether the last "
+                   "`echolm run` failed)") or {}
     figures = plot_all(run_dir)
     answers = fixed_answers(run_dir, stages) if stages else {}
     env = environment()
-    cfg = _json(run_dir / "config.json") or {}
+    cfg = _json(run_dir / "config.json", CONFIG_FIX) or {}
 
     md = [f"# Echo run report: `{run_dir.name}`", "",
           f"Preset `{cfg.get('preset', '?')}`, written {time.strftime('%Y-%m-%d %H:%M')}. "

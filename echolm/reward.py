@@ -11,7 +11,6 @@ DIR/rm/model.safetensors holds the backbone plus `score_head.weight` (1, n_embd)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from echolm.errors import EchoError
 from echolm.model import Transformer, rope_tables
 from echolm.rankings import encode_answer
 from echolm.rollout import pad_right
+from echolm.runfiles import read_json
 from echolm.tokenizer import Tokenizer
 
 META_FILE = "reward_model.json"
@@ -122,6 +122,10 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") ->
     rm = _empty_reward_model(cfg, device)
     _load_state(rm, sd, f"{folder / 'model.safetensors'}: does not match config.json")
     meta_path = folder / META_FILE
-    if meta_path.exists():
-        rm.max_len = int(json.loads(meta_path.read_text()).get("max_len", rm.max_len))
+    fix = "retrain it with `echolm rm --force`"
+    max_len = read_json(meta_path, fix, default={}).get("max_len", rm.max_len)
+    if type(max_len) is not int or max_len < 1:
+        raise EchoError(f"{meta_path}: 'max_len' should be a positive whole number, found "
+                        f"{max_len!r}; {fix}")
+    rm.max_len = max_len
     return rm.eval()

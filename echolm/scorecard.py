@@ -4,22 +4,24 @@ Per model stage (base, sft, rl, rlhf, dpo): bits per byte on held-out text; gree
 per task family with a 95% interval; HumanEval pass@1 (through Echo's sandbox); gold reward
 (the simulated annotator) on held-out RLHF prompts and the win rate against the previous
 stage's answers. Fixed seeds throughout; every figure carries its sample size.
-Results land in DIR/eval/<stage>.json.
+Results land in DIR/eval/<stage>.json, stamped with the hashes of the model files they
+measured and the settings they were measured with: a result whose model (or setting) has
+changed since is measured again, never shown stale.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from functools import partial
 from pathlib import Path
 
 from echolm.atomic import atomic_write_json
-from echolm.checkpoint import MODEL_STAGES, load_model
+from echolm.checkpoint import MODEL_STAGES, file_fingerprint, load_model, stage_dir
 from echolm.config import Config
 from echolm.data.shards import load_tokens
 from echolm.evaluate import bpb_key, cached, eval_bpb, task_accuracy, wilson_interval
 from echolm.model import Transformer
+from echolm.runfiles import read_cache
 from echolm.tasks.spec import problems_up_to, task_from_spec, task_label
 from echolm.tokenizer import Tokenizer
 
@@ -43,18 +45,57 @@ def gold_answers(model: Transformer, tok: Tokenizer, n: int, max_tokens: int = 6
     return gold, texts
 
 
+def measured_on(cfg: Config, run_dir: Path, stage: str, humaneval: int, gold_prompts: int
+                ) -> dict:
+    """What a stage's result depends on: the hash of its model file and of the previous
+    stage's (the gold win rate compares with its answers), and the evaluation settings."""
+    files = [s for s in (stage, PREVIOUS.get(stage)) if s is not None
+             and (run_dir / s / "model.safetensors").exists()]
+    d = cfg.data
+    return {"models": {s: file_fingerprint(run_dir / s / "model.safetensors") for s in files},
+            "settings": [cfg.pretrain.seq_len, cfg.pretrain.eval_tokens, list(d.tasks),
+                         d.eval_problems, humaneval, gold_prompts]}
+
+
+def same_models(run_dir: Path, result: dict) -> bool:
+    """Whether `result` (a DIR/eval/<stage>.json) measured the model files now in the run."""
+    on = result.get("measured_on")
+    models = on.get("models") if isinstance(on, dict) else None
+    if not isinstance(models, dict) or result.get("stage") not in models:
+        return False
+    return all((run_dir / s / "model.safetensors").exists()
+               and file_fingerprint(run_dir / s / "model.safetensors") == fp
+               for s, fp in models.items())
+
+
+def current_result(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
+                   gold_prompts: int = 100, log=print) -> dict | None:
+    """DIR/eval/<stage>.json if it measured the model files there now with these settings;
+    None if there is none, it is corrupt or out of date (said in the log)."""
+    path = run_dir / "eval" / f"{stage}.json"
+    result = read_cache(path, log)
+    if result is None:
+        return None
+    if result.get("measured_on") != measured_on(cfg, run_dir, stage, humaneval, gold_prompts):
+        log(f"eval: {path} measured other model files or settings than those now in "
+            f"{run_dir}: measuring {stage} again")
+        return None
+    return result
+
+
 def evaluate_stage(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
                    gold_prompts: int = 100, log=print) -> dict:
     t0 = time.time()
     tok = Tokenizer.load(run_dir / "tokenizer")
-    model = load_model(run_dir / stage).eval()
-    out: dict = {"stage": stage}
+    model = load_model(stage_dir(run_dir, stage)).eval()
+    out: dict = {"stage": stage,
+                 "measured_on": measured_on(cfg, run_dir, stage, humaneval, gold_prompts)}
     val = run_dir / "tokens"
     if (val / "meta.json").exists():
         seq_len, n = cfg.pretrain.seq_len, cfg.pretrain.eval_tokens
         ev = cached(run_dir / "eval" / "cache", run_dir / stage / "model.safetensors",
                     bpb_key(seq_len, n), lambda: eval_bpb(model, tok, load_tokens(val, "val"),
-                                                          seq_len, n))
+                                                          seq_len, n), log)
         out["val_bpb"] = {"value": round(ev["bpb"], 4), "tokens": ev["tokens"]}
     tasks = {}
     for spec in cfg.data.tasks:
@@ -62,7 +103,7 @@ def evaluate_stage(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
         problems = problems_up_to(task, "val", cfg.data.eval_problems, 0)
         key = f"tasks:{spec}:n={cfg.data.eval_problems}:seed=0:greedy"  # as SFT measures
         acc = cached(run_dir / "eval" / "cache", run_dir / stage / "model.safetensors", key,
-                     partial(task_accuracy, model, tok, task, problems))
+                     partial(task_accuracy, model, tok, task, problems), log)
         lo, hi = wilson_interval(acc["correct"], acc["n"])
         tasks[task_label(spec, cfg.data.tasks)] = {
             "accuracy": round(acc["accuracy"], 4), "n": acc["n"], "ci95": [round(lo, 4),
@@ -91,9 +132,10 @@ def evaluate_stage(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
         gold, texts = gold_answers(model, tok, gold_prompts)
         out["gold"] = {"reward": round(sum(gold) / len(gold), 4), "n": len(gold)}
         prev = PREVIOUS.get(stage)
-        prev_file = run_dir / "eval" / f"{prev}.json"
-        if prev and prev_file.exists():
-            prev_gold = json.loads(prev_file.read_text()).get("gold_scores")
+        prev_result = prev and current_result(cfg, run_dir, prev, humaneval, gold_prompts,
+                                              log=lambda *_: None)  # none: no win rate
+        if prev_result:
+            prev_gold = prev_result.get("gold_scores")
             if prev_gold and len(prev_gold) == len(gold):
                 wins = [1.0 if a > b else 0.5 if a == b else 0.0
                         for a, b in zip(gold, prev_gold, strict=True)]
@@ -110,13 +152,15 @@ def evaluate_stage(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
 def evaluate_run(cfg: Config, run_dir: Path, stages: list[str] | None = None,
                  force: bool = False, log=print, **kw) -> dict:
     """Evaluate every finished model stage (in pipeline order, so win rates find their
-    previous stage); cached per stage unless `force`."""
+    previous stage); a stage's result is kept while its model files and the settings are
+    the same (`current_result`), unless `force`."""
     present = [s for s in MODEL_STAGES if (run_dir / s / "model.safetensors").exists()]
     results = {}
     for stage in stages or present:
-        cached = run_dir / "eval" / f"{stage}.json"
-        if cached.exists() and not force:
-            results[stage] = json.loads(cached.read_text())
+        stage_dir(run_dir, stage)  # a stage without a model: one line, before any work
+        kept = None if force else current_result(cfg, run_dir, stage, log=log, **kw)
+        if kept is not None:
+            results[stage] = kept
             continue
         log(f"eval: {stage}")
         results[stage] = evaluate_stage(cfg, run_dir, stage, log=log, **kw)

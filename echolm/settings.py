@@ -162,11 +162,16 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
     cfg.validate()
 
 
-def config_from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with ``to_dict`` (e.g. a run directory's config.json); a field
-    saved under an earlier layout's name is read under its new one (MOVED)."""
-    cfg = Config(preset=d.get("preset", ""))
+def config_from_dict(d: dict[str, Any], where: str = "saved config") -> Config:
+    """Rebuild a Config saved with ``to_dict`` (e.g. a run directory's config.json, named by
+    `where` in errors); a field saved under an earlier layout's name is read under its new
+    one (MOVED)."""
+    cfg = Config(preset=str(d.get("preset", "")))
     for section, values in d.items():
+        if dataclasses.is_dataclass(getattr(cfg, section, None)) and not isinstance(values,
+                                                                                   dict):
+            raise EchoError(f"{where}: '{section}' should be an object of settings, got "
+                            f"{values!r}")
         if isinstance(values, dict):
             for key, value in values.items():
                 name = f"{section}.{key}"
@@ -174,9 +179,9 @@ def config_from_dict(d: dict[str, Any]) -> Config:
                     if MOVED[name] is None:
                         continue
                     section_now, key_now = MOVED[name].split(".")
-                    _apply(cfg, section_now, key_now, value, "saved config")
+                    _apply(cfg, section_now, key_now, value, where)
                 else:
-                    _apply(cfg, section, key, value, "saved config")
+                    _apply(cfg, section, key, value, where)
     if "pref" in d and "ptx_rows" in d.get("ppo", {}):  # DPO read RLHF's ptx_rows then
         cfg.dpo.ptx_rows = d["ppo"]["ptx_rows"]
     return cfg

@@ -29,7 +29,8 @@ from typing import Any
 import torch.distributed as dist
 
 from echolm.atomic import atomic_write_json, atomic_write_text
-from echolm.summary import update_summary
+from echolm.runfiles import read_json
+from echolm.summary import read_summary, update_summary
 
 COMMIT = "commit.json"
 METRICS = "metrics.jsonl"
@@ -88,6 +89,7 @@ class StageOutput:
         """The stage's results if it already finished (its done.json) and `force` is off;
         else None. A complete forced redo that a kill left unswapped is swapped in first
         (and its results returned, forced or not: the redo is done)."""
+        read_summary(self.run_dir)  # a corrupt summary.json stops the stage now, not at its end
         pending = (self.staging / COMMIT).exists()
         _barrier()  # under torchrun every process decides before process 0 moves anything
         if pending:
@@ -103,7 +105,7 @@ class StageOutput:
                         "--force to resume it)" if self.staging.exists() else "")
                 log(f"{self.label}: already finished in {self.final} (use --force to redo)"
                     + note)
-            return json.loads(done.read_text())
+            return read_json(done, f"rerun `echolm {self.label} --force`")
         return None
 
     def start(self, log: Callable[[str], Any] = print) -> Path:
@@ -131,7 +133,8 @@ class StageOutput:
     def _swap(self) -> None:
         """Swap a complete redo in (idempotent: a swap cut short by a kill is finished by
         doing it again)."""
-        plan = json.loads((self.staging / COMMIT).read_text())
+        plan = read_json(self.staging / COMMIT, f"delete {self.staging} and rerun `echolm "
+                         f"{self.label} --force`")
         for rel in self._tracked():
             new, cur = self.staging / rel, self.run_dir / rel
             old = self.trash / rel.replace("/", "_")

@@ -3,16 +3,20 @@ docs/architecture.md). Written atomically and mirrored to `report/summary.json`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from echolm.atomic import atomic_write_json
+from echolm.runfiles import read_json
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    """The summary so far ({} before any stage); a corrupt one is a one-line error. Every
+    stage reads it before its first step (runtime.finished_stage), so that a corrupt file
+    stops the stage there, not after its training when the stage adds its results."""
+    return read_json(run_dir / "summary.json", "delete it to start a new one (a finished "
+                     "stage adds its results again when rerun with --force)", values=dict,
+                     default={})
 
 
 def update_summary(run_dir: Path, stage: str, values: dict[str, Any]) -> dict[str, Any]:

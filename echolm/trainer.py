@@ -15,7 +15,6 @@ checkpoints, metrics and a progress bar. The loop itself is the stage's own, in 
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +42,7 @@ from echolm.machine import matmul_peak_tflops
 from echolm.metrics import MetricsLog
 from echolm.model import Transformer
 from echolm.optim import build_optimizers
+from echolm.runfiles import read_cache
 from echolm.runtime import Dist, autocast, resolve_dtype
 from echolm.schedule import FIT_AFTER, Schedule, StageClock, describe, fitted
 
@@ -140,9 +140,9 @@ class Trainer:
         resumed run follows it exactly instead of measuring again."""
         path = self.out / SCHEDULE_FILE
         try:
-            saved = Schedule.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            return  # none yet (or unreadable: it is measured again)
+            saved = Schedule.from_dict(read_cache(path) or {})
+        except (ValueError, TypeError):
+            return  # none yet (or unreadable, said by read_cache: it is measured again)
         same = (saved.planned, saved.budget_s) == (self.schedule.planned, self.schedule.budget_s)
         if same and saved.fitted:
             self.schedule = saved

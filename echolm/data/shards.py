@@ -79,7 +79,13 @@ def load_tokens(folder: Path, split: str) -> np.ndarray:
     files = sorted(folder.glob(f"{split}_*.npy"))
     if not files:
         raise EchoError(f"{folder}: no {split} token shards (run the tokenize step first)")
-    arrays = [np.load(f, mmap_mode="r") for f in files]
+    arrays = []
+    for f in files:
+        try:
+            arrays.append(np.load(f, mmap_mode="r"))
+        except (OSError, ValueError, EOFError) as e:  # cut, or not a .npy file
+            raise EchoError(f"{f}: unreadable token shard ({e}); delete {folder} to encode "
+                            "the text again") from None
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 

@@ -238,7 +238,7 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     # SFT's side of the gold figure, first: measuring DPO's side later takes about as long
     # (plus a KL pass, and its answers may run longer: 1.5x), so this times what the budget
     # must keep for it
-    baseline = sft_baseline(cfg, run_dir) if gold else None
+    baseline = sft_baseline(cfg, run_dir, log) if gold else None
 
     per_step = tcfg.micro_batch * tcfg.grad_accum
     out = stage.start(log)  # inputs read (the reward model too, when gold): now write

@@ -17,7 +17,6 @@ An optional unguarded run (kl_beta = 0, `overopt_steps`) draws that curve.
 from __future__ import annotations
 
 import copy
-import json
 import random
 import time
 from dataclasses import replace
@@ -45,6 +44,7 @@ from echolm.losses import (
 from echolm.model import Transformer
 from echolm.reward import load_reward_model
 from echolm.rollout import pad_batch, response_logprobs, sample_responses, token_logprobs
+from echolm.runfiles import read_cache
 from echolm.runtime import autocast, single_process
 from echolm.staging import StageOutput
 from echolm.tokenizer import Tokenizer
@@ -274,7 +274,7 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     load_reward_model(run_dir / "rm")
     # SFT's answers for the final figure, first: the kept model is measured the same way
     # later (plus a KL pass: ~1.3x), so this times what the budget must keep for it
-    baseline = sft_baseline(cfg, run_dir)
+    baseline = sft_baseline(cfg, run_dir, log)
     out = stage.start(log)
     final_s = 1.3 * baseline["seconds"]
     budget = 60 * p.max_minutes
@@ -295,7 +295,7 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     # another sampling seed and more answers per prompt, exactly as DPO's is.
     final = _cached_json(out / "final.json",
                          lambda: gold_win_rate(cfg, run_dir, "rlhf", baseline, log=log,
-                                               model_dir=out))
+                                               model_dir=out), log)
     curve = None
     if p.overopt_steps > 0:  # the over-optimisation curve: no KL penalty, no guard, longer
         log(f"rlhf: unguarded run (kl_beta=0, no ptx, {p.overopt_steps} steps planned) for "
@@ -326,13 +326,12 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     return result
 
 
-def _cached_json(path: Path, compute) -> dict:
-    """`compute()`'s result, kept in `path` so that a resumed stage does not measure again."""
-    if path.exists():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            pass  # cut by a kill: measured again
+def _cached_json(path: Path, compute, log=print) -> dict:
+    """`compute()`'s result, kept in `path` so that a resumed stage does not measure again
+    (a corrupt file is measured again, said in the log)."""
+    cached = read_cache(path, log)
+    if cached is not None:
+        return cached
     result = compute()
     atomic_write_json(path, result)
     return result

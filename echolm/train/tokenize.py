@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch.distributed as dist
 from echolm.config import Config
 from echolm.data.text import iter_documents
 from echolm.errors import EchoError
+from echolm.runfiles import read_json
 from echolm.runtime import setup_distributed
 from echolm.staging import StageOutput
 from echolm.tokenizer import Tokenizer, iter_texts, train_tokenizer
@@ -27,10 +27,11 @@ def run_tokenizer(cfg: Config, run_dir: Path, force: bool = False, log=print) ->
     if (finished := stage.finished(log)) is not None:
         return finished
     done = stage.final / "done.json"
+    fix = "rerun `echolm tokenizer train --force` (and the stages after it)"
     d = setup_distributed()
     if not d.main:  # under torchrun, rank 0 trains the tokenizer and the others wait for it
         dist.barrier()
-        return json.loads(done.read_text())
+        return read_json(done, fix)
     t0 = time.time()
     texts = iter_texts(iter_documents(cfg.data.pretrain, "train", cfg.data.val_fraction, log),
                        cfg.tokenizer.train_bytes)
