@@ -7,65 +7,11 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from echolm.cli_args import SEED, number, run_args, stage_settings
 from echolm.errors import EchoError
-
-
-def _settings(p: argparse.ArgumentParser, *sections: str) -> None:
-    """Show the settings a stage reads, with their docs, at the end of its --help (read from
-    the source when --help asks: that takes ~1 s, which no other command should wait for)."""
-    from echolm.settings import settings_help
-
-    def format_help() -> str:
-        p.epilog = settings_help(list(sections))
-        return argparse.ArgumentParser.format_help(p)
-
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.format_help = format_help  # type: ignore[method-assign]
-
-
-def _number(kind: type, low: float, high: float = 2**53,
-            above: bool = False) -> Callable[[str], int | float]:
-    """An argparse `type=`: a finite int/float in [low, high] ((low, high] when `above`);
-    anything else is argparse's one-line usage error (exit 2)."""
-    wanted = (f"a {'whole' if kind is int else 'finite'} number {'>' if above else '>='} "
-              f"{low:g}" + (f" and <= {high:g}" if high < 2**53 else ""))
-
-    def parse(text: str) -> int | float:
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
-        if not math.isfinite(v) or v < low or v > high or (above and v == low):
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
-        return v
-    return parse
-
-
-SEED = _number(int, 0, 2**63 - 1)
-
-
-def _run_args(p: argparse.ArgumentParser, out_required: bool = True,
-              reconfigure: bool = True) -> None:
-    p.add_argument("--out", "--run", dest="run", type=Path, required=out_required,
-                   help="run directory (e.g. runs/demo)")
-    p.add_argument("--preset", default=None,
-                   help="preset name (micro, cpu, gpu-small, gpu-d20) or a TOML file; default: "
-                        "the run's saved config, else cpu")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SECTION.FIELD=VALUE",
-                   help="override any config field (repeatable; a stage's own fields are listed "
-                        "below, every field with its doc by `echolm presets`)")
-    p.add_argument("--force", action="store_true", help="redo the stage even if finished")
-    if reconfigure:
-        p.add_argument("--reconfigure", action="store_true",
-                       help="let --preset/--set change the settings saved in DIR/config.json "
-                            "(saved once the command succeeds; without it such a change is "
-                            "refused, showing what would change)")
 
 
 def cmd_data(a: argparse.Namespace) -> None:
@@ -263,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run every stage into one run directory (resumable)")
-    _run_args(p)
+    run_args(p)
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("data", help="build the built-in offline corpus")
@@ -275,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     # one sub-command per action: then the text may come before or after the options
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     t = actions.add_parser("train", help="train the run's tokenizer on data.pretrain")
-    _run_args(t)
-    _settings(t, "tokenizer", "data")
+    run_args(t)
+    stage_settings(t, "tokenizer", "data")
     for action, what in (("encode", "print the token ids of a text (JSON)"),
                          ("show", "show how a text is cut into tokens")):
         t = actions.add_parser(action, help=what)
@@ -288,10 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_tokenizer)
 
     p = sub.add_parser("pretrain", help="pretrain the base model (resumes automatically)")
-    _run_args(p)
+    run_args(p)
     p.add_argument("--resume", action="store_true",
                    help="require a checkpoint to resume from (resuming is automatic anyway)")
-    _settings(p, "pretrain", "model", "data")
+    stage_settings(p, "pretrain", "model", "data")
     p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("chat", help="talk to a run's model in the terminal (or answer one "
@@ -301,13 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base, sft, rl, rlhf or dpo (default: the latest present)")
     p.add_argument("--prompt", default=None, help="answer this one message, print only the answer")
     p.add_argument("--system", default=None, help="a system message to start the conversation")
-    p.add_argument("--temperature", type=_number(float, 0), default=0.7,
+    p.add_argument("--temperature", type=number(float, 0), default=0.7,
                    help="0 = greedy (default 0.7)")
-    p.add_argument("--top-k", type=_number(int, 0), default=50,
+    p.add_argument("--top-k", type=number(int, 0), default=50,
                    help="sample among the k likeliest (0 = off)")
-    p.add_argument("--top-p", type=_number(float, 0, 1, above=True), default=1.0,
+    p.add_argument("--top-p", type=number(float, 0, 1, above=True), default=1.0,
                    help="nucleus sampling (1 = off)")
-    p.add_argument("--max-tokens", type=_number(int, 1), default=None,
+    p.add_argument("--max-tokens", type=number(int, 1), default=None,
                    help="longest answer (default: half the model's context)")
     p.add_argument("--seed", type=SEED, default=None, help="seed for reproducible sampling")
     p.set_defaults(fn=cmd_chat)
@@ -318,11 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", "--out", dest="run", type=Path, required=True, help="run directory")
     p.add_argument("--stage", default=None,
                    help="base, sft, rl, rlhf or dpo (default: the latest present)")
-    p.add_argument("--top-k", type=_number(int, 1), default=5,
+    p.add_argument("--top-k", type=number(int, 1), default=5,
                    help="candidates shown per position")
-    p.add_argument("--generate", type=_number(int, 0), default=0, metavar="N",
+    p.add_argument("--generate", type=number(int, 0), default=0, metavar="N",
                    help="then continue the text N tokens, showing each choice")
-    p.add_argument("--temperature", type=_number(float, 0), default=0.0,
+    p.add_argument("--temperature", type=number(float, 0), default=0.0,
                    help="for --generate: 0 = greedy (default), else sample")
     p.add_argument("--seed", type=SEED, default=None, help="seed for sampled --generate")
     p.add_argument("--chat", action="store_true",
@@ -332,26 +278,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sft", help="supervised fine-tuning on conversations (resumes "
                        "automatically)")
-    _run_args(p)
-    _settings(p, "sft", "data")
+    run_args(p)
+    stage_settings(p, "sft", "data")
     p.set_defaults(fn=cmd_stage, runner="echolm.train.sft:run_sft")
 
     p = sub.add_parser("rl", help="reinforcement learning on checkable tasks (GRPO family; "
                        "resumes automatically)")
-    _run_args(p)
-    _settings(p, "rl")
+    run_args(p)
+    stage_settings(p, "rl")
     p.set_defaults(fn=cmd_stage, runner="echolm.train.grpo:run_rl")
 
     p = sub.add_parser("rm", help="train a reward model on the rankings in DIR/prefs.sqlite "
                        "(Bradley-Terry or Plackett-Luce; resumes automatically)")
-    _run_args(p)
-    _settings(p, "rm")
+    run_args(p)
+    stage_settings(p, "rm")
     p.set_defaults(fn=cmd_stage, runner="echolm.train.reward_model:run_rm")
 
     p = sub.add_parser("dpo", help="direct preference optimisation (DPO or IPO) of the SFT "
                        "model on the rankings in DIR/prefs.sqlite (resumes automatically)")
-    _run_args(p)
-    _settings(p, "dpo")
+    run_args(p)
+    stage_settings(p, "dpo")
     p.set_defaults(fn=cmd_stage, runner="echolm.train.dpo:run_dpo")
 
     p = sub.add_parser("rank", help="rank K sampled answers per prompt, best first, into "
@@ -360,10 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, default=None,
                    help="a text file (one prompt per line) or JSONL with a 'prompt' field "
                         "(default: built-in RLHF prompts, train split)")
-    p.add_argument("--k", type=_number(int, 2, MAX_K), default=DEFAULT_K,
+    p.add_argument("--k", type=number(int, 2, MAX_K), default=DEFAULT_K,
                    help=f"answers per prompt (default {DEFAULT_K})")
     p.add_argument("--stage", default="sft", help="which stage's model answers (default sft)")
-    p.add_argument("--n", type=_number(int, 1), default=None,
+    p.add_argument("--n", type=number(int, 1), default=None,
                    help="number of prompts (default 20, or all of --prompts)")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--annotator", default=None,
@@ -371,12 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--simulated", action="store_true",
                      help="let the simulated annotator (echolm/annotator.py) rank, no human")
     noise = RankConfig.annotator_noise
-    p.add_argument("--noise", type=_number(float, 0), default=noise,
+    p.add_argument("--noise", type=number(float, 0), default=noise,
                    help=f"simulated annotator's temperature (0 = exact gold order; default "
                         f"{noise})")
-    p.add_argument("--temperature", type=_number(float, 0, above=True), default=TEMPERATURE,
+    p.add_argument("--temperature", type=number(float, 0, above=True), default=TEMPERATURE,
                    help=f"sampling temperature of the answers (default {TEMPERATURE})")
-    p.add_argument("--max-tokens", type=_number(int, 1), default=MAX_TOKENS,
+    p.add_argument("--max-tokens", type=number(int, 1), default=MAX_TOKENS,
                    help=f"longest answer (default {MAX_TOKENS})")
     p.add_argument("--seed", type=SEED, default=0, help="seed for prompts and sampling")
     p.set_defaults(fn=cmd_rank)
@@ -408,9 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sandbox", help="run a Python file in the code sandbox (no network, "
                        "private filesystem, limits); exit 1 unless it succeeds")
     p.add_argument("file", type=Path, help="the Python file to run")
-    p.add_argument("--timeout", type=_number(float, 0.01, 86_400), default=5.0,
+    p.add_argument("--timeout", type=number(float, 0.01, 86_400), default=5.0,
                    help="wall-clock seconds (default 5)")
-    p.add_argument("--memory-mb", type=_number(int, 32, 1 << 20), default=512,
+    p.add_argument("--memory-mb", type=number(int, 32, 1 << 20), default=512,
                    help="memory limit (default 512)")
     p.add_argument("--json", action="store_true", help="print the full verdict as JSON")
     p.set_defaults(fn=cmd_sandbox)
@@ -419,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "stages, rank answers, tokens) over a run's models")
     p.add_argument("--run", "--out", dest="run", type=Path, required=True, help="run directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=_number(int, 1, 65_535), default=8000,
+    p.add_argument("--port", type=number(int, 1, 65_535), default=8000,
                    help="port (default 8000)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests whose Host header names NAME (repeatable; '*' = "
@@ -430,25 +376,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 and /api (default: the "
                         "ECHOLM_API_KEY environment variable; unset = no key)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--threads", type=_number(int, 1, 4096), default=None,
+    p.add_argument("--threads", type=number(int, 1, 4096), default=None,
                    help="torch CPU threads")
     from echolm.serve.schemas import Limits
     from echolm.settings import field_docs
 
     docs = field_docs(Limits)  # the limits, their defaults and docs: one place (Limits)
     for f in dataclasses.fields(Limits):
-        p.add_argument("--" + f.name.replace("_", "-"), type=_number(int, 1), default=f.default,
+        p.add_argument("--" + f.name.replace("_", "-"), type=number(int, 1), default=f.default,
                        help=f"{docs[f.name]} (default {f.default})")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("rlhf", help="optimise the SFT model against the reward model (PPO, "
                        "RLOO or GRPO) with a KL penalty and a reward-hacking guard")
-    _run_args(p)
-    _settings(p, "rlhf")
+    run_args(p)
+    stage_settings(p, "rlhf")
     p.set_defaults(fn=cmd_stage, runner="echolm.train.rlhf:run_rlhf")
 
     p = sub.add_parser("eval", help="the same measurements for every stage's model")
-    _run_args(p, reconfigure=False)  # read-only: --preset/--set for this evaluation only
+    run_args(p, reconfigure=False)  # read-only: --preset/--set for this evaluation only
     p.add_argument("--stage", choices=["base", "sft", "rl", "rlhf", "dpo"],
                    help="evaluate one stage (default: every finished one)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

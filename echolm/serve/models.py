@@ -1,13 +1,12 @@
 """The models a server offers: one per stage checkpoint present in the run directory
 (echo-base, echo-sft, ...), loaded on first use and again when its file changes."""
 
-import hashlib
 import json
 import threading
 from pathlib import Path
 from typing import Any
 
-from echolm.checkpoint import MODEL_STAGES, load_model
+from echolm.checkpoint import MODEL_STAGES, file_fingerprint, load_model
 from echolm.errors import EchoError
 from echolm.serve.errors import APIError
 from echolm.tokenizer import Tokenizer
@@ -78,10 +77,6 @@ class Models:
             if model.cfg.vocab_size < self.tok.vocab_size:
                 raise APIError(500, f"{stage}: model vocabulary is smaller than the "
                                "tokenizer's", type="server_error")
-            digest = hashlib.sha256()
-            with open(file, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-            ckpt = f"{stage}@{digest.hexdigest()[:12]}"
+            ckpt = f"{stage}@{file_fingerprint(file)[:12]}"  # sha256 of the weights
             self._loaded[stage] = (key, model, ckpt)
             return model, ckpt
