@@ -45,6 +45,12 @@ def template(prepared_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     save_weights(rm.state_dict(), rm.cfg, run / "rm")
     (run / "rm" / META_FILE).write_text(json.dumps({"max_len": 128}))
     make_store(run, n_prompts=12)
+    # the settings the commands below use, saved as the run's own (a --set that changed them
+    # would be refused, or for eval noted on stderr)
+    config = json.loads((run / "config.json").read_text())
+    config["data"].update(humaneval=0, gold_prompts=2, eval_problems=2)
+    config["dpo"]["max_steps"] = 1
+    (run / "config.json").write_text(json.dumps(config))
     for name, value in {"timings.json": {"tokenizer": {"seconds": 1.0}},
                         "machine.json": describe(measure=False),
                         "status.json": {"failed_stage": None},
