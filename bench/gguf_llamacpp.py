@@ -11,7 +11,10 @@ each exported as f32 (and the run also as f16 and q8_0):
   llama.cpp with special tokens parsed, gives Echo's prompt ids (chat stages);
 * greedy decoding: 64 steps on 3 prompts, llama.cpp's argmax of its logits after each token
   against Echo's own engine (`echolm.engine.generate_ids`, temperature 0); the largest
-  |logit difference| over all steps is reported too.
+  |logit difference| over all steps is reported too. Where the two part, the step is a
+  near-tie when Echo's margin between the two tokens is within the logit difference measured
+  there (random weights, as the imported checkpoints have, make those likely): reported as
+  such; any other parting is a failure.
 
 llama-cpp-python is a source build of llama.cpp (cmake and a C++ compiler; many minutes on
 a small machine), so it is an optional extra, never part of `make test`:
@@ -117,7 +120,7 @@ def check_file(path: Path, run: Path, stage: str, label: str, chat: bool) -> dic
         res["chat_template_equal"] = ok
     prompts = ([tok.render_user(q) for q in CHAT_PROMPTS] if chat else
                [[tok.bos, *tok.encode(d)] for d in DOC_PROMPTS])
-    same, worst = [], 0.0
+    same, worst, ties, real = [], 0.0, [], []
     with torch.no_grad():
         for p in prompts:
             ours, logits = echo_greedy(model, tok, p)
@@ -127,9 +130,19 @@ def check_file(path: Path, run: Path, stage: str, label: str, chat: bool) -> dic
             same.append(agree)
             # up to the first different token both sides saw the same text
             worst = max(worst, *diffs[: agree + 1])
-            print(f"  {label}: prompt {len(p)} tokens -> {agree}/{STEPS} greedy tokens equal;"
-                  f" echo {tok.decode(ours)[:60]!r}")
-    res.update(greedy_equal_steps=same, max_logit_diff=worst)
+            tie = ""
+            if agree < STEPS:  # a near-tie: Echo's own two candidates closer than the sides
+                margin = float(logits[agree][ours[agree]] - logits[agree][theirs[agree]])
+                if margin <= diffs[agree]:
+                    ties.append(agree)
+                    tie = (f" (a near-tie at step {agree + 1}: Echo's margin {margin:.2g} <= "
+                           f"the logit difference {diffs[agree]:.2g} there)")
+                else:
+                    real.append(agree)
+            print(f"  {label}: prompt {len(p)} tokens -> {agree}/{STEPS} greedy tokens equal"
+                  f"{tie}; echo {tok.decode(ours)[:60]!r}")
+    res.update(greedy_equal_steps=same, max_logit_diff=worst, near_ties=ties,
+               differs=bool(real))
     print(f"{label}: tokenization {res['tokenize_equal']}/{len(TEXTS)} texts equal"
           + (f", chat template {ok}/{len(CHAT_PROMPTS)} prompts equal" if chat else "")
           + f", greedy {same} of {STEPS} steps equal, max |logit diff| {worst:.3g}")
@@ -199,7 +212,7 @@ def main() -> int:
             results[label] = res
             if dtype == "f32":
                 ok &= (res["tokenize_equal"] == len(TEXTS)
-                       and min(res["greedy_equal_steps"]) == STEPS
+                       and not res["differs"]  # 64 equal steps, or parted at a near-tie
                        and res.get("chat_template_equal", len(CHAT_PROMPTS)) == len(CHAT_PROMPTS))
     print("every f32 file equals Echo in llama.cpp" if ok else "llama.cpp DIFFERS from Echo")
     emit_json({"bench": "gguf_llamacpp", "ok": ok, "steps": STEPS, "results": results})
