@@ -166,12 +166,29 @@ def load_training_state(path: Path) -> dict:
 MODEL_STAGES = ("base", "sft", "rl", "rlhf", "dpo")
 
 
+def imported_instruct(run_dir: Path) -> bool:
+    """Whether `run_dir` was imported from an instruct (chat) model (import.json, written by
+    `echolm import`): its base stage is then a chat model already."""
+    path = run_dir / "import.json"
+    return path.is_file() and read_json(path, "re-import the model").get("instruct") is True
+
+
+def chat_model_dir(run_dir: Path) -> Path:
+    """The run's SFT model, which later stages start from and compare with: DIR/sft, or, in a
+    run imported from an instruct model with no sft stage of its own yet, DIR/base."""
+    sft = run_dir / "sft"
+    if not (sft / "model.safetensors").exists() and imported_instruct(run_dir):
+        return run_dir / "base"
+    return sft
+
+
 def stage_dir(run_dir: Path, stage: str | None = None) -> Path:
-    """The folder of `stage`'s finished model in a run (default: the latest stage present)."""
+    """The folder of `stage`'s finished model in a run (default: the latest stage present;
+    "sft" is `chat_model_dir`'s)."""
     if stage is not None:
         if stage not in MODEL_STAGES:
             raise EchoError(f"unknown stage '{stage}' (known: {', '.join(MODEL_STAGES)})")
-        folder = run_dir / stage
+        folder = chat_model_dir(run_dir) if stage == "sft" else run_dir / stage
         if not (folder / "model.safetensors").exists():
             raise EchoError(f"{folder}: no finished '{stage}' model in this run")
         return folder
