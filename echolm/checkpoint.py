@@ -41,6 +41,12 @@ def file_fingerprint(path: Path) -> str:
     return _FINGERPRINTS[key]
 
 
+def tied_head(key: str) -> bool:
+    """Whether a state-dict key is the output head (`lm_head.weight`, or a wrapper's
+    `<prefix>.lm_head.weight`): with tied embeddings it is not stored."""
+    return key == "lm_head.weight" or key.endswith(".lm_head.weight")
+
+
 def save_model(model: Transformer, folder: Path) -> None:
     """Write model.safetensors and config.json into `folder` (each atomically)."""
     save_weights(model.state_dict(), model.cfg, folder)
@@ -49,9 +55,10 @@ def save_model(model: Transformer, folder: Path) -> None:
 def save_weights(sd: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path) -> None:
     """`save_model` from a state dict (e.g. one gathered from a sharded model)."""
     folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous() for k, v in sd.items()}
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; it is the embedding
+    # safetensors refuses shared storage; a tied head is the embedding (also inside a wrapper
+    # such as RLHF's policy-with-value, whose keys are `policy.lm_head.weight` ...)
+    sd = {k: v.detach().contiguous() for k, v in sd.items()
+          if not (cfg.tie_embeddings and tied_head(k))}
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file(sd, str(tmp), metadata={"format": "pt"})
     atomic_write_json(folder / "config.json", asdict(cfg))

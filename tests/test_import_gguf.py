@@ -20,7 +20,14 @@ from test_gguf import CHATML, TEXTS, VARIANTS, _export, _hf_from_gguf, _randomis
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from echolm.checkpoint import chat_model_dir, load_model, save_model, stage_dir
+from echolm.checkpoint import (
+    chat_model_dir,
+    load_model,
+    read_weights,
+    save_model,
+    save_training_state,
+    stage_dir,
+)
 from echolm.cli import main
 from echolm.config import ModelConfig
 from echolm.errors import EchoError
@@ -198,6 +205,25 @@ def test_imported_instruct_model_is_the_sft_model(smol_tokenizer, tmp_path):
     assert res["stage"] == "base" and res["ranked"] + res["identical"] == 2, res
     shutil.copytree(run / "base", run / "sft")  # its own SFT stage (as `echolm sft` makes)
     assert chat_model_dir(run) == run / "sft" and stage_dir(run, "sft") == run / "sft"
+
+
+def test_tied_model_checkpoints_inside_the_rlhf_wrapper(tmp_path):
+    """An imported model's head is often tied (SmolLM's): RLHF's policy-with-value wrapper
+    (keys `policy.lm_head.weight` ...) must checkpoint it, and resume from it."""
+    from echolm.train.rlhf import PolicyWithValue
+
+    cfg = ModelConfig(vocab_size=64, n_layer=1, n_embd=32, n_head=2, n_kv_head=1,
+                      max_seq_len=32, tie_embeddings=True)
+    pv = PolicyWithValue(Transformer(cfg))
+    _randomise(pv)
+    save_training_state(tmp_path, 1, pv, {"step": 1})
+    w = read_weights(tmp_path / "ckpt" / "step_000001" / "model.safetensors")
+    assert "policy.lm_head.weight" not in w
+    assert torch.equal(w["policy.embed_tokens.weight"], pv.policy.embed_tokens.weight.detach())
+    back = PolicyWithValue(Transformer(cfg))
+    missing, unexpected = back.load_state_dict(w, strict=False)
+    assert missing == ["policy.lm_head.weight"] and unexpected == []
+    assert torch.equal(back.policy.lm_head.weight, pv.policy.lm_head.weight)  # still tied
 
 
 # ---- Echo's own exports: the round trip -----------------------------------------------------
