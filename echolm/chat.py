@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from echolm.checkpoint import MODEL_STAGES
+from echolm.checkpoint import MODEL_STAGES, imported_instruct
 from echolm.engine import SamplingParams, Utf8Stream, filter_logits, generate_ids
 from echolm.errors import EchoError
 from echolm.explain import load_run, stop_ids, token_piece, visible
@@ -255,7 +255,7 @@ def command(s: ChatSession, line: str) -> bool:
             _print(f"/stage: {e}")
             return True
         _print(f"(now talking to stage {s.stage}; the conversation is kept)")
-        if s.stage == "base" and sys.stdin.isatty():
+        if s.stage == "base" and not imported_instruct(s.run_dir) and sys.stdin.isatty():
             _note(BASE_NOTE)
     elif name == "tokens":
         if s.last is None:
@@ -275,7 +275,7 @@ def interactive(s: ChatSession) -> None:
         n = s.model.num_params()
         _print(f"echolm chat · {s.run_dir} · stage {s.stage} ({n / 1e6:.2f}M parameters) · "
                f"/help for commands, /quit to leave")
-        if s.stage == "base":
+        if s.stage == "base" and not imported_instruct(s.run_dir):
             _note(BASE_NOTE)
     while True:
         try:

@@ -41,6 +41,12 @@ def file_fingerprint(path: Path) -> str:
     return _FINGERPRINTS[key]
 
 
+def tied_head(key: str) -> bool:
+    """Whether a state-dict key is the output head (`lm_head.weight`, or a wrapper's
+    `<prefix>.lm_head.weight`): with tied embeddings it is not stored."""
+    return key == "lm_head.weight" or key.endswith(".lm_head.weight")
+
+
 def save_model(model: Transformer, folder: Path) -> None:
     """Write model.safetensors and config.json into `folder` (each atomically)."""
     save_weights(model.state_dict(), model.cfg, folder)
@@ -49,9 +55,10 @@ def save_model(model: Transformer, folder: Path) -> None:
 def save_weights(sd: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path) -> None:
     """`save_model` from a state dict (e.g. one gathered from a sharded model)."""
     folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous() for k, v in sd.items()}
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)  # safetensors refuses shared storage; it is the embedding
+    # safetensors refuses shared storage; a tied head is the embedding (also inside a wrapper
+    # such as RLHF's policy-with-value, whose keys are `policy.lm_head.weight` ...)
+    sd = {k: v.detach().contiguous() for k, v in sd.items()
+          if not (cfg.tie_embeddings and tied_head(k))}
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file(sd, str(tmp), metadata={"format": "pt"})
     atomic_write_json(folder / "config.json", asdict(cfg))
@@ -166,12 +173,29 @@ def load_training_state(path: Path) -> dict:
 MODEL_STAGES = ("base", "sft", "rl", "rlhf", "dpo")
 
 
+def imported_instruct(run_dir: Path) -> bool:
+    """Whether `run_dir` was imported from an instruct (chat) model (import.json, written by
+    `echolm import`): its base stage is then a chat model already."""
+    path = run_dir / "import.json"
+    return path.is_file() and read_json(path, "re-import the model").get("instruct") is True
+
+
+def chat_model_dir(run_dir: Path) -> Path:
+    """The run's SFT model, which later stages start from and compare with: DIR/sft, or, in a
+    run imported from an instruct model with no sft stage of its own yet, DIR/base."""
+    sft = run_dir / "sft"
+    if not (sft / "model.safetensors").exists() and imported_instruct(run_dir):
+        return run_dir / "base"
+    return sft
+
+
 def stage_dir(run_dir: Path, stage: str | None = None) -> Path:
-    """The folder of `stage`'s finished model in a run (default: the latest stage present)."""
+    """The folder of `stage`'s finished model in a run (default: the latest stage present;
+    "sft" is `chat_model_dir`'s)."""
     if stage is not None:
         if stage not in MODEL_STAGES:
             raise EchoError(f"unknown stage '{stage}' (known: {', '.join(MODEL_STAGES)})")
-        folder = run_dir / stage
+        folder = chat_model_dir(run_dir) if stage == "sft" else run_dir / stage
         if not (folder / "model.safetensors").exists():
             raise EchoError(f"{folder}: no finished '{stage}' model in this run")
         return folder

@@ -150,6 +150,11 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_import(a: argparse.Namespace) -> None:
+    if a.format == "gguf":
+        from echolm.import_gguf import import_gguf
+
+        import_gguf(a.source, a.out, force=a.force)
+        return
     from echolm.hf import import_hf
 
     import_hf(a.source, a.out, force=a.force)
@@ -342,10 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("import", help="make a run directory (tokenizer + finished base stage) "
-                       "from a local Llama / Qwen2 / Qwen3 Hugging Face checkpoint folder")
-    p.add_argument("format", choices=["hf"], help="input format")
-    p.add_argument("source", type=Path, help="checkpoint folder (config.json, *.safetensors, "
-                   "tokenizer.json)")
+                       "from a local Llama / Qwen2 / Qwen3 Hugging Face checkpoint folder or "
+                       "GGUF file")
+    p.add_argument("format", choices=["hf", "gguf"], help="input format")
+    p.add_argument("source", type=Path, help="hf: checkpoint folder (config.json, "
+                   "*.safetensors, tokenizer.json); gguf: the .gguf file")
     p.add_argument("--out", "--run", dest="out", type=Path, required=True,
                    help="run directory to create")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")

@@ -12,11 +12,11 @@ tokenizer as unused ``[PAD<id>]`` entries. llama.cpp cuts text with one of its k
 pre-tokenizers, named in ``tokenizer.ggml.pre``: Echo's split pattern (GPT-4's with single
 digits) selects exactly the same pieces as Qwen2's (only possessive quantifiers differ, which
 never change a match here), so Echo's tokenizers are ``qwen2``; an imported tokenizer must use
-Qwen2's, Llama 3's or GPT-2's split, anything else is refused. ``<|bos|>`` is added to every
-text (``add_bos_token``); the chat template and end of generation are those the model knows
-(`chat_format`): Echo's template (`echolm.hf.CHAT_TEMPLATE`) and ``<|assistant_end|>``, or
-``<|bos|>`` (the end of a document) for an Echo base model; an imported base model keeps its
-source's own template and end token.
+Qwen2's, Llama 3's, GPT-2's or SmolLM's split (``smollm``: every digit alone, then GPT-2's),
+anything else is refused. ``<|bos|>`` is added to every text (``add_bos_token``); the chat
+template and end of generation are those the model knows (`chat_format`): Echo's template
+(`echolm.hf.CHAT_TEMPLATE`) and ``<|assistant_end|>``, or ``<|bos|>`` (the end of a document)
+for an Echo base model; an imported base model keeps its source's own template and end token.
 
 Dtypes: ``f32`` (exact), ``f16`` and ``q8_0`` for the matrices (1-D tensors, the norms and
 biases, stay f32 as llama.cpp's converter keeps them). The file is written under a temporary
@@ -59,16 +59,27 @@ def _llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+def llama_unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of `_llama_permute` (a llama GGUF's q/k rows -> HF's half-split layout)."""
+    return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+# Echo's (= Hugging Face's, without ``model.``) tensor names -> llama.cpp's; import inverts them
+GGUF_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down"}
+
+
 def gguf_tensors(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
     """Echo's tensors under llama.cpp's names (fp32; q/k permuted for ``llama``)."""
     cfg = model.cfg
-    names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                 "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names, per_layer = GGUF_NAMES, GGUF_LAYER_NAMES
     out = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
@@ -97,12 +108,18 @@ def _pre_tokenizer_name(spec: dict[str, Any] | None, where: str) -> str:
             raise EchoError(f"{where}: a ByteLevel pre_tokenizer with add_prefix_space=true "
                             "has no llama.cpp equivalent")
         return "gpt-2"
+    digits = [s for s in steps if s.get("type") == "Digits"]
+    if (len(steps) == 2 and steps[0] in digits and digits[0].get("individual_digits")
+            and steps[1] in byte_level and byte_level[0].get("use_regex", True)
+            and not byte_level[0].get("add_prefix_space")):
+        return "smollm"  # SmolLM's: every digit alone, then GPT-2's split
     if len(splits) == 1 and len(byte_level) == 1 and len(steps) == 2:
         pattern = splits[0].get("pattern", {}).get("Regex")
         if pattern in KNOWN_SPLITS and not byte_level[0].get("use_regex", True):
             return KNOWN_SPLITS[pattern]
     raise EchoError(f"{where}: pre_tokenizer {json.dumps(spec)[:120]} matches no llama.cpp "
-                    "pre-tokenizer Echo knows (Echo's, Qwen2's, Llama 3's or GPT-2's split)")
+                    "pre-tokenizer Echo knows (Echo's, Qwen2's, Llama 3's, GPT-2's or "
+                    "SmolLM's split)")
 
 
 def gguf_vocab(tok: Tokenizer, n_vocab: int, where: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch
 
 from echolm.annotator import gold_score
 from echolm.atomic import atomic_write_json
-from echolm.checkpoint import file_fingerprint, load_model
+from echolm.checkpoint import chat_model_dir, file_fingerprint, load_model
 from echolm.config import Config, RLHFConfig
 from echolm.data.prompts import PromptItem, rlhf_prompts
 from echolm.model import Transformer
@@ -93,7 +93,7 @@ def sft_baseline(cfg: Config, run_dir: Path, log=print) -> dict:
     corrupt file)."""
     p = cfg.rlhf
     path = run_dir / "sft_baseline.json"
-    key = "/".join([file_fingerprint(run_dir / "sft" / "model.safetensors"),
+    key = "/".join([file_fingerprint(chat_model_dir(run_dir) / "model.safetensors"),
                     file_fingerprint(run_dir / "rm" / "model.safetensors"),
                     str((p.eval_prompts, p.final_samples, p.max_tokens, p.temperature))])
     cached = read_cache(path, log)
@@ -103,7 +103,7 @@ def sft_baseline(cfg: Config, run_dir: Path, log=print) -> dict:
     tok = Tokenizer.load(run_dir / "tokenizer")
     rm = load_reward_model(run_dir / "rm")
     items = rlhf_prompts("val", p.eval_prompts, 0)
-    ev, gold, _ = evaluate_policy(load_model(run_dir / "sft"), None, rm, tok, items, p,
+    ev, gold, _ = evaluate_policy(load_model(chat_model_dir(run_dir)), None, rm, tok, items, p,
                                   seed=FINAL_EVAL_SEED, samples=p.final_samples)
     result = {"gold": gold, "mean_gold": ev.gold, "proxy": ev.proxy,
               "seconds": round(time.perf_counter() - t0, 2), "key": key}
@@ -120,7 +120,7 @@ def gold_win_rate(cfg: Config, run_dir: Path, stage: str, baseline: dict | None 
     p = cfg.rlhf
     baseline = baseline or sft_baseline(cfg, run_dir, log)
     tok = Tokenizer.load(run_dir / "tokenizer")
-    sft = load_model(run_dir / "sft")
+    sft = load_model(chat_model_dir(run_dir))
     rm = load_reward_model(run_dir / "rm")
     items = rlhf_prompts("val", p.eval_prompts, 0)
     ev, _, _ = evaluate_policy(load_model(model_dir or run_dir / stage), sft, rm, tok, items, p,

@@ -33,29 +33,32 @@ Llama 3's headers, ...) is not used: SFT then teaches the model Echo's format, a
 of the result carries Echo's template. Echo's `Tokenizer` encodes such a tokenizer through
 `tokenizers` itself (not tiktoken), since its split pattern differs from Echo's.
 
+Import reads the folder into an `echolm.import_run.ImportSource`; `write_import` (shared with
+`echolm import gguf`) adds the tokens and rows and writes the run directory.
+
 Where it goes. `--out` is never the run or source itself, a folder holding it, or one inside
 a run directory; `--force` replaces only an earlier export (exactly EXPORT_FILES) or an
-earlier import nothing was added to (exactly IMPORT_FILES), swapped in once complete
+earlier import nothing was added to (exactly import_run.IMPORT_FILES), swapped in once complete
 (`check_out`, `replacing`).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
 
 from echolm.atomic import atomic_write_json
 from echolm.checkpoint import load_model, read_weights, stage_dir
 from echolm.config import ModelConfig
 from echolm.errors import EchoError
+from echolm.import_run import IMPORT_FILES, ImportSource, add_echo_specials, write_import
 from echolm.model import Transformer
 from echolm.outdir import check_out, replacing
 from echolm.runfiles import read_json
@@ -85,13 +88,11 @@ CHAT_TEMPLATE = (
 )
 SUPPORTED = ("llama", "qwen2", "qwen3")
 
-# What each command writes: `--force` replaces a folder only when it holds exactly this (an
-# earlier export; an earlier import nothing was added to), so it never deletes anything else.
+# What export writes: `--force` replaces a folder only when it holds exactly this (an earlier
+# export), so it never deletes anything else (an import's: import_run.IMPORT_FILES).
 EXPORT_FILES = frozenset({"model.safetensors", "config.json", "generation_config.json",
                           "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                           "echolm.json"})
-IMPORT_FILES = frozenset({"import.json", "tokenizer/tokenizer.json", "tokenizer/done.json",
-                          "base/model.safetensors", "base/config.json", "base/done.json"})
 
 
 # ---- export ---------------------------------------------------------------------------------
@@ -312,38 +313,6 @@ def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _echo_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, has_o_bias: bool,
-                  where: str) -> dict[str, torch.Tensor]:
-    """Rename HF tensors to Echo's (fp32) and check them against the model's shapes."""
-    out = {}
-    for name, t in tensors.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # older checkpoints store RoPE frequencies; Echo recomputes them
-        key = name.removeprefix("model.")
-        if key.endswith("self_attn.o_proj.bias") and has_o_bias:
-            if bool(t.any()):
-                raise EchoError(f"{where}: {name} is not zero: Echo's attention has biases on "
-                                "q/k/v only (attention_bias with a nonzero o_proj bias)")
-            continue
-        if key == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # tied: the embedding is the head
-        out[key] = t.to(torch.float32).contiguous()
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
-    if cfg.tie_embeddings:
-        shapes.pop("lm_head.weight")
-    missing = [k for k in shapes if k not in out]
-    unexpected = [k for k in out if k not in shapes]
-    if missing or unexpected:
-        raise EchoError(f"{where}: weights do not match config.json (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
-    for k, shape in shapes.items():
-        if out[k].shape != shape:
-            raise EchoError(f"{where}: {k} has shape {tuple(out[k].shape)}, config.json implies "
-                            f"{tuple(shape)}")
-    return out
-
-
 def _source_bos(folder: Path, hf: dict[str, Any], tok: HFTokenizer) -> int | None:
     """The source model's BOS id: tokenizer_config.json's bos_token, else config.json's."""
     tc = folder / "tokenizer_config.json"
@@ -357,20 +326,30 @@ def _source_bos(folder: Path, hf: dict[str, Any], tok: HFTokenizer) -> int | Non
     return bos_id if isinstance(bos_id, int) and not isinstance(bos_id, bool) else None
 
 
-def import_tokenizer(folder: Path) -> tuple[HFTokenizer, list[str]]:
-    """The source's tokenizer with Echo's missing special tokens added (ids after the last)."""
+def _read_tokenizer(folder: Path) -> HFTokenizer:
     path = folder / "tokenizer.json"
     if not path.exists():
         raise EchoError(f"{path}: missing; Echo imports fast tokenizers (tokenizer.json). "
                         "Save one with AutoTokenizer.from_pretrained(...).save_pretrained(...)")
     try:
-        hf = HFTokenizer.from_file(str(path))
+        return HFTokenizer.from_file(str(path))
     except Exception as e:  # the library raises plain Exceptions for bad files
         raise EchoError(f"{path}: not a valid tokenizer.json ({e})") from None
-    missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
-    if missing:
-        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-    return hf, missing
+
+
+def import_tokenizer(folder: Path) -> tuple[HFTokenizer, list[str]]:
+    """The source's tokenizer with Echo's missing special tokens added (ids after the last)."""
+    hf = _read_tokenizer(folder)
+    return hf, add_echo_specials(hf)
+
+
+def _instruct(src: Path, hf: dict[str, Any], chat: dict[str, Any] | None) -> bool:
+    """A chat model: it has a chat template and its generation does not end at its BOS (an
+    Echo base model's export ends documents with <|bos|>)."""
+    gen = src / "generation_config.json"
+    eos = (_read_json(gen) if gen.exists() else {}).get("eos_token_id", hf.get("eos_token_id"))
+    eos = eos if isinstance(eos, list) else [eos]
+    return chat is not None and hf.get("bos_token_id") not in eos
 
 
 def import_hf(src: Path, run_dir: Path, force: bool = False, log=print) -> dict[str, Any]:
@@ -382,82 +361,32 @@ def import_hf(src: Path, run_dir: Path, force: bool = False, log=print) -> dict[
     where = str(src / "config.json")
     hf = _read_json(src / "config.json")
     cfg = echo_config_from_hf(hf, where)
-    hf_tok, added = import_tokenizer(src)
-    tensors = _read_hf_tensors(src)
-    src_dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
-    has_o_bias = bool(hf.get("attention_bias")) and hf["model_type"] != "qwen2"
-    sd = _echo_tensors(tensors, cfg, has_o_bias, where)
-    del tensors
-
-    # Echo's special tokens: rows for the new ids (mean of the source's token rows; <|bos|>
-    # copies the source's BOS row); ids beyond the source's vocabulary extend the matrices
-    src_vocab = cfg.vocab_size
-    vocab = hf_tok.get_vocab()
-    new_ids = sorted(vocab[t] for t in added)
-    old_ids = sorted(i for t, i in vocab.items() if t not in added and i < src_vocab)
-    size = max(src_vocab, max(vocab.values()) + 1)
-    bos_src = _source_bos(src, hf, hf_tok) if BOS in added else None
-    if bos_src is not None and not 0 <= bos_src < src_vocab:
-        bos_src = None
-    grown = list(range(src_vocab, size))
-    fill = sorted(set(new_ids) | set(grown))
-    for key in ("embed_tokens.weight", "lm_head.weight"):
-        if key not in sd or not fill:
-            continue
-        w = sd[key]
-        mean = w[old_ids].mean(0) if old_ids else w.mean(0)
-        if size > src_vocab:
-            w = torch.cat([w, w.new_zeros(size - src_vocab, w.shape[1])])
-        w[fill] = mean
-        if bos_src is not None:
-            w[vocab[BOS]] = w[bos_src]
-        sd[key] = w
-    cfg.vocab_size = size
-    tok = Tokenizer(HFTokenizer.from_str(hf_tok.to_str()))  # checks Echo's special tokens
-
-    with replacing(run_dir) as tmp:
-        (tmp / "tokenizer").mkdir()
-        if added:
-            tok.save(tmp / "tokenizer")
-        else:  # already Echo's chat tokens (e.g. an Echo export): keep the file byte for byte
-            _copy_run_tokenizer(src / "tokenizer.json", tok,
-                                tmp / "tokenizer" / "tokenizer.json")
-        base = tmp / "base"
-        base.mkdir()
-        save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(base / "config.json", vars(cfg))
-        n_params = sum(t.numel() for t in sd.values())
-        info = {
-            "source": str(src.resolve()), "model_type": hf["model_type"],
-            "architectures": hf.get("architectures"), "source_dtypes": src_dtypes,
-            "added_special_tokens": {t: vocab[t] for t in added},
-            "vocab_size": {"source": src_vocab, "echo": size},
-            "bos_row_from": bos_src, "native_tokenizer": tok.native,
-            "source_chat_template": source_chat(src) is not None,
-            "source_chat": source_chat(src), "params": n_params,
-            "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        atomic_write_json(tmp / "import.json", info)
-        atomic_write_json(tmp / "tokenizer" / "done.json", {
-            "vocab_size": tok.vocab_size, "imported_from": info["source"]})
-        atomic_write_json(base / "done.json", {
-            "imported_from": info["source"], "model_type": hf["model_type"], "params": n_params})
-    log(f"import: {hf['model_type']} model ({n_params:,} parameters) from {src} -> {run_dir}"
-        + (f"; added {len(added)} Echo special tokens (vocab {src_vocab} -> {size})"
-           if added else ""))
-    return info
+    hf_tok = _read_tokenizer(src)
+    chat = source_chat(src)
+    tok_json = None
+    if not any(hf_tok.token_to_id(t) is None for t in SPECIAL_TOKENS):
+        tok_json = _run_tokenizer_json(src / "tokenizer.json",
+                                       Tokenizer(HFTokenizer.from_str(hf_tok.to_str())))
+    return write_import(ImportSource(
+        path=src, where=where, model_type=hf["model_type"], cfg=cfg, tokenizer=hf_tok,
+        tensors=_read_hf_tensors(src),
+        has_o_bias=bool(hf.get("attention_bias")) and hf["model_type"] != "qwen2",
+        bos=_source_bos(src, hf, hf_tok), chat=chat, instruct=_instruct(src, hf, chat),
+        tokenizer_json=tok_json, info={"format": "hf", "architectures": hf.get("architectures")},
+    ), run_dir, log)
 
 
-def _copy_run_tokenizer(path: Path, tok: Tokenizer, dst: Path) -> None:
-    """Copy tokenizer.json byte for byte, except that the <|bos|> post-processor an Echo export
-    adds is taken off again (a run's tokenizer has none): export -> import is bit-exact."""
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    hf = HFTokenizer.from_file(str(path))
+def _run_tokenizer_json(path: Path, tok: Tokenizer) -> str:
+    """tokenizer.json's text byte for byte, except that the <|bos|> post-processor an Echo
+    export adds is taken off again (a run's tokenizer has none): export -> import is bit-exact."""
+    text = path.read_bytes().decode("utf-8")  # as it is, \r\n included
+    spec = json.loads(text)
+    hf = HFTokenizer.from_str(text)
     hf.post_processor = bos_processor(tok)
     if spec.get("post_processor") != json.loads(hf.to_str())["post_processor"]:
-        shutil.copyfile(path, dst)
-        return
+        return text
     spec["post_processor"] = None
-    HFTokenizer.from_str(json.dumps(spec)).save(str(dst))
+    return HFTokenizer.from_str(json.dumps(spec)).to_str(pretty=True)
 
 
 def source_chat(src: Path) -> dict[str, Any] | None:

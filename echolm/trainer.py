@@ -35,6 +35,7 @@ from echolm.checkpoint import (
     load_training_state,
     read_weights,
     save_training_state,
+    tied_head,
 )
 from echolm.config import LoopConfig
 from echolm.errors import EchoError
@@ -169,7 +170,7 @@ class Trainer:
         try:
             missing, unexpected = self.model.load_state_dict(weights, strict=False)
             missing = [k for k in missing
-                       if not (k == "lm_head.weight" and self.model.cfg.tie_embeddings)]
+                       if not (tied_head(k) and self.model.cfg.tie_embeddings)]
             if missing or unexpected:
                 raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
             for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):

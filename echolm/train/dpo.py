@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from echolm.checkpoint import load_model, save_model
+from echolm.checkpoint import chat_model_dir, load_model, save_model
 from echolm.config import Config, DPOConfig
 from echolm.data.chat import sft_rows
 from echolm.errors import EchoError
@@ -215,8 +215,8 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     dcfg = tcfg = cfg.dpo
     d = single_process("dpo")
     tok = Tokenizer.load(run_dir / "tokenizer")
-    policy = load_model(run_dir / "sft", d.device)
-    reference = load_model(run_dir / "sft", d.device).eval().requires_grad_(False)
+    policy = load_model(chat_model_dir(run_dir), d.device)
+    reference = load_model(chat_model_dir(run_dir), d.device).eval().requires_grad_(False)
     check_seq_len("dpo", tcfg.seq_len, policy.cfg.max_seq_len)
     train_r, held_r = split_by_prompt(load_rankings(run_dir, cfg.data.rankings_annotator),
                                      cfg.data.rankings_heldout_fraction)

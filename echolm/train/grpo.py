@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from echolm.checkpoint import load_model, save_model
+from echolm.checkpoint import chat_model_dir, load_model, save_model
 from echolm.config import Config, RLConfig
 from echolm.evaluate import task_pass_at_k
 from echolm.losses import clipped_policy_loss, group_advantages, kl_k3, overlong_penalty
@@ -125,7 +125,7 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     d = single_process("rl", "generation is not sharded")
     g = cfg.rl
     tok = Tokenizer.load(run_dir / "tokenizer")
-    model = load_model(run_dir / g.init)
+    model = load_model(chat_model_dir(run_dir) if g.init == "sft" else run_dir / g.init)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if g.kl_beta > 0 else None
     tasks = [task_from_spec(s) for s in g.tasks]
     pool = [(t, p) for t in tasks for p in problems_up_to(t, "train", 5000, g.seed)]

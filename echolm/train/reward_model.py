@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from echolm.checkpoint import (
     atomic_write_json,
+    chat_model_dir,
     save_model,
 )
 from echolm.config import Config, RMConfig
@@ -249,7 +250,7 @@ def run_rm(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     rcfg = tcfg = cfg.rm
     d = single_process("rm")
     tok = Tokenizer.load(run_dir / "tokenizer")
-    rm = reward_model_from_backbone(run_dir / "sft")
+    rm = reward_model_from_backbone(chat_model_dir(run_dir))
     check_seq_len("rm", tcfg.seq_len, rm.cfg.max_seq_len)
     rm.max_len = tcfg.seq_len
     data = prepare_rm_data(cfg, run_dir, tok, tcfg.seq_len)

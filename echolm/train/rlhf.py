@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from echolm.atomic import atomic_write_json
-from echolm.checkpoint import load_model, save_model
+from echolm.checkpoint import chat_model_dir, load_model, save_model
 from echolm.config import Config, RLHFConfig
 from echolm.data.chat import sft_rows
 from echolm.data.prompts import rlhf_prompts
@@ -131,7 +131,7 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: RLHFConfig,
     run's), else it is measured first. `log_dir`: where metrics.jsonl is (default DIR)."""
     d = single_process(stage, "generation is not sharded")
     tok = Tokenizer.load(run_dir / "tokenizer")
-    policy = load_model(run_dir / "sft")
+    policy = load_model(chat_model_dir(run_dir))
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     rm = load_reward_model(run_dir / "rm")
     model: nn.Module = PolicyWithValue(policy) if p.algorithm == "ppo" else policy
@@ -270,7 +270,7 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     # the inputs, read before anything is written: the measurement below may be cached
     single_process("rlhf", "generation is not sharded")
     Tokenizer.load(run_dir / "tokenizer")
-    load_model(run_dir / "sft")
+    load_model(chat_model_dir(run_dir))
     load_reward_model(run_dir / "rm")
     # SFT's answers for the final figure, first: the kept model is measured the same way
     # later (plus a KL pass: ~1.3x), so this times what the budget must keep for it
@@ -286,7 +286,7 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     best = max(ex["history"], key=lambda h: h["gold"]) if p.guard else ex["history"][-1]
     if p.guard and best["step"] == 0:  # nothing beat SFT by gold: hand on SFT itself
         log("rlhf: no step beat the SFT model on gold reward; the stage keeps the SFT model")
-        policy = load_model(run_dir / "sft")
+        policy = load_model(chat_model_dir(run_dir))
     elif p.guard and (out / "best" / "model.safetensors").exists():
         policy = load_model(out / "best")
     save_model(policy, out)

@@ -1,0 +1,168 @@
+"""The run directory an import makes: one writer for every source format.
+
+`echolm import hf` (echolm/hf.py) and `echolm import gguf` (echolm/import_gguf.py) each read
+their source into an `ImportSource` in Hugging Face's terms: Echo's ModelConfig (translated from
+an HF config.json by `echolm.hf.echo_config_from_hf`), tensors under HF's names in fp32, and the
+source's own `tokenizers` tokenizer. `write_import` then does the rest the same way for both:
+Echo's special tokens added to the tokenizer, embedding rows for them (see echolm/hf.py,
+"Foreign tokenizers"), and DIR/tokenizer, DIR/base (finished) and DIR/import.json written
+under a temporary name and swapped in once complete (`echolm.outdir.replacing`).
+
+An imported model that ships a chat template and ends its turns with a token other than its
+BOS is an instruct (chat) model: import.json and base/done.json say ``"instruct": true``, and
+until the run has an sft stage of its own, the stages that start from or compare with the SFT
+model (rl, rank, rm, rlhf, dpo, `--stage sft`) take its base model
+(`echolm.checkpoint.chat_model_dir`). import.json keeps its own chat template and end-of-turn
+token (``source_chat``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as HFTokenizer
+
+from echolm.atomic import atomic_write_json
+from echolm.config import ModelConfig
+from echolm.errors import EchoError
+from echolm.model import Transformer
+from echolm.outdir import replacing
+from echolm.tokenizer import BOS, SPECIAL_TOKENS, Tokenizer
+
+# What an import writes: `--force` replaces a folder only when it holds exactly this (an
+# earlier import nothing was added to), so it never deletes anything else.
+IMPORT_FILES = frozenset({"import.json", "tokenizer/tokenizer.json", "tokenizer/done.json",
+                          "base/model.safetensors", "base/config.json", "base/done.json"})
+
+
+@dataclass
+class ImportSource:
+    """A source model read into Hugging Face's terms, ready for `write_import`."""
+    path: Path  # the folder or file imported (import.json records it)
+    where: str  # what error messages about its config name (config.json, the .gguf file)
+    model_type: str  # llama, qwen2, qwen3
+    cfg: ModelConfig  # Echo's config for the source's vocabulary
+    tokenizer: HFTokenizer  # the source's own tokenizer, nothing added
+    tensors: dict[str, torch.Tensor]  # HF names (``model.`` prefix), any float dtype
+    has_o_bias: bool  # the source stores o_proj biases (they must be zero)
+    bos: int | None  # the source's BOS id: Echo's <|bos|> row copies it
+    chat: dict[str, Any] | None  # {"template", "eos_token"}: its own chat format
+    instruct: bool  # a chat (instruct) model, not a base model
+    tokenizer_json: str | None = None  # written as is when no token is added (byte-exact)
+    info: dict[str, Any] = field(default_factory=dict)  # more for import.json
+
+
+def add_echo_specials(hf: HFTokenizer) -> list[str]:
+    """Add Echo's special tokens `hf` lacks (ids after the last); returns those added."""
+    missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+    if missing:
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    return missing
+
+
+def echo_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, has_o_bias: bool,
+                 where: str) -> dict[str, torch.Tensor]:
+    """Rename HF tensors to Echo's (fp32) and check them against the model's shapes."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # older checkpoints store RoPE frequencies; Echo recomputes them
+        key = name.removeprefix("model.")
+        if key.endswith("self_attn.o_proj.bias") and has_o_bias:
+            if bool(t.any()):
+                raise EchoError(f"{where}: {name} is not zero: Echo's attention has biases on "
+                                "q/k/v only (attention_bias with a nonzero o_proj bias)")
+            continue
+        if key == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # tied: the embedding is the head
+        out[key] = t.to(torch.float32).contiguous()
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    if cfg.tie_embeddings:
+        shapes.pop("lm_head.weight")
+    missing = [k for k in shapes if k not in out]
+    unexpected = [k for k in out if k not in shapes]
+    if missing or unexpected:
+        raise EchoError(f"{where}: weights do not match the model's config (missing "
+                        f"{missing[:3]}, unexpected {unexpected[:3]})")
+    for k, shape in shapes.items():
+        if out[k].shape != shape:
+            raise EchoError(f"{where}: {k} has shape {tuple(out[k].shape)}, the config implies "
+                            f"{tuple(shape)}")
+    return out
+
+
+def write_import(src: ImportSource, run_dir: Path, log=print) -> dict[str, Any]:
+    """Make `run_dir` (tokenizer + finished base stage + import.json) from `src`. The caller
+    has checked `run_dir` (`echolm.outdir.check_out` with IMPORT_FILES)."""
+    cfg = src.cfg
+    hf_tok = src.tokenizer
+    added = add_echo_specials(hf_tok)
+    sd = echo_tensors(src.tensors, cfg, src.has_o_bias, src.where)
+    src_dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in src.tensors.values()})
+    src.tensors.clear()  # the fp32 copies are all that is needed now
+
+    # Echo's special tokens: rows for the new ids (mean of the source's token rows; <|bos|>
+    # copies the source's BOS row); ids beyond the source's vocabulary extend the matrices
+    src_vocab = cfg.vocab_size
+    vocab = hf_tok.get_vocab()
+    new_ids = sorted(vocab[t] for t in added)
+    old_ids = sorted(i for t, i in vocab.items() if t not in added and i < src_vocab)
+    size = max(src_vocab, max(vocab.values()) + 1)
+    bos_src = src.bos if BOS in added else None
+    if bos_src is not None and not 0 <= bos_src < src_vocab:
+        bos_src = None
+    grown = list(range(src_vocab, size))
+    fill = sorted(set(new_ids) | set(grown))
+    for key in ("embed_tokens.weight", "lm_head.weight"):
+        if key not in sd or not fill:
+            continue
+        w = sd[key]
+        mean = w[old_ids].mean(0) if old_ids else w.mean(0)
+        if size > src_vocab:
+            w = torch.cat([w, w.new_zeros(size - src_vocab, w.shape[1])])
+        w[fill] = mean
+        if bos_src is not None:
+            w[vocab[BOS]] = w[bos_src]
+        sd[key] = w
+    cfg.vocab_size = size
+    tok = Tokenizer(HFTokenizer.from_str(hf_tok.to_str()))  # checks Echo's special tokens
+
+    source = str(src.path.resolve())
+    with replacing(run_dir) as tmp:
+        (tmp / "tokenizer").mkdir()
+        if added or src.tokenizer_json is None:
+            tok.save(tmp / "tokenizer")
+        else:  # already Echo's chat tokens (e.g. an Echo export): keep the file byte for byte
+            (tmp / "tokenizer" / "tokenizer.json").write_bytes(src.tokenizer_json.encode())
+        base = tmp / "base"
+        base.mkdir()
+        save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(base / "config.json", vars(cfg))
+        n_params = sum(t.numel() for t in sd.values())
+        info = {
+            "source": source, "model_type": src.model_type, **src.info,
+            "source_dtypes": src_dtypes, "instruct": src.instruct,
+            "added_special_tokens": {t: vocab[t] for t in added},
+            "vocab_size": {"source": src_vocab, "echo": size},
+            "bos_row_from": bos_src, "native_tokenizer": tok.native,
+            "source_chat_template": src.chat is not None, "source_chat": src.chat,
+            "params": n_params, "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_json(tmp / "import.json", info)
+        atomic_write_json(tmp / "tokenizer" / "done.json", {
+            "vocab_size": tok.vocab_size, "imported_from": source})
+        atomic_write_json(base / "done.json", {
+            "imported_from": source, "model_type": src.model_type, "params": n_params,
+            "instruct": src.instruct})
+    log(f"import: {src.model_type} {'instruct' if src.instruct else 'base'} model "
+        f"({n_params:,} parameters) from {src.path} -> {run_dir}"
+        + (f"; added {len(added)} Echo special tokens (vocab {src_vocab} -> {size})"
+           if added else ""))
+    return info
+
