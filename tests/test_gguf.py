@@ -63,6 +63,18 @@ def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(1.0 + 0.3 * noise if "norm" in name else 0.1 * noise)
 
 
+def random_sft(run_dir, variant: str) -> tuple[Transformer, Tokenizer]:
+    """A random model of `variant`'s layout saved as the run's sft stage (with its tokenizer)."""
+    fields, _ = VARIANTS[variant]
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    cfg = ModelConfig(vocab_size=tok.vocab_size + 5, n_layer=2, n_embd=64, n_head=4,
+                      n_kv_head=2, max_seq_len=128, rope_theta=5000.0, norm_eps=1e-5, **fields)
+    model = Transformer(cfg)
+    _randomise(model)
+    save_model(model, run_dir / "sft")
+    return model, tok
+
+
 def _export(run: Path, out: Path, *args: str) -> None:
     assert main(["export", "gguf", "--run", str(run), "--out", str(out), *args]) == 0
 
@@ -115,13 +127,9 @@ def _check_tokenizer(path: Path, tok: Tokenizer, pre: str) -> None:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_export_gguf_loads_in_transformers_with_echo_logits(variant, run_dir, tmp_path):
-    fields, arch = VARIANTS[variant]
-    tok = Tokenizer.load(run_dir / "tokenizer")
-    cfg = ModelConfig(vocab_size=tok.vocab_size + 5, n_layer=2, n_embd=64, n_head=4,
-                      n_kv_head=2, max_seq_len=128, rope_theta=5000.0, norm_eps=1e-5, **fields)
-    model = Transformer(cfg)
-    _randomise(model)
-    save_model(model, run_dir / "sft")
+    arch = VARIANTS[variant][1]
+    model, tok = random_sft(run_dir, variant)
+    cfg = model.cfg
     ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     for dtype in ("f32", "f16", "q8_0"):
         out = tmp_path / f"m-{dtype}.gguf"

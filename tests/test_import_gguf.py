@@ -16,7 +16,15 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from test_gguf import CHATML, TEXTS, VARIANTS, _export, _hf_from_gguf, _randomise, _rounded
+from test_gguf import (
+    CHATML,
+    TEXTS,
+    _export,
+    _hf_from_gguf,
+    _randomise,
+    _rounded,
+    random_sft,
+)
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -231,13 +239,8 @@ def test_tied_model_checkpoints_inside_the_rlhf_wrapper(tmp_path):
 @pytest.mark.parametrize("variant,dtype", [("llama", "f32"), ("qwen3-tied-head_dim", "q8_0"),
                                            ("qwen2-bias", "f32")])
 def test_export_then_import_gives_the_same_model(variant, dtype, run_dir, tmp_path):
-    fields, _ = VARIANTS[variant]
-    tok = Tokenizer.load(run_dir / "tokenizer")
-    cfg = ModelConfig(vocab_size=tok.vocab_size + 5, n_layer=2, n_embd=64, n_head=4,
-                      n_kv_head=2, max_seq_len=128, rope_theta=5000.0, norm_eps=1e-5, **fields)
-    model = Transformer(cfg)
-    _randomise(model)
-    save_model(model, run_dir / "sft")
+    model, tok = random_sft(run_dir, variant)
+    cfg = model.cfg
     out = tmp_path / f"m-{dtype}.gguf"
     _export(run_dir, out, "--dtype", dtype)
     back = tmp_path / "back"
