@@ -233,11 +233,11 @@ def _outcome(e: BaseException) -> tuple[str, str]:
 
 
 def read_status(run_dir: Path) -> dict:
+    """DIR/status.json, or {} when there is none or it is unreadable (it is rewritten)."""
     try:
-        status = json.loads((run_dir / STATUS_FILE).read_text())
-    except (OSError, ValueError):
+        return read_json(run_dir / STATUS_FILE, "", default={})
+    except EchoError:
         return {}
-    return status if isinstance(status, dict) else {}
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from typing import Any
 import torch.distributed as dist
 
 from echolm.atomic import atomic_write_json, atomic_write_text
+from echolm.errors import EchoError
 from echolm.runfiles import read_json
 from echolm.summary import read_summary, update_summary
 
@@ -184,10 +185,10 @@ class ForcePass:
         self.redone: list[str] = []
         if force and self.path.exists():
             try:
-                saved = json.loads(self.path.read_text())
-            except ValueError:
+                saved = read_json(self.path, "")
+            except EchoError:  # unreadable: the pass starts over
                 saved = {}
-            if isinstance(saved, dict) and saved.get("settings") == settings:
+            if saved.get("settings") == settings:
                 self.redone = list(saved.get("redone", []))
 
     def force(self, stage: str) -> bool:

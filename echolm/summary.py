@@ -12,7 +12,7 @@ from echolm.runfiles import read_json
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """The summary so far ({} before any stage); a corrupt one is a one-line error. Every
-    stage reads it before its first step (runtime.finished_stage), so that a corrupt file
+    stage reads it before its first step (staging.StageOutput.finished), so that a corrupt file
     stops the stage there, not after its training when the stage adds its results."""
     return read_json(run_dir / "summary.json", "delete it to start a new one (a finished "
                      "stage adds its results again when rerun with --force)", values=dict,

@@ -4,7 +4,6 @@ the shared loop; writes `base/model.safetensors` and the `base` entry of summary
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -22,6 +21,7 @@ from echolm.engine import SamplingParams, generate
 from echolm.errors import EchoError
 from echolm.evaluate import bpb_key, cached, eval_bpb
 from echolm.model import Transformer
+from echolm.runfiles import read_cache
 from echolm.runtime import autocast, check_seq_len, setup_distributed
 from echolm.staging import StageOutput
 from echolm.tokenizer import Tokenizer
@@ -41,11 +41,9 @@ def prepare_tokens(cfg: Config, run_dir: Path, tok: Tokenizer, log=print) -> Pat
               "val_fraction": cfg.data.val_fraction}
     meta_file = folder / "meta.json"
     if meta_file.exists():
-        try:
-            if json.loads(meta_file.read_text()).get("source") == source:
-                return folder
-        except (ValueError, AttributeError):
-            pass  # unreadable: encoded again below
+        old = read_cache(meta_file, log)  # unreadable: said, and encoded again below
+        if old is not None and old.get("source") == source:
+            return folder
         log(f"tokens: {folder} was encoded from another tokenizer or data: encoding again")
     t0 = time.time()
     meta: dict = {"source": source}
