@@ -107,8 +107,9 @@ class PreferenceStore:
         return EchoError(f"{self.path}: {table} row {row_id}: {what}; mend or delete that row, "
                          f'e.g. sqlite3 {self.path} "{fix}"')
 
-    def _response_ids(self, row_id: int, prompt_id: int, raw: str) -> list[int]:
-        """A ranking row's response ids, checked: distinct responses to its prompt."""
+    def _ranked_responses(self, row_id: int, prompt_id: int, raw: str) -> dict[int, str]:
+        """A ranking row's responses, id -> text in its order (best first), checked: distinct
+        responses to its prompt."""
         try:
             ids = json.loads(raw)
         except (TypeError, ValueError):
@@ -117,13 +118,13 @@ class PreferenceStore:
                 and all(type(i) is int for i in ids)):
             raise self._bad_row("rankings", row_id, f"response_ids {str(raw)[:40]!r} is not a "
                                 "list of two or more response ids")
-        known = {r[0] for r in self.db.execute(
-            f"SELECT id FROM responses WHERE prompt_id = ? AND id IN "
-            f"({','.join('?' * len(ids))})", (prompt_id, *ids)).fetchall()}
+        known = dict(self.db.execute(
+            f"SELECT id, text FROM responses WHERE prompt_id = ? AND id IN "
+            f"({','.join('?' * len(ids))})", (prompt_id, *ids)).fetchall())
         if unknown := [i for i in ids if i not in known]:
             raise self._bad_row("rankings", row_id, f"response_ids names response {unknown[0]}"
                                 f", which is not an answer to its prompt {prompt_id}")
-        return ids
+        return {i: known[i] for i in ids}
 
     def close(self) -> None:
         self.db.close()
@@ -222,11 +223,7 @@ class PreferenceStore:
         """The orders (response ids, best first) `annotator` gave a prompt, oldest first."""
         rows = self.db.execute("SELECT id, response_ids FROM rankings WHERE prompt_id = ? AND "
                                "annotator = ? ORDER BY id", (prompt_id, annotator)).fetchall()
-        return [self._response_ids(rid, prompt_id, raw) for rid, raw in rows]
-
-    def ranked_sets(self, prompt_id: int, annotator: str) -> list[set[int]]:
-        """The sets of responses `annotator` has ranked for a prompt (one per ranking)."""
-        return [set(ids) for ids in self.ranked_orders(prompt_id, annotator)]
+        return [list(self._ranked_responses(rid, prompt_id, raw)) for rid, raw in rows]
 
     def unranked(self, annotator: str, limit: int = 100) -> list[int]:
         """Prompts with at least two responses that `annotator` has not ranked yet."""
@@ -247,11 +244,8 @@ class PreferenceStore:
         out = []
         for rid, pid, ids_json, who, prompt in self.db.execute(q + " ORDER BY k.id",
                                                                args).fetchall():
-            ids = self._response_ids(rid, pid, ids_json)
-            texts = dict(self.db.execute(
-                f"SELECT id, text FROM responses WHERE id IN ({','.join('?' * len(ids))})",
-                ids).fetchall())
-            out.append(Ranking(prompt, [texts[i] for i in ids], who, pid, ids))
+            answers = self._ranked_responses(rid, pid, ids_json)
+            out.append(Ranking(prompt, list(answers.values()), who, pid, list(answers)))
         return out
 
     def counts(self) -> dict[str, int]:

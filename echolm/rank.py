@@ -207,16 +207,10 @@ class Policy:
                 for it, got in zip(items, out, strict=True)]
 
 
-def already_ranked(store: PreferenceStore, prompt_id: int, annotator: str,
-                   response_ids: set[int]) -> bool:
-    return any(ids <= response_ids for ids in store.ranked_sets(prompt_id, annotator))
-
-
-def earlier_ranking(store: PreferenceStore, policy: Policy, item: PromptItem, annotator: str
-                    ) -> tuple[Question, list[int]] | None:
-    """The answers this annotator already ranked for `item` (this model's, in the store),
-    best first, and that order: what a resumed run counts as ranked before."""
-    pid, mine = stored_answers(store, policy, item)
+def earlier_ranking(store: PreferenceStore, item: PromptItem, pid: int, mine: list[dict],
+                    annotator: str) -> tuple[Question, list[int]] | None:
+    """The answers among `mine` (this model's, in the store) this annotator already ranked
+    for `item`, best first, and that order: what a resumed run counts as ranked before."""
     by_id = {r["id"]: r for r in mine}
     for ids in store.ranked_orders(pid, annotator):
         if set(ids) <= by_id.keys():
@@ -236,13 +230,15 @@ def stored_answers(store: PreferenceStore, policy: Policy, item: PromptItem) -> 
 
 def prepare(store: PreferenceStore, policy: Policy, item: PromptItem, k: int, seed: int,
             temperature: float | list[float], max_tokens: int, annotator: str,
-            sampled: tuple[list[str], list[dict]] | None = None) -> Question | str:
-    """The question for one prompt, or why there is none ("ranked": this annotator already
-    ranked this model's answers; "identical": fewer than two different answers). `sampled`:
-    answers already sampled for it (in a batch), used when the store has none."""
+            sampled: tuple[list[str], list[dict]] | None = None
+            ) -> Question | str | tuple[Question, list[int]]:
+    """The question for one prompt; or, when this annotator already ranked this model's
+    answers, that earlier question and order (`earlier_ranking`); or "identical" (fewer than
+    two different answers). `sampled`: answers already sampled for it (in a batch), used when
+    the store has none."""
     pid, mine = stored_answers(store, policy, item)
-    if mine and already_ranked(store, pid, annotator, {r["id"] for r in mine}):
-        return "ranked"
+    if mine and (earlier := earlier_ranking(store, item, pid, mine, annotator)):
+        return earlier
     if len(mine) >= 2:
         mine = mine[:k]
         return Question(item, pid, [r["id"] for r in mine], [r["text"] for r in mine],
@@ -286,11 +282,13 @@ def rank_prompts(store: PreferenceStore, policy: Policy, items: list[PromptItem]
         for n, (item, sampled) in enumerate(zip(chunk, presampled, strict=True), start + 1):
             q = prepare(store, policy, item, k, seed, temperature, max_tokens, annotator,
                         sampled)
+            if isinstance(q, tuple):  # ranked before (a resumed run)
+                counts["already_ranked"] += 1
+                if on_earlier is not None:
+                    on_earlier(*q)
+                continue
             if isinstance(q, str):
-                counts["already_ranked" if q == "ranked" else "identical"] += 1
-                if q == "ranked" and on_earlier is not None and (
-                        earlier := earlier_ranking(store, policy, item, annotator)):
-                    on_earlier(*earlier)
+                counts["identical"] += 1
                 continue
             counts["reused" if q.reused else "sampled"] += 1
             order = choose(q, n, len(items))
