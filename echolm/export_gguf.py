@@ -79,20 +79,19 @@ GGUF_LAYER_NAMES = {
 def gguf_tensors(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
     """Echo's tensors under llama.cpp's names (fp32; q/k permuted for ``llama``)."""
     cfg = model.cfg
-    names, per_layer = GGUF_NAMES, GGUF_LAYER_NAMES
     out = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue  # llama.cpp reuses token_embd when output.weight is absent
         t = t.detach().float().contiguous()
-        if name in names:
-            out[names[name]] = t
+        if name in GGUF_NAMES:
+            out[GGUF_NAMES[name]] = t
             continue
         _, i, rest = name.split(".", 2)  # layers.{i}.{module}.{weight|bias}
         module, kind = rest.rsplit(".", 1)
         if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
             t = _llama_permute(t, cfg.n_head if module.endswith("q_proj") else cfg.n_kv_head)
-        out[f"blk.{i}.{per_layer[module]}.{kind}"] = t
+        out[f"blk.{i}.{GGUF_LAYER_NAMES[module]}.{kind}"] = t
     return out
 
 

@@ -162,18 +162,19 @@ def tokenizer_files(tok: Tokenizer, cfg: ModelConfig) -> dict[str, dict]:
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
 
 
-def bos_processor(tok: Tokenizer) -> processors.TemplateProcessing:
-    """Start every text with <|bos|>, as Echo starts every document (Llama's tokenizers do
-    the same): `tokenizer(text)` then gives the ids Echo's model saw in training."""
+def bos_processor(bos: int) -> processors.TemplateProcessing:
+    """Start every text with <|bos|> (id `bos`), as Echo starts every document (Llama's
+    tokenizers do the same): `tokenizer(text)` then gives the ids Echo's model saw in
+    training."""
     return processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1",
-                                         special_tokens=[(BOS, tok.bos)])
+                                         special_tokens=[(BOS, bos)])
 
 
 def export_tokenizer_json(tok_file: Path, tok: Tokenizer) -> str:
     """The run's tokenizer.json (same vocabulary, merges and split: same ids) with
     `bos_processor` as its post-processor."""
     hf = HFTokenizer.from_file(str(tok_file))
-    hf.post_processor = bos_processor(tok)
+    hf.post_processor = bos_processor(tok.bos)
     return hf.to_str(pretty=True)
 
 
@@ -365,8 +366,7 @@ def import_hf(src: Path, run_dir: Path, force: bool = False, log=print) -> dict[
     chat = source_chat(src)
     tok_json = None
     if not any(hf_tok.token_to_id(t) is None for t in SPECIAL_TOKENS):
-        tok_json = _run_tokenizer_json(src / "tokenizer.json",
-                                       Tokenizer(HFTokenizer.from_str(hf_tok.to_str())))
+        tok_json = _run_tokenizer_json(src / "tokenizer.json", hf_tok.token_to_id(BOS))
     return write_import(ImportSource(
         path=src, where=where, model_type=hf["model_type"], cfg=cfg, tokenizer=hf_tok,
         tensors=_read_hf_tensors(src),
@@ -376,13 +376,13 @@ def import_hf(src: Path, run_dir: Path, force: bool = False, log=print) -> dict[
     ), run_dir, log)
 
 
-def _run_tokenizer_json(path: Path, tok: Tokenizer) -> str:
+def _run_tokenizer_json(path: Path, bos: int) -> str:
     """tokenizer.json's text byte for byte, except that the <|bos|> post-processor an Echo
     export adds is taken off again (a run's tokenizer has none): export -> import is bit-exact."""
     text = path.read_bytes().decode("utf-8")  # as it is, \r\n included
     spec = json.loads(text)
     hf = HFTokenizer.from_str(text)
-    hf.post_processor = bos_processor(tok)
+    hf.post_processor = bos_processor(bos)
     if spec.get("post_processor") != json.loads(hf.to_str())["post_processor"]:
         return text
     spec["post_processor"] = None
