@@ -182,11 +182,9 @@ def cmd_sandbox(a: argparse.Namespace) -> None:
 
 def cmd_serve(a: argparse.Namespace) -> None:
     from echolm.serve.api import serve
-    from echolm.serve.schemas import Limits
+    from echolm.serve.limits import Limits
 
-    limits = Limits(max_body_bytes=a.max_body_bytes, max_messages=a.max_messages,
-                    max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens,
-                    max_n=a.max_n, max_concurrent=a.max_concurrent, max_batch=a.max_batch)
+    limits = Limits(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Limits)})
     try:
         limits.validate()
     except ValueError as e:
@@ -384,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=number(int, 1, 4096), default=None,
                    help="torch CPU threads")
-    from echolm.serve.schemas import Limits
+    from echolm.serve.limits import Limits  # not .schemas: no pydantic for every command
     from echolm.settings import field_docs
 
     docs = field_docs(Limits)  # the limits, their defaults and docs: one place (Limits)
@@ -431,8 +429,8 @@ WRITERS = {"run": (True, None), "tokenizer": (True, "tokenizer"),
 
 
 def _writes(args: argparse.Namespace) -> bool:
-    return args.command in WRITERS and not (args.command == "tokenizer" and
-                                            args.action != "train")
+    # of `tokenizer`, only `train` writes (encode and show read the run's tokenizer)
+    return args.command in WRITERS and getattr(args, "action", "train") == "train"
 
 
 def _command(args: argparse.Namespace) -> None:
@@ -443,14 +441,11 @@ def _command(args: argparse.Namespace) -> None:
     from echolm.pipeline import recording
     from echolm.runlock import run_lock
 
-    name = f"echolm {args.command}" + (f" {args.action}" if args.command == "tokenizer" else "")
+    name = f"echolm {args.command}" + (" train" if args.command == "tokenizer" else "")
     create, stage = WRITERS[args.command]
-    with run_lock(args.run, name, create=create):
-        if stage is None:  # `echolm run` records each of its stages itself
-            args.fn(args)
-            return
-        with recording(args.run, name, stage):
-            args.fn(args)
+    with run_lock(args.run, name, create=create), (  # `run` records each of its stages
+            contextlib.nullcontext() if stage is None else recording(args.run, name, stage)):
+        args.fn(args)
 
 
 def main(argv: list[str] | None = None) -> int:

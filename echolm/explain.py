@@ -67,12 +67,14 @@ def token_piece(tok: Tokenizer, i: int) -> str:
     """A token's own text: its bytes as UTF-8 (a cut character as \\xNN), a special token's
     name, or <|unused_N|> for a model row the tokenizer has no token for (the engine's
     token-piece table, as the server spells tokens)."""
-    return _pieces(tok, max(i + 1, tok.vocab_size)).strings[i]
+    if i >= tok.vocab_size:  # as TokenPieces spells it (one table per tokenizer, not per id)
+        return f"<|unused_{i}|>"
+    return _pieces(tok).strings[i]
 
 
 @functools.lru_cache(maxsize=4)
-def _pieces(tok: Tokenizer, size: int) -> TokenPieces:
-    return TokenPieces(tok, size)
+def _pieces(tok: Tokenizer) -> TokenPieces:
+    return TokenPieces(tok, tok.vocab_size)
 
 
 def visible(piece: str) -> str:

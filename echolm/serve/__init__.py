@@ -9,6 +9,7 @@
 - `openai_routes`, `ranking_routes`: the /v1 endpoints; the page's rank mode (/api);
 - `stream`: one server-sent-events streamer for chat and text completions;
 - `batcher`: continuous batching, with the engine's sampler and UTF-8 streamer;
-- `schemas`: request/response models and limits; `testing`: helpers for tests and benchmarks;
+- `schemas`: request/response models; `limits`: `Limits` (no pydantic: the CLI reads it);
+- `testing`: helpers for tests and benchmarks;
 - `static/`: the page (chat, compare, rank, tokens; hand-written, no build step, no CDN).
 """

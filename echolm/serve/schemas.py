@@ -7,37 +7,17 @@ Requests are strict: unknown fields, wrong JSON types ("1" for 1) and out-of-ran
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from echolm.serve.limits import Limits  # the models are built for these (and importable here)
+
 TOP_LOGPROBS_MAX = 20
 COMPLETION_LOGPROBS_MAX = 5
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
-
-
-@dataclass
-class Limits:
-    """What one request may ask for, and how much the server takes on at once."""
-
-    max_body_bytes: int = 1_000_000  # largest request body in bytes (413 above)
-    max_messages: int = 64  # messages per chat request
-    max_prompt_tokens: int = 8192  # prompt tokens (also capped by the model's context)
-    max_tokens: int = 1024  # the most tokens a request may ask for (it also ends at the context)
-    max_n: int = 8  # choices per request (and prompts x choices for /v1/completions)
-    max_concurrent: int = 64  # requests in flight (429 above)
-    max_batch: int = 64  # rows decoded together (more wait for a free row)
-
-    def validate(self) -> None:
-        for name, value in vars(self).items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"limit {name} must be a positive integer, got {value!r}")
-        if self.max_n > self.max_batch:
-            raise ValueError(f"max_n ({self.max_n}) must not exceed max_batch "
-                             f"({self.max_batch})")
 
 
 STRICT = ConfigDict(extra="forbid", strict=True)
