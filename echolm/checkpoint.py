@@ -189,13 +189,18 @@ def chat_model_dir(run_dir: Path) -> Path:
     return sft
 
 
+def model_file(run_dir: Path, stage: str) -> Path:
+    """Where `stage`'s weights are (present or not): "sft" follows `chat_model_dir`."""
+    return (chat_model_dir(run_dir) if stage == "sft" else run_dir / stage) / "model.safetensors"
+
+
 def stage_dir(run_dir: Path, stage: str | None = None) -> Path:
     """The folder of `stage`'s finished model in a run (default: the latest stage present;
     "sft" is `chat_model_dir`'s)."""
     if stage is not None:
         if stage not in MODEL_STAGES:
             raise EchoError(f"unknown stage '{stage}' (known: {', '.join(MODEL_STAGES)})")
-        folder = chat_model_dir(run_dir) if stage == "sft" else run_dir / stage
+        folder = model_file(run_dir, stage).parent
         if not (folder / "model.safetensors").exists():
             raise EchoError(f"{folder}: no finished '{stage}' model in this run")
         return folder

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from echolm.atomic import atomic_write_json
-from echolm.checkpoint import MODEL_STAGES, file_fingerprint, load_model, stage_dir
+from echolm.checkpoint import MODEL_STAGES, file_fingerprint, load_model, model_file, stage_dir
 from echolm.config import Config
 from echolm.data.shards import load_tokens
 from echolm.evaluate import bpb_key, cached, eval_bpb, task_accuracy, wilson_interval
@@ -50,9 +50,9 @@ def measured_on(cfg: Config, run_dir: Path, stage: str, humaneval: int, gold_pro
     """What a stage's result depends on: the hash of its model file and of the previous
     stage's (the gold win rate compares with its answers), and the evaluation settings."""
     files = [s for s in (stage, PREVIOUS.get(stage)) if s is not None
-             and (run_dir / s / "model.safetensors").exists()]
+             and model_file(run_dir, s).exists()]
     d = cfg.data
-    return {"models": {s: file_fingerprint(run_dir / s / "model.safetensors") for s in files},
+    return {"models": {s: file_fingerprint(model_file(run_dir, s)) for s in files},
             "settings": [cfg.pretrain.seq_len, cfg.pretrain.eval_tokens, list(d.tasks),
                          d.eval_problems, humaneval, gold_prompts]}
 
@@ -63,8 +63,8 @@ def same_models(run_dir: Path, result: dict) -> bool:
     models = on.get("models") if isinstance(on, dict) else None
     if not isinstance(models, dict) or result.get("stage") not in models:
         return False
-    return all((run_dir / s / "model.safetensors").exists()
-               and file_fingerprint(run_dir / s / "model.safetensors") == fp
+    return all(model_file(run_dir, s).exists()
+               and file_fingerprint(model_file(run_dir, s)) == fp
                for s, fp in models.items())
 
 
@@ -87,13 +87,14 @@ def evaluate_stage(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
                    gold_prompts: int = 100, log=print) -> dict:
     t0 = time.time()
     tok = Tokenizer.load(run_dir / "tokenizer")
-    model = load_model(stage_dir(run_dir, stage)).eval()
+    weights = stage_dir(run_dir, stage) / "model.safetensors"
+    model = load_model(weights.parent).eval()
     out: dict = {"stage": stage,
                  "measured_on": measured_on(cfg, run_dir, stage, humaneval, gold_prompts)}
     val = run_dir / "tokens"
     if (val / "meta.json").exists():
         seq_len, n = cfg.pretrain.seq_len, cfg.pretrain.eval_tokens
-        ev = cached(run_dir / "eval" / "cache", run_dir / stage / "model.safetensors",
+        ev = cached(run_dir / "eval" / "cache", weights,
                     bpb_key(seq_len, n), lambda: eval_bpb(model, tok, load_tokens(val, "val"),
                                                           seq_len, n), log)
         out["val_bpb"] = {"value": round(ev["bpb"], 4), "tokens": ev["tokens"]}
@@ -102,7 +103,7 @@ def evaluate_stage(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
         task = task_from_spec(spec)
         problems = problems_up_to(task, "val", cfg.data.eval_problems, 0)
         key = f"tasks:{spec}:n={cfg.data.eval_problems}:seed=0:greedy"  # as SFT measures
-        acc = cached(run_dir / "eval" / "cache", run_dir / stage / "model.safetensors", key,
+        acc = cached(run_dir / "eval" / "cache", weights, key,
                      partial(task_accuracy, model, tok, task, problems), log)
         lo, hi = wilson_interval(acc["correct"], acc["n"])
         tasks[task_label(spec, cfg.data.tasks)] = {
