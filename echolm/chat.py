@@ -21,7 +21,7 @@ from torch import Tensor
 from echolm.checkpoint import MODEL_STAGES, imported_instruct
 from echolm.engine import SamplingParams, Utf8Stream, filter_logits, generate_ids
 from echolm.errors import EchoError
-from echolm.explain import load_run, stop_ids, token_piece, visible
+from echolm.explain import load_run, token_piece, visible
 from echolm.model import Transformer
 from echolm.tokenizer import Tokenizer
 
@@ -331,7 +331,7 @@ def run_chat(run_dir: Path, stage: str | None = None, prompt: str | None = None,
     params = SamplingParams(max_tokens=max_tokens or 1, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed)
     s = ChatSession(run_dir, stage, params, system)
-    s.params = replace(params, stop_ids=stop_ids(s.tok),
+    s.params = replace(params, stop_ids=s.tok.stop_ids,
                        max_tokens=max_tokens or s.model.cfg.max_seq_len // 2)
     try:
         if prompt is not None:

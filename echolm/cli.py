@@ -153,11 +153,11 @@ def cmd_import(a: argparse.Namespace) -> None:
     if a.format == "gguf":
         from echolm.import_gguf import import_gguf
 
-        import_gguf(a.source, a.out, force=a.force)
+        import_gguf(a.source, a.out, force=a.force, chat_format=a.chat_format)
         return
     from echolm.hf import import_hf
 
-    import_hf(a.source, a.out, force=a.force)
+    import_hf(a.source, a.out, force=a.force, chat_format=a.chat_format)
 
 
 def cmd_sandbox(a: argparse.Namespace) -> None:
@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "--run", dest="out", type=Path, required=True,
                    help="run directory to create")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--chat-format", choices=["auto", "source", "echo"], default="auto",
+                   help="how conversations are laid out: the model's own chat template "
+                   "(source; auto: when Echo can read it, else Echo's) or Echo's format (echo)")
     p.set_defaults(fn=cmd_import)
 
     p = sub.add_parser("sandbox", help="run a Python file in the code sandbox (no network, "

@@ -70,7 +70,7 @@ def task_accuracy(model: Transformer, tok: Tokenizer, task: Task, problems: list
         max_tokens = max(len(tok.encode(p.solution)) for p in problems) + 16
     prompts = [tok.render_user(p.prompt) for p in problems]
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=0,
-                            seed=seed, stop_ids=(tok.assistant_end, tok.bos))
+                            seed=seed, stop_ids=tok.stop_ids)
     was_training = model.training
     model.eval()
     responses: list[str] = []
@@ -108,7 +108,7 @@ def task_pass_at_k(model: Transformer, tok: Tokenizer, task: Task, problems: lis
     prompts = [tok.render_user(p.prompt) for p in problems]
     flat = [(i, pr) for i, pr in enumerate(prompts) for _ in range(n_samples)]
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
-                            stop_ids=(tok.assistant_end, tok.bos))
+                            stop_ids=tok.stop_ids)
     was_training = model.training
     model.eval()
     correct = [0] * len(problems)

@@ -90,11 +90,6 @@ def visible(piece: str) -> str:
     return "".join(out)
 
 
-def stop_ids(tok: Tokenizer) -> tuple[int, int]:
-    """Where a generated answer ends: the assistant's end of turn, or a new document."""
-    return (tok.assistant_end, tok.bos)
-
-
 def _entry(tok: Tokenizer, probs: torch.Tensor, i: int) -> dict:
     p = float(probs[i])
     rank = 1 + int((probs > probs[i]).sum())
@@ -139,7 +134,7 @@ def explain(run_dir: Path, text: str, stage: str | None = None, top_k: int = 5,
                           "next_actual": nxt, "top": _top(tok, probs[index], top_k)})
 
     # the engine's own decoding (KV cache, one sampler, one seeded generator), watched
-    stops = set(stop_ids(tok))
+    stops = set(tok.stop_ids)
     params = SamplingParams(max_tokens=generate, temperature=temperature, top_k=0, top_p=1.0,
                             seed=seed, stop_ids=tuple(stops))
     seen: list[torch.Tensor] = []

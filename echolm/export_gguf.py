@@ -14,9 +14,10 @@ digits) selects exactly the same pieces as Qwen2's (only possessive quantifiers 
 never change a match here), so Echo's tokenizers are ``qwen2``; an imported tokenizer must use
 Qwen2's, Llama 3's, GPT-2's or SmolLM's split (``smollm``: every digit alone, then GPT-2's),
 anything else is refused. ``<|bos|>`` is added to every text (``add_bos_token``); the chat
-template and end of generation are those the model knows (`chat_format`): Echo's template
-(`echolm.hf.CHAT_TEMPLATE`) and ``<|assistant_end|>``, or ``<|bos|>`` (the end of a document)
-for an Echo base model; an imported base model keeps its source's own template and end token.
+template and end of generation are those the model knows (`chat_format`): the run's chat format
+(Echo's, `echolm.chat_format.ECHO_TEMPLATE`, or an import's own) and its end of turn, or
+``<|bos|>`` (the end of a document) for an Echo base model; an imported base model keeps its
+source's own template and end token.
 
 Dtypes: ``f32`` (exact), ``f16`` and ``q8_0`` for the matrices (1-D tensors, the norms and
 biases, stay f32 as llama.cpp's converter keeps them). The file is written under a temporary
@@ -35,10 +36,11 @@ import numpy as np
 import torch
 
 from echolm.atomic import atomic_path
+from echolm.chat_format import ECHO_TEMPLATE
 from echolm.checkpoint import load_model, stage_dir
 from echolm.config import ModelConfig
 from echolm.errors import EchoError
-from echolm.hf import CHAT_TEMPLATE, hf_architecture
+from echolm.hf import hf_architecture
 from echolm.model import Transformer
 from echolm.tokenizer import SPLIT_PATTERN, Tokenizer
 
@@ -154,15 +156,16 @@ def _tensor_data(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
 
 
 def chat_format(run_dir: Path, stage: str, tok: Tokenizer) -> tuple[str, int]:
-    """(chat template, end-of-generation id) of the model in `stage`: Echo's format and
-    <|assistant_end|> for a chat stage, <|bos|> (the end of a document) for an Echo base model;
+    """(chat template, end-of-generation id) of the model in `stage`: the run's chat format
+    (Echo's, or an import's own) and its end of turn for a chat stage, <|bos|> (the end of a
+    document) for an Echo base model;
     an imported base model keeps its source's own template and end token (import.json)."""
     if stage != "base":
-        return CHAT_TEMPLATE, tok.assistant_end
+        return tok.chat.template, tok.assistant_end
     imported = run_dir / "import.json"
     source = json.loads(imported.read_text()).get("source_chat") if imported.exists() else None
     if not source:
-        return CHAT_TEMPLATE, tok.bos
+        return ECHO_TEMPLATE, tok.bos
     eos = tok.hf.token_to_id(source["eos_token"]) if source.get("eos_token") else None
     return source["template"], tok.bos if eos is None else eos
 

@@ -58,34 +58,18 @@ from echolm.atomic import atomic_write_json
 from echolm.checkpoint import load_model, read_weights, stage_dir
 from echolm.config import ModelConfig
 from echolm.errors import EchoError
-from echolm.import_run import IMPORT_FILES, ImportSource, add_echo_specials, write_import
+from echolm.import_run import (
+    IMPORT_FILES,
+    IMPORT_OPTIONAL,
+    ImportSource,
+    add_echo_specials,
+    write_import,
+)
 from echolm.model import Transformer
 from echolm.outdir import check_out, replacing
 from echolm.runfiles import read_json
 from echolm.tokenizer import BOS, SPECIAL_TOKENS, Tokenizer
 
-# Echo's chat format (Tokenizer.render_conversation / render_prompt) as a Jinja template. The
-# {% generation %} block marks what Echo trains on (assistant text and its end token), so
-# `return_assistant_tokens_mask=True` gives Echo's loss mask.
-CHAT_TEMPLATE = (
-    "{{- '<|bos|>' -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
-    "{{- raise_exception('role must be system, user or assistant, got ' + message['role']) -}}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'system' and not loop.first -%}"
-    "{{- raise_exception('a system message must come first') -}}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{- '<|assistant_start|>' -}}"
-    "{%- generation -%}{{- message['content'] + '<|assistant_end|>' -}}{%- endgeneration -%}"
-    "{%- else -%}"
-    "{{- '<|' + message['role'] + '_start|>' + message['content'] + '<|' + message['role']"
-    " + '_end|>' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
-)
 SUPPORTED = ("llama", "qwen2", "qwen3")
 
 # What export writes: `--force` replaces a folder only when it holds exactly this (an earlier
@@ -154,11 +138,11 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 def tokenizer_files(tok: Tokenizer, cfg: ModelConfig) -> dict[str, dict]:
     """tokenizer_config.json and special_tokens_map.json for `AutoTokenizer`."""
-    specials = {"bos_token": BOS, "eos_token": "<|assistant_end|>", "pad_token": "<|pad|>"}
+    specials = {"bos_token": BOS, "eos_token": tok.chat.end_of_turn, "pad_token": "<|pad|>"}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials,
               "add_bos_token": True, "add_eos_token": False,
               "clean_up_tokenization_spaces": False, "model_max_length": cfg.max_seq_len,
-              "chat_template": CHAT_TEMPLATE}
+              "chat_template": tok.chat.template}
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
 
 
@@ -197,7 +181,7 @@ def export_hf(run_dir: Path, out: Path, stage: str | None = None, force: bool = 
         atomic_write_json(tmp / "config.json", config)
         eos: int | list[int] = tok.assistant_end
         if folder.name == "base":  # a base model ends a document with <|bos|>, never a turn
-            eos = [tok.assistant_end, tok.bos]
+            eos = list(tok.stop_ids)
         atomic_write_json(tmp / "generation_config.json", {
             "bos_token_id": tok.bos, "eos_token_id": eos, "pad_token_id": tok.pad})
         (tmp / "tokenizer.json").write_text(export_tokenizer_json(tok_file, tok),
@@ -353,12 +337,14 @@ def _instruct(src: Path, hf: dict[str, Any], chat: dict[str, Any] | None) -> boo
     return chat is not None and hf.get("bos_token_id") not in eos
 
 
-def import_hf(src: Path, run_dir: Path, force: bool = False, log=print) -> dict[str, Any]:
+def import_hf(src: Path, run_dir: Path, force: bool = False, chat_format: str = "auto",
+              log=print) -> dict[str, Any]:
     """Make `run_dir` (tokenizer + finished base stage) from an HF checkpoint folder."""
     if not src.is_dir():
         raise EchoError(f"{src}: not a folder (expected a checkpoint with config.json, "
                         "safetensors and tokenizer.json)")
-    check_out(run_dir, force, "import", IMPORT_FILES, src, "the checkpoint being imported")
+    check_out(run_dir, force, "import", IMPORT_FILES, src, "the checkpoint being imported",
+              IMPORT_OPTIONAL)
     where = str(src / "config.json")
     hf = _read_json(src / "config.json")
     cfg = echo_config_from_hf(hf, where)
@@ -373,7 +359,7 @@ def import_hf(src: Path, run_dir: Path, force: bool = False, log=print) -> dict[
         has_o_bias=bool(hf.get("attention_bias")) and hf["model_type"] != "qwen2",
         bos=_source_bos(src, hf, hf_tok), chat=chat, instruct=_instruct(src, hf, chat),
         tokenizer_json=tok_json, info={"format": "hf", "architectures": hf.get("architectures")},
-    ), run_dir, log)
+    ), run_dir, chat_format, log)
 
 
 def _run_tokenizer_json(path: Path, bos: int) -> str:

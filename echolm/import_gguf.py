@@ -50,7 +50,7 @@ from echolm.export_gguf import (
     llama_unpermute,
 )
 from echolm.hf import echo_config_from_hf
-from echolm.import_run import IMPORT_FILES, ImportSource, write_import
+from echolm.import_run import IMPORT_FILES, IMPORT_OPTIONAL, ImportSource, write_import
 from echolm.outdir import check_out
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -205,10 +205,12 @@ def _tokenizer(f: _File) -> tuple[HFTokenizer, list[str], str]:
     return hf, tokens, pre
 
 
-def import_gguf(file: Path, run_dir: Path, force: bool = False, log=print) -> dict[str, Any]:
+def import_gguf(file: Path, run_dir: Path, force: bool = False, chat_format: str = "auto",
+                log=print) -> dict[str, Any]:
     """Make `run_dir` (tokenizer + finished base stage) from a GGUF model file."""
     f = _File(file)
-    check_out(run_dir, force, "import", IMPORT_FILES, file, "the GGUF file being imported")
+    check_out(run_dir, force, "import", IMPORT_FILES, file, "the GGUF file being imported",
+              IMPORT_OPTIONAL)
     arch = f.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise EchoError(f"{file}: general.architecture={arch!r} is not supported (Echo imports "
@@ -241,4 +243,4 @@ def import_gguf(file: Path, run_dir: Path, force: bool = False, log=print) -> di
         instruct=chat is not None and eos != bos,
         info={"format": "gguf", "architectures": hf["architectures"],
               "name": f.get("general.name", None), "pre_tokenizer": pre,
-              "tensor_types": dict(sorted(types.items()))}), run_dir, log)
+              "tensor_types": dict(sorted(types.items()))}), run_dir, chat_format, log)

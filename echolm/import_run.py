@@ -13,7 +13,10 @@ BOS is an instruct (chat) model: import.json and base/done.json say ``"instruct"
 until the run has an sft stage of its own, the stages that start from or compare with the SFT
 model (rl, rank, rm, rlhf, dpo, `--stage sft`) take its base model
 (`echolm.checkpoint.chat_model_dir`). import.json keeps its own chat template and end-of-turn
-token (``source_chat``).
+token (``source_chat``). The run renders conversations in that format when Echo can read it off
+the template (`echolm.chat_format.from_template`; ``--chat-format auto``, the default) or when
+asked (``source``: an error if it cannot); ``--chat-format echo`` keeps Echo's own format, as for
+a base model to be fine-tuned from scratch in Echo's format.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from echolm.atomic import atomic_write_json
+from echolm.chat_format import ECHO, ChatFormat, format_dict, from_template
 from echolm.config import ModelConfig
 from echolm.errors import EchoError
 from echolm.model import Transformer
@@ -38,7 +42,10 @@ from echolm.tokenizer import BOS, SPECIAL_TOKENS, Tokenizer
 # What an import writes: `--force` replaces a folder only when it holds exactly this (an
 # earlier import nothing was added to), so it never deletes anything else.
 IMPORT_FILES = frozenset({"import.json", "tokenizer/tokenizer.json", "tokenizer/done.json",
-                          "base/model.safetensors", "base/config.json", "base/done.json"})
+                          "tokenizer/chat_format.json", "base/model.safetensors",
+                          "base/config.json", "base/done.json"})
+IMPORT_OPTIONAL = frozenset({"tokenizer/chat_format.json"})  # only for a format not Echo's
+CHAT_FORMATS = ("auto", "source", "echo")
 
 
 @dataclass
@@ -98,9 +105,35 @@ def echo_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, has_o_bias:
     return out
 
 
-def write_import(src: ImportSource, run_dir: Path, log=print) -> dict[str, Any]:
-    """Make `run_dir` (tokenizer + finished base stage + import.json) from `src`. The caller
-    has checked `run_dir` (`echolm.outdir.check_out` with IMPORT_FILES)."""
+def choose_format(src: ImportSource, choice: str, log=print) -> ChatFormat:
+    """The chat format the imported run renders conversations in (`choice`: CHAT_FORMATS)."""
+    if choice not in CHAT_FORMATS:
+        raise EchoError(f"--chat-format must be one of {CHAT_FORMATS}, got {choice!r}")
+    if choice == "echo":
+        return ECHO
+    if src.chat is None:
+        if choice == "source":
+            raise EchoError(f"{src.where}: --chat-format source, but the model has no chat "
+                            "template")
+        return ECHO
+    bos = src.tokenizer.id_to_token(src.bos) if src.bos is not None else None
+    try:
+        fmt = from_template(src.chat["template"], src.chat.get("eos_token"), bos or "",
+                            where=f"{src.where}: chat template")
+    except EchoError as e:
+        if choice == "source":
+            raise
+        log(f"import: keeping Echo's chat format: {e}")
+        return ECHO
+    return ECHO if fmt.is_echo() else fmt
+
+
+def write_import(src: ImportSource, run_dir: Path, chat_format: str = "auto",
+                 log=print) -> dict[str, Any]:
+    """Make `run_dir` (tokenizer + finished base stage + import.json) from `src`, rendering
+    chats in `chat_format` (CHAT_FORMATS). The caller has checked `run_dir`
+    (`echolm.outdir.check_out` with IMPORT_FILES)."""
+    fmt = choose_format(src, chat_format, log)
     cfg = src.cfg
     hf_tok = src.tokenizer
     added = add_echo_specials(hf_tok)
@@ -132,7 +165,8 @@ def write_import(src: ImportSource, run_dir: Path, log=print) -> dict[str, Any]:
             w[vocab[BOS]] = w[bos_src]
         sd[key] = w
     cfg.vocab_size = size
-    tok = Tokenizer(HFTokenizer.from_str(hf_tok.to_str()))  # checks Echo's special tokens
+    # checks Echo's special tokens and the format's end-of-turn token
+    tok = Tokenizer(HFTokenizer.from_str(hf_tok.to_str()), fmt)
 
     source = str(src.path.resolve())
     with replacing(run_dir) as tmp:
@@ -141,6 +175,8 @@ def write_import(src: ImportSource, run_dir: Path, log=print) -> dict[str, Any]:
             tok.save(tmp / "tokenizer")
         else:  # already Echo's chat tokens (e.g. an Echo export): keep the file byte for byte
             (tmp / "tokenizer" / "tokenizer.json").write_bytes(src.tokenizer_json.encode())
+            if fmt is not ECHO:
+                fmt.save(tmp / "tokenizer")
         base = tmp / "base"
         base.mkdir()
         save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
@@ -153,6 +189,7 @@ def write_import(src: ImportSource, run_dir: Path, log=print) -> dict[str, Any]:
             "vocab_size": {"source": src_vocab, "echo": size},
             "bos_row_from": bos_src, "native_tokenizer": tok.native,
             "source_chat_template": src.chat is not None, "source_chat": src.chat,
+            "chat_format": format_dict(fmt),
             "params": n_params, "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_json(tmp / "import.json", info)
         atomic_write_json(tmp / "tokenizer" / "done.json", {
@@ -161,7 +198,7 @@ def write_import(src: ImportSource, run_dir: Path, log=print) -> dict[str, Any]:
             "imported_from": source, "model_type": src.model_type, "params": n_params,
             "instruct": src.instruct})
     log(f"import: {src.model_type} {'instruct' if src.instruct else 'base'} model "
-        f"({n_params:,} parameters) from {src.path} -> {run_dir}"
+        f"({n_params:,} parameters) from {src.path} -> {run_dir}, chat format {fmt.name}"
         + (f"; added {len(added)} Echo special tokens (vocab {src_vocab} -> {size})"
            if added else ""))
     return info

@@ -28,8 +28,10 @@ def is_run_dir(folder: Path) -> bool:
             and any((folder / s).is_dir() for s in ("tokenizer", *MODEL_STAGES)))
 
 
-def _unlike(folder: Path, files: frozenset[str]) -> str | None:
-    """How `folder` differs from exactly `files` (paths relative to it), or None."""
+def _unlike(folder: Path, files: frozenset[str], optional: frozenset[str] = frozenset()
+            ) -> str | None:
+    """How `folder` differs from exactly `files` (paths relative to it; those in `optional`
+    may be missing), or None."""
     dirs = {Path(f).parent.as_posix() for f in files} - {"."}
     for root, subdirs, names in os.walk(folder):
         rel = Path(root).relative_to(folder)
@@ -39,12 +41,12 @@ def _unlike(folder: Path, files: frozenset[str]) -> str | None:
         for name in sorted(names):
             if (rel / name).as_posix() not in files:
                 return f"it holds {(rel / name).as_posix()}"
-    missing = sorted(f for f in files if not (folder / f).is_file())
+    missing = sorted(f for f in files - optional if not (folder / f).is_file())
     return f"it has no {missing[0]}" if missing else None
 
 
 def check_out(out: Path, force: bool, kind: str, files: frozenset[str], source: Path,
-              source_is: str) -> None:
+              source_is: str, optional: frozenset[str] = frozenset()) -> None:
     """Refuse an --out whose replacement could destroy anything but an earlier `kind`: the
     source (`source_is` says what it is) or a folder holding or inside it, a folder inside a
     run directory, a run directory, a file, a link; and, without `force`, anything there."""
@@ -68,7 +70,7 @@ def check_out(out: Path, force: bool, kind: str, files: frozenset[str], source: 
         raise EchoError(f"--out {out}: is a file, not a folder; choose another --out")
     if not any(out.iterdir()):
         return
-    why = _unlike(out, files)
+    why = _unlike(out, files, optional)
     if why and is_run_dir(out):
         raise EchoError(f"--out {out}: is a run directory ({why}), never replaced by the "
                         f"{kind}; choose another --out")

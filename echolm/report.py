@@ -95,7 +95,7 @@ def fixed_answers(run_dir: Path, stages: list[str], max_tokens: int = 80) -> dic
     tok = Tokenizer.load(run_dir / "tokenizer")
     prompts = [tok.render_user(p) for p in FIXED_PROMPTS]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                            stop_ids=(tok.assistant_end, tok.bos))
+                            stop_ids=tok.stop_ids)
     out = {}
     for stage in stages:
         model = load_model(run_dir / stage).eval()

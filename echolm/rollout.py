@@ -20,7 +20,7 @@ def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[list[int]
     """`n` sampled responses to every prompt (prompt-major order): the generated ids,
     including the end-of-turn token when the model stopped, and whether it stopped. With
     `desc`, a progress bar of the answers finished (it goes when done)."""
-    stops = (tok.assistant_end, tok.bos)
+    stops = tok.stop_ids
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                             stop_ids=stops)
     was_training = model.training

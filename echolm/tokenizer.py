@@ -7,7 +7,9 @@ tokens and `render_conversation`, which marks the tokens the assistant is traine
 
 A tokenizer imported with a Hugging Face model (`echolm import hf`, see echolm/hf.py) cuts text
 its own way (another split pattern, or SentencePiece-style pieces): it is not "native", and
-encodes through `tokenizers` itself; Echo's special tokens were added to it on import.
+encodes through `tokenizers` itself; Echo's special tokens were added to it on import. It may
+also bring its own chat format (echolm/chat_format.py, saved beside tokenizer.json): every
+conversation is rendered through `Tokenizer.chat`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from echolm.atomic import atomic_path
+from echolm.chat_format import ECHO, ROLES, ChatFormat, load_format
 from echolm.errors import EchoError
 
 # GPT-4's pre-split pattern, except that numbers are cut into single digits (as Llama does):
@@ -39,7 +42,6 @@ SPECIAL_TOKENS = [
     "<|output_start|>", "<|output_end|>",  # ... and their outputs
     "<|pad|>",
 ]
-ROLES = ("system", "user", "assistant")
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -100,7 +102,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 class Tokenizer:
-    def __init__(self, hf: HFTokenizer) -> None:
+    def __init__(self, hf: HFTokenizer, chat: ChatFormat = ECHO) -> None:
         self.hf = hf
         self.special = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
         if None in self.special.values():
@@ -108,10 +110,22 @@ class Tokenizer:
             raise EchoError(f"tokenizer lacks Echo's special tokens {missing}")
         self.bos = self.special[BOS]
         self.pad = self.special["<|pad|>"]
-        self.assistant_end = self.special["<|assistant_end|>"]
         self.native = _is_native(hf)
         if not self.native:  # imported: encode with `tokenizers`, special-token text stays text
             hf.encode_special_tokens = True
+        self.chat = chat
+        self._specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items()
+                          if t.special}
+        for t in (chat.end_of_turn, *chat.stops):
+            if t not in self._specials:
+                raise EchoError(f"chat format {chat.name!r}: {t!r} is not a special token of "
+                                "the tokenizer")
+        # the id that ends an assistant turn (trained on; decoding stops there) and every id
+        # that ends decoding: also <|bos|>, the end of a document for a base model
+        self.assistant_end = self._specials[chat.end_of_turn]
+        self.stop_ids = tuple(dict.fromkeys(
+            [self.assistant_end, *(self._specials[t] for t in chat.stops), self.bos]))
+        self._marks: dict[str, list[int]] = {}
 
     # ---- persistence -------------------------------------------------------------------
     @classmethod
@@ -121,15 +135,19 @@ class Tokenizer:
         if not file.exists():
             raise EchoError(f"{file}: no tokenizer here (run `echolm tokenizer train` first)")
         try:
-            return cls(HFTokenizer.from_file(str(file)))
+            hf = HFTokenizer.from_file(str(file))
         except Exception as e:  # the library raises plain Exceptions for corrupt files
             raise EchoError(f"{file}: not a valid tokenizer.json ({e})") from None
+        return cls(hf, load_format(file.parent))
 
     def save(self, folder: str | Path) -> None:
+        """tokenizer.json, and chat_format.json when the format is not Echo's."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "tokenizer.json") as tmp:
             self.hf.save(str(tmp))
+        if self.chat is not ECHO:
+            self.chat.save(folder)
 
     # ---- basic encode / decode ---------------------------------------------------------
     @property
@@ -183,16 +201,61 @@ class Tokenizer:
         return out
 
     # ---- chat format -------------------------------------------------------------------
+    def _parts(self, text: str) -> list[int | str]:
+        """A chat format's own text (its markers) cut into special-token ids and plain text."""
+        if text not in self._marks:
+            parts: list[int | str] = []
+            rest = text
+            while rest:
+                at = [(rest.find(t), -len(t), t) for t in self._specials if t in rest]
+                if not at:
+                    parts.append(rest)
+                    break
+                pos, _, tok = min(at)
+                parts += [rest[:pos]] if pos else []
+                parts.append(self._specials[tok])
+                rest = rest[pos + len(tok):]
+            self._marks[text] = parts
+        return self._marks[text]
+
+    def format_ids(self, text: str) -> list[int]:
+        """Ids of a chat format's own text: special tokens by name, the rest as text."""
+        return [i for p in self._parts(text)
+                for i in ([p] if isinstance(p, int) else self.encode(p))]
+
+    def _turn(self, role: str, content: str) -> tuple[list[int], list[int]]:
+        """Ids and loss mask of one message with the format's text around it. Plain text that
+        touches the message (ChatML's "user\n" before it) is encoded together with it, as a
+        tokenizer reading the whole conversation would (a leading space can merge into it)."""
+        before, after = self.chat.turns[role]
+        pre, post = list(self._parts(before)), list(self._parts(after))
+        lead = pre.pop() if pre and isinstance(pre[-1], str) else ""
+        trail = post.pop(0) if post and isinstance(post[0], str) else ""
+        mid = self.encode(lead + content + trail)
+        k, seen, n_lead = 0, 0, len(lead.encode("utf-8"))  # tokens that are all `lead`
+        while k < len(mid) and seen + len(self.token_bytes[mid[k]]) <= n_lead and n_lead:
+            seen += len(self.token_bytes[mid[k]])
+            k += 1
+        pre_ids = [i for p in pre for i in ([p] if isinstance(p, int) else self.encode(p))]
+        post_ids = [i for p in post for i in ([p] if isinstance(p, int) else self.encode(p))]
+        ids = pre_ids + mid + post_ids
+        if role != "assistant":
+            return ids, [0] * len(ids)
+        # the answer, and the format's text up to and including its end-of-turn token, are
+        # learned; what follows that token (ChatML's newline) is not: decoding stops before it
+        end = post_ids.index(self.assistant_end) + 1 if self.assistant_end in post_ids else 0
+        return ids, ([0] * (len(pre_ids) + k) + [1] * (len(mid) - k + end)
+                     + [0] * (len(post_ids) - end))
+
     def render_conversation(self, messages: list[dict], where: str = "conversation"
                             ) -> tuple[list[int], list[int]]:
-        """Ids and a 0/1 mask (1 = trained on) for a whole conversation.
+        """Ids and a 0/1 mask (1 = trained on) for a whole conversation, in `self.chat`.
 
-        <|bos|> [<|system_start|> text <|system_end|>] then turns of
+        Echo's format: <|bos|> [<|system_start|> text <|system_end|>] then turns of
         <|user_start|> text <|user_end|> <|assistant_start|> text <|assistant_end|>.
-        The model learns only the assistant's text and its end token: it should learn to answer
-        and to stop, never to imitate the user.
+        The model learns only the assistant's text and its end-of-turn token: it should learn
+        to answer and to stop, never to imitate the user.
         """
-        ids, mask = [self.bos], [0]
         for k, msg in enumerate(messages):
             if not isinstance(msg, dict):
                 raise EchoError(f"{where}: message {k} is not an object")
@@ -204,11 +267,12 @@ class Tokenizer:
                 raise EchoError(f"{where}: message {k}: 'content' must be a string")
             if role == "system" and k != 0:
                 raise EchoError(f"{where}: message {k}: a system message must come first")
-            body = self.encode(content)
-            start, end = self.special[f"<|{role}_start|>"], self.special[f"<|{role}_end|>"]
-            trained = 1 if role == "assistant" else 0
-            ids += [start, *body, end]
-            mask += [0, *[trained] * len(body), trained]
+        ids = self.format_ids(self.chat.bos)
+        mask = [0] * len(ids)
+        for msg in self.chat.with_system(messages):
+            t_ids, t_mask = self._turn(msg["role"], msg["content"])
+            ids += t_ids
+            mask += t_mask
         return ids, mask
 
     def render_prompt(self, messages: list[dict]) -> list[int]:
@@ -216,7 +280,7 @@ class Tokenizer:
         if messages and messages[-1].get("role") == "assistant":
             raise EchoError("the last message must not be the assistant's when prompting")
         ids, _ = self.render_conversation(messages)
-        return ids + [self.special["<|assistant_start|>"]]
+        return ids + self.format_ids(self.chat.turns["assistant"][0])
 
     def render_user(self, text: str) -> list[int]:
         """Ids of one user message and the open assistant turn: what every stage samples

@@ -23,11 +23,11 @@ import gguf  # noqa: E402
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
+from echolm.chat_format import ECHO_TEMPLATE as CHAT_TEMPLATE  # noqa: E402
 from echolm.checkpoint import load_model, save_model  # noqa: E402
 from echolm.cli import main  # noqa: E402
 from echolm.config import ModelConfig  # noqa: E402
 from echolm.export_gguf import QWEN2_PATTERN  # noqa: E402
-from echolm.hf import CHAT_TEMPLATE  # noqa: E402
 from echolm.model import Transformer  # noqa: E402
 from echolm.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer  # noqa: E402
 
@@ -249,12 +249,15 @@ def test_imported_model_exports_to_gguf(kind, pre, corpus, tmp_path):
     print(f"\nimported {kind} f32: max |logit diff| vs Echo = {diff:.3g}")
     assert diff <= 1e-5
     _check_tokenizer(out, tok, pre)
-    # fine-tuned in Echo (here: the base weights as `sft`), it speaks Echo's format
+    # fine-tuned in Echo (here: the base weights as `sft`), it speaks the run's chat format:
+    # its own (ChatML), kept on import
+    assert tok.chat.name == "chatml"
     shutil.copytree(run / "base", run / "sft")
     _export(run, tmp_path / "sft.gguf", "--stage", "sft")
     reader = gguf.GGUFReader(tmp_path / "sft.gguf")
-    assert _field(reader, "tokenizer.chat_template") == CHAT_TEMPLATE
+    assert _field(reader, "tokenizer.chat_template") == CHATML
     assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.assistant_end
+    assert tokens[tok.assistant_end] == "<|im_end|>"
 
 
 # ---- refusals -------------------------------------------------------------------------------

@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
+from echolm.chat_format import ECHO_TEMPLATE as CHAT_TEMPLATE  # noqa: E402
 from echolm.checkpoint import load_model, save_model  # noqa: E402
 from echolm.cli import main  # noqa: E402
 from echolm.config import ModelConfig  # noqa: E402
 from echolm.engine import SamplingParams, generate  # noqa: E402
-from echolm.hf import CHAT_TEMPLATE  # noqa: E402
 from echolm.model import Transformer  # noqa: E402
 from echolm.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 

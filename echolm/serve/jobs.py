@@ -113,7 +113,7 @@ class Server:
             raise EchoError(f"{run_dir}: no trained model yet (run `echolm run --out "
                             f"{run_dir}`)")
         self.tok = self.models.tok
-        self.stop_ids = (self.tok.assistant_end, self.tok.bos)
+        self.stop_ids = self.tok.stop_ids
         self.inflight = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.engine: Engine | None = None
