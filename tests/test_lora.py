@@ -133,7 +133,10 @@ def test_merged_model_computes_what_the_adapted_one_does(dropout):
 
 def test_adapters_in_the_optimizers_adamw_at_lr_matrix_and_no_muon():
     m = _random_model()
-    add_lora(m, 2, 4.0, ["q_proj", "o_proj"], seed=0)
+    full, matmul = m.flops_per_token(16), m.num_params(non_embedding=True) + 64 * 32
+    n = add_lora(m, 2, 4.0, ["q_proj", "o_proj"], seed=0)
+    # MFU's count: 6 FLOPs per trained weight, 4 per frozen one (no weight gradient)
+    assert m.flops_per_token(16) == full + 6 * n - 2 * matmul
     cfg = load_config("micro").sft
     opts = build_optimizers(m, cfg)
     assert len(opts) == 1 and isinstance(opts[0], torch.optim.AdamW)
