@@ -107,7 +107,10 @@ def cmd_report(a: argparse.Namespace) -> None:
 def cmd_run(a: argparse.Namespace) -> None:
     from echolm.pipeline import run_config, run_pipeline
 
-    with run_config(a.run, a.preset, a.overrides, a.reconfigure) as cfg:
+    given = [(a.source and str(a.source.expanduser().resolve()), "source"),
+             (a.chat_format, "chat_format"), (a.beside, "beside")]
+    overrides = a.overrides + [f"run.{key}={json.dumps(str(v))}" for v, key in given if v]
+    with run_config(a.run, a.preset, overrides, a.reconfigure) as cfg:
         summary = run_pipeline(cfg, a.run, force=a.force)
     print(json.dumps(summary, indent=2))
 
@@ -213,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run every stage into one run directory (resumable)")
     run_args(p)
+    p.add_argument("--from", dest="source", type=Path, default=None,
+                   help="start from an open model instead of training one: a .gguf file or a "
+                        "Hugging Face folder, imported first (run.source; e.g. with --preset "
+                        "smollm2-cpu)")
+    p.add_argument("--chat-format", choices=["auto", "source", "echo"], default=None,
+                   help="the imported model's chat format (run.chat_format; default auto: "
+                        "its own when Echo can read it)")
+    p.add_argument("--beside", type=Path, default=None,
+                   help="another run directory whose evaluation the report shows beside this "
+                        "run's (run.beside), e.g. the cpu preset's")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("data", help="build the built-in offline corpus")

@@ -442,6 +442,35 @@ class DPOConfig(BatchConfig):
                             "numbers ([] = every pair)")
 
 
+PIPELINE = ("tokenizer", "pretrain", "sft", "rl", "rank", "rm", "rlhf", "dpo", "eval")
+
+
+@dataclass
+class RunConfig:
+    """What `echolm run` does: which stages, starting from what."""
+
+    stages: list[str] = field(default_factory=lambda: list(PIPELINE))  # run these, in order
+    # a model to start from instead of training one: a .gguf file or a Hugging Face folder,
+    # imported into the run directory first (`echolm import`); "" = train from scratch
+    source: str = ""
+    chat_format: str = "auto"  # the imported model's chat format: auto | source | echo
+    # another run directory shown beside this one in the report (e.g. the cpu preset's run)
+    beside: str = ""
+
+    def validate(self, section: str = "run") -> None:
+        unknown = [s for s in self.stages if s not in PIPELINE]
+        if unknown or not self.stages:
+            raise EchoError(f"{section}.stages={self.stages}: expected one or more of "
+                            f"{', '.join(PIPELINE)}" + (f" (unknown: {unknown})" if unknown
+                                                          else ""))
+        if [s for s in PIPELINE if s in self.stages] != self.stages:
+            raise EchoError(f"{section}.stages={self.stages}: list them in pipeline order "
+                            f"({', '.join(PIPELINE)})")
+        if self.chat_format not in ("auto", "source", "echo"):
+            raise EchoError(f"{section}.chat_format={self.chat_format!r}: expected auto, "
+                            "source or echo")
+
+
 @dataclass
 class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -454,6 +483,7 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     rlhf: RLHFConfig = field(default_factory=RLHFConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     preset: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -469,6 +499,7 @@ class Config:
         self.tokenizer.validate()
         self.model.validate()
         self.data.validate()
+        self.run.validate()
         for name, section in sections:
             if isinstance(section, (LoopConfig, RankConfig)):
                 section.validate(name)

@@ -253,6 +253,7 @@ def generate_ids(model: Transformer, prompts: list[list[int]], p: SamplingParams
     explain` shows the candidates from them).
 
     Prompts of different lengths are left-padded into one batch; one forward pass per step.
+    Identical prompts (a GRPO group, pass@k samples) are read once and their cache rows copied.
     `fast` (default: on CPU) decodes through `FastDecoder`, else through `Transformer.forward`.
     Once half of the rows still computed have finished, they are dropped from the batch
     (their cache rows too): answers of very different lengths cost what the long ones need,
@@ -268,27 +269,34 @@ def generate_ids(model: Transformer, prompts: list[list[int]], p: SamplingParams
     n_new = min(p.max_tokens, model.cfg.max_seq_len - L)
     if n_new <= 0:
         return
-    idx = torch.full((B, L), pad_id, dtype=torch.long)
-    valid = torch.zeros(B, L, dtype=torch.bool)
-    for i, x in enumerate(prompts):
+    first: dict[tuple[int, ...], int] = {}
+    row_of = [first.setdefault(tuple(x), len(first)) for x in prompts]
+    unique = [list(x) for x in first]
+    idx = torch.full((len(unique), L), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(unique), L, dtype=torch.bool)
+    for i, x in enumerate(unique):
         idx[i, L - len(x):] = torch.tensor(x, dtype=torch.long)
         valid[i, L - len(x):] = True
     idx, valid = idx.to(device), valid.to(device)
     # the last generated token is never fed back: the cache holds L + n_new - 1 positions
-    cache = KVCache(model.cfg, B, L + n_new - 1, device=device, dtype=dtype)
+    cache = KVCache(model.cfg, len(unique), L + n_new - 1, device=device, dtype=dtype)
     gen = None
     if p.seed is not None:
         gen = torch.Generator(device=device)
         gen.manual_seed(p.seed)
     history = None
     if p.repetition_penalty != 1.0:  # padding is not part of a row's text: repeat a real token
-        history = torch.where(valid, idx, idx[:, -1:])
+        history = torch.where(valid, idx, idx[:, -1:])[row_of]
     use_fast = fast if fast is not None else device.type == "cpu"
     decoder = FastDecoder.get(model, B) if use_fast else None
     stop = torch.tensor(list(p.stop_ids), device=device) if p.stop_ids else None
     rows = torch.arange(B, device=device)  # the original row of each row still computed
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = model(idx, cache, valid)[:, -1]
+    logits = model(idx, cache, valid, last_only=True)[:, -1]
+    if len(unique) < B:
+        index = torch.tensor(row_of, device=device)
+        cache.reorder(index)
+        logits = logits[index]
     for i in range(n_new):
         if on_logits is not None:
             on_logits(logits)

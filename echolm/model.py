@@ -176,9 +176,10 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor, cache: KVCache | None = None,
                 valid: Tensor | None = None, targets: Tensor | None = None,
-                loss_mask: Tensor | None = None) -> Tensor:
+                loss_mask: Tensor | None = None, last_only: bool = False) -> Tensor:
         """Logits (B, T, vocab) for token ids (B, T); with `targets` (B, T) (training, no
-        cache) the mean cross-entropy over `loss_mask` instead, computed without the logits.
+        cache) the mean cross-entropy over `loss_mask` instead, computed without the logits;
+        with `last_only`, the logits (B, 1, vocab) of the last position only.
 
         Training: no cache, positions 0..T-1, plain causal attention. Generation: with a cache;
         `valid` (B, T) marks real tokens (False = left padding), which are never attended to
@@ -198,6 +199,8 @@ class Transformer(nn.Module):
             cache.len += T
         if targets is not None:
             return linear_cross_entropy(self.norm(x), self.lm_head.weight, targets, loss_mask)
+        if last_only:  # a prompt read before decoding: only its last position is predicted
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
     def cache_inputs(self, cache: KVCache, T: int, valid: Tensor | None,

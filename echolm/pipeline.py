@@ -1,6 +1,7 @@
 """`echolm run`: every stage in order (tokenizer, pretrain, sft, rl, rank, rm, rlhf, dpo,
 eval) into one run directory, then the report. Finished stages are skipped, an interrupted
-one resumes from its last checkpoint."""
+one resumes from its last checkpoint. `run.stages` picks which stages run; `run.source`
+(`--from FILE`) starts from an open model instead: it is imported first (`import_source`)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,42 @@ def stages() -> list[tuple[str, StageFn]]:
     return [("tokenizer", run_tokenizer), ("pretrain", run_pretrain), ("sft", run_sft),
             ("rl", run_rl), ("rank", run_rank_stage), ("rm", run_rm), ("rlhf", run_rlhf),
             ("dpo", run_dpo), ("eval", run_eval)]
+
+
+def import_source(cfg: Config, run_dir: Path, log=print) -> dict:
+    """Import `run.source` (a .gguf file or a Hugging Face folder) into `run_dir`: its
+    tokenizer, finished base stage and import.json, once. The import is made beside the run
+    directory and its three entries are moved in, import.json last (a killed move is finished
+    by the next run)."""
+    import shutil
+
+    from echolm.hf import import_hf
+    from echolm.import_gguf import import_gguf
+
+    src = Path(cfg.run.source).expanduser()
+    info_file = run_dir / "import.json"
+    tmp = run_dir.parent / f".{run_dir.name}.import"
+    if info_file.exists() and not tmp.exists():
+        info = read_json(info_file, "re-import into a new run directory")
+        if Path(info.get("source", "")) != src.resolve():
+            raise EchoError(f"{run_dir}: imported from {info.get('source')}, not run.source="
+                            f"{cfg.run.source}; use a new run directory for another model")
+        log(f"import: already done ({info['source']})")
+        return info
+    if not tmp.exists():
+        for name in ("tokenizer", "base"):
+            if (run_dir / name).exists():
+                raise EchoError(f"{run_dir / name}: the run has a {name} of its own; "
+                                "run.source (--from) needs a new run directory")
+        if not src.exists():
+            raise EchoError(f"run.source: {cfg.run.source}: no such file or folder")
+        how = import_gguf if src.is_file() else import_hf
+        how(src, tmp, chat_format=cfg.run.chat_format, log=log)
+    for name in ("tokenizer", "base", "import.json"):
+        if (tmp / name).exists():
+            os.replace(tmp / name, run_dir / name)
+    shutil.rmtree(tmp)
+    return read_json(info_file, "re-import into a new run directory")
 
 
 def run_rank_stage(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
@@ -311,7 +348,19 @@ def _run_stages(cfg: Config, run_dir: Path, force: bool, log: Callable[[str], ob
     record_machine(cfg, run_dir)
     timings_path = run_dir / "timings.json"
     timings = read_json(timings_path, TIMINGS_FIX, values=dict, default={})
+    if cfg.run.source:
+        starting("import")
+        log("== import ==")
+        t0 = time.time()
+        import_source(cfg, run_dir, log)
+        if "import" not in timings:
+            timings["import"] = {"seconds": round(time.time() - t0, 1),
+                                 "peak_rss_mb": round(_peak_rss_mb())}
+            atomic_write_json(timings_path, timings)
     for name, fn in stages():
+        if name not in cfg.run.stages:
+            log(f"== {name} == left out (run.stages)")
+            continue
         starting(name)
         log(f"== {name} ==")
         t0 = time.time()

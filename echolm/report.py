@@ -20,7 +20,7 @@ from echolm.summary import read_summary
 
 FIXED_PROMPTS = ["What is 23 + 19?", "Spell the word 'garden'.", "Who are you?",
                  "Write a short line about the sea.", "How many times does the letter 'r' "
-                 "appear in 'carrot'?"]
+                 "appear in 'carrot'?", "How many r's are in the word strawberry?"]
 MEMORY_BUDGET_MB = 6 * 1024
 
 
@@ -111,8 +111,11 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ⏎ ")
 
 
-def summary_table(evals: dict[str, dict], stages: list[str]) -> list[str]:
-    rows: dict[str, dict[str, str]] = {}
+def summary_table(evals: dict[str, dict], stages: list[str],
+                  extra: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """Metric rows x one column per stage (`stages` name the columns of `evals`); `extra`
+    rows (name -> column -> text) come first."""
+    rows: dict[str, dict[str, str]] = dict(extra or {})
     for stage in stages:
         ev = evals.get(stage) or {}
         if "val_bpb" in ev:
@@ -135,6 +138,41 @@ def summary_table(evals: dict[str, dict], stages: list[str]) -> list[str]:
             "|---|" + "---|" * len(stages)]
     return head + [f"| {name} | " + " | ".join(vals.get(s, "–") for s in stages) + " |"
                    for name, vals in rows.items()]
+
+
+def run_facts(run_dir: Path) -> tuple[str, str]:
+    """(parameters, what the base model was trained on) of a run, as the report shows them."""
+    imported = _json(run_dir / "import.json", "re-import the model") or {}
+    summary = read_summary(run_dir)
+    if imported:
+        name = imported.get("name") or Path(imported.get("source", "?")).name
+        return f"{imported.get('params', 0) / 1e6:.1f}M", f"imported ({name})"
+    b = summary.get("base") or {}
+    return (f"{b['params'] / 1e6:.1f}M" if "params" in b else "?",
+            f"{b['tokens'] / 1e6:.1f}M tokens here" if "tokens" in b else "?")
+
+
+def beside_section(run_dir: Path, other: Path, stages: list[str], evals: dict, log=print
+                   ) -> list[str]:
+    """This run's evaluation beside another run's (`run.beside`): the same measurements of
+    every stage's model, so a reader sees what a bigger or longer-trained model buys."""
+    if not (other / "summary.json").exists():
+        log(f"report: run.beside={other}: no run there (no summary.json); section left out")
+        return []
+    o_stages = [s for s in MODEL_STAGES if (other / s / "model.safetensors").exists()]
+    o_evals = current_evals(other, o_stages, log)
+    cols: dict[str, dict] = {}
+    extra: dict[str, dict[str, str]] = {"parameters": {}, "base model": {}}
+    for name, d, st, ev in ((other.name, other, o_stages, o_evals),
+                            (run_dir.name, run_dir, stages, evals)):
+        params, trained = run_facts(d)
+        for s in st:
+            col = f"{name}: {s}"
+            cols[col] = ev.get(s) or {}
+            extra["parameters"][col], extra["base model"][col] = params, trained
+    return [f"## Beside `{other}`", "", "The same measurements of both runs' models (a "
+            "row's n is its sample size; a row one run lacks shows –).", ""] + \
+        summary_table(cols, list(cols), extra) + [""]
 
 
 def yue_verdict(t: dict) -> str:
@@ -272,6 +310,20 @@ def build_report(run_dir: Path, log=print) -> Path:
     md += schedule_table(summary) + machine_section(run_dir)
     if any(evals.values()) is False:
         md += ["(Run `echolm eval --run DIR` to fill this table.)", ""]
+    imported = _json(run_dir / "import.json", "re-import the model")
+    if imported:
+        fmt = imported.get("chat_format") or {}
+        md += ["## Imported model", "", f"`{Path(imported['source']).name}` "
+               f"({imported.get('model_type')}, {imported['params']:,} parameters, "
+               f"{'instruct' if imported.get('instruct') else 'base'} model): the BASE column "
+               "is this model as imported" + (" (it is also the SFT model the later stages "
+                                               "start from)" if imported.get("instruct") else "")
+               + f". Chat format: {fmt.get('name', 'echo')}"
+               + (f", default system prompt \"{fmt['default_system']}\""
+                  if fmt.get("default_system") else "") + ".", ""]
+    beside = (cfg.get("run") or {}).get("beside")
+    if beside:
+        md += beside_section(run_dir, Path(beside), stages, evals, log)
 
     tk = summary.get("tokenizer")
     if tk:

@@ -12,8 +12,11 @@ changed since is measured again, never shown stale.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+
+import numpy as np
 
 from echolm.atomic import atomic_write_json
 from echolm.checkpoint import MODEL_STAGES, file_fingerprint, load_model, model_file, stage_dir
@@ -83,6 +86,29 @@ def current_result(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
     return result
 
 
+def held_out_tokens(cfg: Config, run_dir: Path, tok: Tokenizer
+                    ) -> Callable[[], np.ndarray] | None:
+    """What bits/byte reads: the run's encoded held-out text (DIR/tokens), or, for an
+    imported model (it never had pretraining text encoded), the held-out documents of
+    data.pretrain encoded here, only as many tokens as bits/byte reads; None for neither."""
+    folder = run_dir / "tokens"
+    if (folder / "meta.json").exists():
+        return lambda: load_tokens(folder, "val")
+    if not (run_dir / "import.json").exists():
+        return None
+
+    def encode() -> np.ndarray:
+        from echolm.data.text import iter_documents
+
+        ids: list[int] = []
+        for doc in iter_documents(cfg.data.pretrain, "val", cfg.data.val_fraction):
+            ids += [tok.bos, *tok.encode(doc)]
+            if len(ids) > cfg.pretrain.eval_tokens + 1:
+                break
+        return np.array(ids, dtype=np.int64)
+    return encode
+
+
 def evaluate_stage(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
                    gold_prompts: int = 100, log=print) -> dict:
     t0 = time.time()
@@ -91,12 +117,11 @@ def evaluate_stage(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
     model = load_model(weights.parent).eval()
     out: dict = {"stage": stage,
                  "measured_on": measured_on(cfg, run_dir, stage, humaneval, gold_prompts)}
-    val = run_dir / "tokens"
-    if (val / "meta.json").exists():
+    val = held_out_tokens(cfg, run_dir, tok)
+    if val is not None:
         seq_len, n = cfg.pretrain.seq_len, cfg.pretrain.eval_tokens
         ev = cached(run_dir / "eval" / "cache", weights,
-                    bpb_key(seq_len, n), lambda: eval_bpb(model, tok, load_tokens(val, "val"),
-                                                          seq_len, n), log)
+                    bpb_key(seq_len, n), lambda: eval_bpb(model, tok, val(), seq_len, n), log)
         out["val_bpb"] = {"value": round(ev["bpb"], 4), "tokens": ev["tokens"]}
     tasks = {}
     for spec in cfg.data.tasks:

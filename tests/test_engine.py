@@ -73,6 +73,19 @@ def test_greedy_with_cache_equals_full_recompute_left_padded_batch(kw, fast):
         assert _steps(m, [x], GREEDY, fast=fast) == [w]
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_repeated_prompts_are_read_once_and_answered_alike(fast):
+    """A group of identical prompts (GRPO, pass@k) is prefilled once and its cache rows
+    copied: greedy answers equal the full recompute; sampled rows still differ."""
+    m = _model()
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0], PROMPTS[1]]
+    want = [_greedy_no_cache(m, x, 20) for x in prompts]
+    assert _steps(m, prompts, GREEDY, fast=fast) == want
+    sampled = _steps(m, [PROMPTS[0]] * 6, SamplingParams(max_tokens=12, temperature=1.0,
+                                                          seed=3), fast=fast)
+    assert len({tuple(r) for r in sampled}) > 1
+
+
 def test_fast_decoder_logits_match_the_model():
     m = _model()
     prompt = torch.tensor(PROMPTS[0])[None].repeat(3, 1)

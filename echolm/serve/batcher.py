@@ -189,7 +189,8 @@ class Batch:
             ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
             valid[i, P - len(p):] = True
         cache = KVCache(self.cfg, len(unique), P, device=self.device, dtype=self.dtype)
-        logits = self.model(ids.to(self.device), cache, valid.to(self.device))[:, -1]
+        logits = self.model(ids.to(self.device), cache, valid.to(self.device),
+                            last_only=True)[:, -1]
         pick = torch.tensor([where[tuple(p)] for p in prompts], device=self.device)
         if self.cache is None:
             parts = [(cache, pick)]
