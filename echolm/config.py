@@ -15,6 +15,7 @@ from typing import Any
 
 from echolm.config_checks import (
     at_least,
+    check_lora,
     check_sources,
     check_task_specs,
     finite,
@@ -22,6 +23,9 @@ from echolm.config_checks import (
     numbers,
 )
 from echolm.errors import EchoError
+
+# the projections LoRA may adapt (`*.lora_targets`): every nn.Linear of a block, by its name
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -154,6 +158,15 @@ class LoopConfig:
     trackers: list[str] = field(default_factory=list)
     ckpt_every: int = 100  # steps between training checkpoints (a killed run resumes from the last)
     seed: int = 1337  # seeds the data order and sampling (exact resume)
+    # 0 = full fine-tuning; > 0 = LoRA adapters of this rank (peft's r) on lora_targets, the
+    # rest of the model frozen; the stage saves the merged model and the adapter (DIR/<stage>/
+    # adapter, peft's format). Post-training stages only (sft, rl, rlhf, dpo)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # LoRA's alpha (peft's lora_alpha): the update is B A x alpha/rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input (peft's lora_dropout)
+    # the projections that get adapters (peft's target_modules): any of q_proj k_proj v_proj
+    # o_proj gate_proj up_proj down_proj
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
     def validate(self, section: str) -> None:
         if self.ckpt_every <= 0:
@@ -183,6 +196,8 @@ class LoopConfig:
             if name not in ("tensorboard", "wandb"):
                 raise EchoError(f"{section}.trackers: unknown tracker '{name}' "
                                 "(expected tensorboard or wandb)")
+        check_lora(section, self, LORA_TARGETS,
+                   supported=section not in ("pretrain", "rm"))
 
 
 @dataclass

@@ -4,6 +4,7 @@ Each failure is one line naming `section.field`, the value and what is allowed."
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -77,3 +78,21 @@ def check_sources(where: str, sources: list[str]) -> None:
         if not src.strip() or not 1 <= len(parts) <= 3 or not parts[0]:
             raise EchoError(f"{where}: source '{src}': expected \"builtin\", a file or folder, "
                             "or hf:NAME[:CONFIG][:SPLIT]")
+
+
+def check_lora(section: str, obj: Any, allowed: tuple[str, ...], supported: bool) -> None:
+    """A loop's LoRA settings (lora_rank, lora_alpha, lora_dropout, lora_targets): the rank a
+    whole number >= 0, only where the stage `supported` LoRA; alpha > 0, dropout in [0, 1),
+    the targets known projection names, at least one, each once."""
+    at_least(section, obj, ("lora_rank",), 0)
+    if obj.lora_rank > 0 and not supported:
+        raise EchoError(f"{section}.lora_rank={obj.lora_rank}: {section} trains the whole model "
+                        "(LoRA is for the post-training stages sft, rl, rlhf, dpo); set it to 0")
+    finite(section, obj, ("lora_alpha",), strict=True)
+    fraction(section, obj, "lora_dropout", high_open=True)
+    targets = obj.lora_targets
+    bad = [t for t in targets if t not in allowed]
+    if bad or not targets or len(set(targets)) != len(targets):
+        what = (f"unknown '{bad[0]}'" if bad else "none" if not targets else "a name twice")
+        raise EchoError(f"{section}.lora_targets={json.dumps(targets)}: {what}; expected one or "
+                        f"more of {', '.join(allowed)}")

@@ -256,8 +256,13 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention."""
+        """Training FLOPs per token (forward + backward): 6 per matmul weight, 4 per frozen one
+        (no weight gradient: LoRA's base), plus attention."""
         c = self.cfg
         matmul_params = self.num_params(non_embedding=True) + c.vocab_size * c.n_embd
+        frozen = sum(p.numel() for name, p in self.named_parameters()
+                     if not p.requires_grad and name != "embed_tokens.weight")
+        if c.tie_embeddings and not self.embed_tokens.weight.requires_grad:
+            frozen += c.vocab_size * c.n_embd  # the head is the embedding
         attention = 12 * c.n_layer * c.n_head * c.d_head * seq_len / 2  # causal: half the scores
-        return 6 * matmul_params + attention
+        return 6 * matmul_params - 2 * frozen + attention

@@ -30,14 +30,18 @@ from echolm.model import Transformer
 
 def build_optimizers(model: Transformer, cfg: LoopConfig) -> list[torch.optim.Optimizer]:
     """Muon for the hidden 2-D matrices (attention and MLP); AdamW for the embedding, the
-    output head and the norm weights, each group with its own learning rate."""
-    hidden, embed, head, scalars = [], [], [], []
+    output head and the norm weights, each group with its own learning rate. Only trainable
+    parameters: with LoRA (echolm/lora.py) the adapters, in AdamW, and whatever a wrapper
+    adds (RLHF's value head)."""
+    hidden, embed, head, scalars, adapters = [], [], [], [], []
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        if name.endswith("embed_tokens.weight"):
+        if name.endswith(("lora_A.weight", "lora_B.weight")):
+            adapters.append(p)
+        elif name.endswith("embed_tokens.weight"):
             embed.append(p)
         elif name.endswith("lm_head.weight") or (p.ndim == 2 and min(p.shape) == 1):
             head.append(p)  # output heads, including scalar value / score heads
@@ -49,6 +53,12 @@ def build_optimizers(model: Transformer, cfg: LoopConfig) -> list[torch.optim.Op
         {"params": embed, "lr": cfg.lr_embed, "weight_decay": 0.0},
         {"params": head, "lr": cfg.lr_head, "weight_decay": 0.0},
         {"params": scalars, "lr": cfg.lr_scalar, "weight_decay": 0.0},
+        # LoRA's A and B: AdamW, as peft/TRL train them. Muon orthogonalises a whole matrix's
+        # update; a rank-r factor is not one (B starts at zero, A is r x in), and B A's update
+        # is what matters. They stand in for the hidden matrices, so they take the matrices'
+        # rate, lr_matrix: an AdamW rate here (1e-4 to 1e-3 is LoRA's usual), set it so
+        # when a stage tuned for Muon (lr_matrix ~1e-2) turns LoRA on
+        {"params": adapters, "lr": cfg.lr_matrix, "weight_decay": cfg.weight_decay},
     ]
     fused = next(model.parameters()).device.type == "cuda"
     if cfg.optimizer == "adamw":
@@ -59,6 +69,8 @@ def build_optimizers(model: Transformer, cfg: LoopConfig) -> list[torch.optim.Op
         raise EchoError(f"optimizer '{cfg.optimizer}': expected muon or adamw")
     groups = [g for g in groups if g["params"]]
     adam = torch.optim.AdamW(groups, betas=cfg.adam_betas, eps=1e-10, fused=fused)
+    if not hidden:  # LoRA: every hidden matrix is frozen
+        return [adam]
     # Muon orthogonalises each matrix's momentum (Newton-Schulz): one well-scaled update
     # per matrix, the reason it trains small transformers faster than AdamW per step
     # (in the machine's fast dtype: train/muon.py; DTensor matrices are gathered whole)

@@ -7,12 +7,14 @@ The reference (the SFT model, frozen) scores each batch's answers right before t
 without gradients: only the pairs a run actually visits are scored (a run fitted to a short
 budget visits a fraction of the pairs: scoring all of them first took longer than the
 training, 72 s for 5,952 pairs on a 2-core AVX2 CPU). The frozen copy costs the memory of
-one more model. Log-probs are computed only where they are needed: the final hidden states of
-the answer tokens go through the output head, not those of the prompt. Train / held-out split
-by prompt, the same as the reward model's, so both stages leave the same prompts unseen.
+one more model; with LoRA there is none: the reference is the policy with its adapters off.
+Log-probs are computed only where they are needed: the final hidden states of the answer
+tokens go through the output head, not those of the prompt. Train / held-out split by
+prompt, the same as the reward model's, so both stages leave the same prompts unseen.
 
-Writes DIR/dpo/model.safetensors (a plain model: `echolm chat --stage dpo`), metrics.jsonl
-(per step: implicit-reward accuracy and margins), and summary.json's `dpo`.
+Writes DIR/dpo/model.safetensors (a plain model: `echolm chat --stage dpo`; with LoRA the
+merged one, and the adapter in DIR/dpo/adapter), metrics.jsonl (per step: implicit-reward
+accuracy and margins), and summary.json's `dpo`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from echolm.config import Config, DPOConfig
 from echolm.data.chat import sft_rows
 from echolm.errors import EchoError
 from echolm.gold import gold_win_rate, sft_baseline
+from echolm.lora import finish_lora, frozen_reference, start_lora
 from echolm.losses import chosen_nll, dpo_loss
 from echolm.model import Transformer
 from echolm.prefs import implied_pairs
@@ -216,7 +219,9 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     d = single_process("dpo")
     tok = Tokenizer.load(run_dir / "tokenizer")
     policy = load_model(chat_model_dir(run_dir), d.device)
-    reference = load_model(chat_model_dir(run_dir), d.device).eval().requires_grad_(False)
+    lora = start_lora(policy, tcfg, "dpo", log)
+    # with LoRA the policy's own base (adapters off, no second copy), else a frozen copy
+    reference = frozen_reference(policy)
     check_seq_len("dpo", tcfg.seq_len, policy.cfg.max_seq_len)
     train_r, held_r = split_by_prompt(load_rankings(run_dir, cfg.data.rankings_annotator),
                                      cfg.data.rankings_heldout_fraction)
@@ -300,12 +305,14 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     sample = [train_enc[i] for i in step_indices(len(train_enc), n_train, 0, tcfg.seed + 1)]
     train_m = implicit_rewards(model, sample, pair_logps(reference, sample, tok.pad, ctx),
                                tok.pad, dcfg, ctx)
+    finish_lora(model, out, chat_model_dir(run_dir))  # last use of the reference was above
     save_model(model, out)
     result = {**train_m, "train_pairs": len(train_enc),
               "heldout_reward_accuracy": held_m["reward_accuracy"],
               "heldout_margin": held_m["margin"], "heldout_n_pairs": held_m["n_pairs"],
               "objective": dcfg.loss, "beta": dcfg.beta,
               "epochs": round(trainer.step * per_step / len(train_enc), 3), **facts,
+              "lora": lora,
               "rankings": {"annotator": cfg.data.rankings_annotator,
                            "heldout_fraction": cfg.data.rankings_heldout_fraction}}
     if baseline is not None:

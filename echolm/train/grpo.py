@@ -10,7 +10,6 @@ several optimisation epochs per batch with importance ratios. pass@k before and 
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torch import Tensor
 from echolm.checkpoint import chat_model_dir, load_model, save_model
 from echolm.config import Config, RLConfig
 from echolm.evaluate import task_pass_at_k
+from echolm.lora import finish_lora, frozen_reference, start_lora
 from echolm.losses import clipped_policy_loss, group_advantages, kl_k3, overlong_penalty
 from echolm.model import Transformer
 from echolm.rollout import pad_batch, sample_responses, token_logprobs
@@ -95,7 +95,7 @@ def policy_loss(model: torch.nn.Module, item: tuple[PolicyBatch, Tensor], g: RLC
     if b.logp_ref is not None:
         kl = (kl_k3(logp, b.logp_ref[idx]) * mk).sum() / n
         loss = loss + g.kl_beta * kl
-        stats.setdefault("kl", []).append(float(kl))
+        stats.setdefault("kl", []).append(float(kl.detach()))
     for k in ("clip_frac", "approx_kl"):  # approx_kl: 0 on a step's first update (old = new)
         stats.setdefault(k, []).append(float(st[k]))
     stats.setdefault("entropy", []).append(float((entropy.detach() * mk).sum() / n))
@@ -125,8 +125,11 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     d = single_process("rl", "generation is not sharded")
     g = cfg.rl
     tok = Tokenizer.load(run_dir / "tokenizer")
-    model = load_model(chat_model_dir(run_dir) if g.init == "sft" else run_dir / g.init)
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if g.kl_beta > 0 else None
+    start = chat_model_dir(run_dir) if g.init == "sft" else run_dir / g.init
+    model = load_model(start)
+    lora = start_lora(model, g, "rl", log)
+    # the KL's reference: with LoRA the policy's base (adapters off), else a frozen copy
+    reference = frozen_reference(model) if g.kl_beta > 0 else None
     tasks = [task_from_spec(s) for s in g.tasks]
     pool = [(t, p) for t in tasks for p in problems_up_to(t, "train", 5000, g.seed)]
 
@@ -191,6 +194,7 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             "stopped_frac": round(sum(r.stopped for r in rollouts) / max(len(rollouts), 1), 4)})
         trainer.end_step(rec, show=("reward_mean", "response_len", "zero_variance_frac"))
     facts = trainer.finish()
+    finish_lora(model, out, start)  # adapter saved, then merged: a plain model from here on
 
     log("rl: measuring pass@k after RL")
     after = evaluate_rl(model, tok, g.tasks, g)
@@ -206,7 +210,7 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                                 "temperature": a["temperature"]}
     save_model(model, out)
     facts["minutes"] = round(trainer.clock.seconds() / 60, 2)
-    result = {"tasks": tasks_summary, "init": g.init, **facts,
+    result = {"tasks": tasks_summary, "init": g.init, **facts, "lora": lora,
               "algorithm": {k: getattr(g, k) for k in (
                   "group_size", "prompts_per_step", "scale_by_std", "aggregation", "clip_low",
                   "clip_high", "kl_beta", "epochs", "minibatches", "dynamic_sampling",

@@ -16,8 +16,8 @@ An optional unguarded run (kl_beta = 0, `overopt_steps`) draws that curve.
 
 from __future__ import annotations
 
-import copy
 import random
+import shutil
 import time
 from dataclasses import replace
 from functools import partial
@@ -32,6 +32,14 @@ from echolm.config import Config, RLHFConfig
 from echolm.data.chat import sft_rows
 from echolm.data.prompts import rlhf_prompts
 from echolm.gold import evaluate_policy, gold_win_rate, sft_baseline
+from echolm.lora import (
+    finish_lora,
+    frozen_reference,
+    has_lora,
+    save_adapter,
+    save_merged,
+    start_lora,
+)
 from echolm.losses import (
     best_of_group_advantages,
     clipped_policy_loss,
@@ -42,6 +50,7 @@ from echolm.losses import (
     rloo_advantages,
 )
 from echolm.model import Transformer
+from echolm.outdir import replacing
 from echolm.reward import load_reward_model
 from echolm.rollout import pad_batch, response_logprobs, sample_responses, token_logprobs
 from echolm.runfiles import read_cache
@@ -132,7 +141,9 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: RLHFConfig,
     d = single_process(stage, "generation is not sharded")
     tok = Tokenizer.load(run_dir / "tokenizer")
     policy = load_model(chat_model_dir(run_dir))
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    lora = start_lora(policy, p, stage, log)  # before the value head: it stays trainable
+    # with LoRA the policy's own base (adapters off, no second copy), else a frozen copy
+    reference = frozen_reference(policy)
     rm = load_reward_model(run_dir / "rm")
     model: nn.Module = PolicyWithValue(policy) if p.algorithm == "ppo" else policy
     train_items = rlhf_prompts("train", p.train_prompts, p.seed)
@@ -233,7 +244,9 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: RLHFConfig,
             rec.update({f"eval_{k2}": round(v, 4) for k2, v in ev.__dict__.items()})
             if ev.gold > ex["best_gold"]:
                 ex["best_gold"] = ev.gold
-                save_model(policy, out / "best")
+                save_merged(policy, out / "best")
+                if has_lora(policy):
+                    save_adapter(policy, out / "best" / "adapter", str(chat_model_dir(run_dir)))
             if p.guard and guard_should_stop([h["gold"] for h in ex["history"]],
                                              [h["proxy"] for h in ex["history"]],
                                              p.guard_patience):
@@ -242,6 +255,7 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: RLHFConfig,
                     f"rose: stopping at step {step + 1}")
         trainer.end_step(rec, show=("proxy_train", "kl_train", "eval_gold"))
     facts = trainer.finish()  # checkpoints a guard's stop too: a resume reads the decision
+    facts["lora"] = lora
     return ex, policy, facts
 
 
@@ -284,11 +298,18 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
                                  reserve_s=final_s, log=log, log_dir=stage.log_dir)
     # the model the stage hands on: the best by gold when the guard is on
     best = max(ex["history"], key=lambda h: h["gold"]) if p.guard else ex["history"][-1]
+    adapter = None  # LoRA: the kept model's adapter (none when SFT itself is kept)
     if p.guard and best["step"] == 0:  # nothing beat SFT by gold: hand on SFT itself
         log("rlhf: no step beat the SFT model on gold reward; the stage keeps the SFT model")
         policy = load_model(chat_model_dir(run_dir))
     elif p.guard and (out / "best" / "model.safetensors").exists():
-        policy = load_model(out / "best")
+        policy = load_model(out / "best")  # merged already
+        adapter = out / "best" / "adapter"
+    finish_lora(policy, out, chat_model_dir(run_dir))  # the last step's (no guard): merged
+    if adapter is not None and adapter.is_dir():
+        with replacing(out / "adapter") as tmp:
+            for f in adapter.iterdir():
+                shutil.copy2(f, tmp / f.name)
     save_model(policy, out)
     # The step was chosen by gold on these prompts and samples, so its own figures flatter it
     # (the best of several noisy measurements): the stage's result is measured afresh, with

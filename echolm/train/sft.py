@@ -21,6 +21,7 @@ from echolm.data.chat import (
     problem_messages,
 )
 from echolm.evaluate import cached, task_accuracy, wilson_interval
+from echolm.lora import finish_lora, start_lora
 from echolm.model import Transformer
 from echolm.runtime import autocast, check_seq_len, setup_distributed
 from echolm.staging import StageOutput
@@ -54,6 +55,10 @@ def evaluate_tasks(model: Transformer, tok: Tokenizer, specs: list[str], n: int,
     return out
 
 
+def _quiet(*_a: object) -> None:
+    pass
+
+
 def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     """One step = one optimizer update on `micro_batch x grad_accum` packed rows per process."""
     started = time.perf_counter()
@@ -65,6 +70,7 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     tok = Tokenizer.load(run_dir / "tokenizer")
     model = load_model(run_dir / "base")
     check_seq_len("sft", tcfg.seq_len, model.cfg.max_seq_len)
+    lora = start_lora(model, tcfg, "sft", log if d.main else _quiet)
 
     convs = load_conversations(data.sft, data.tasks, data.task_examples, tcfg.seed,
                                data.open_examples, data.pretrain, data.val_fraction)
@@ -122,6 +128,7 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     result: dict = {}
     if d.main:
         log("sft: evaluating the fine-tuned model")
+        finish_lora(model, out, run_dir / "base")  # merged: a plain model from here on
         save_model(model, out)
         after = evaluate_tasks(model, tok, data.tasks, data.eval_problems,
                                out / "model.safetensors", run_dir)
@@ -135,7 +142,7 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                                                                              a["n"])]}
         facts["minutes"] = round(trainer.clock.seconds() / 60, 2)
         result = {"tasks": tasks, "val_loss": round(val_loss(), 4), "conversations": len(convs),
-                  **facts, "sampled_temperature": SAMPLED_TEMPERATURE}
+                  **facts, "sampled_temperature": SAMPLED_TEMPERATURE, "lora": lora}
         atomic_write_json(out / "examples.json", {k: v["examples"] for k, v in after.items()})
         stage.commit(result)
         log(f"sft: {facts['schedule']}, {facts['minutes']:.1f} min")
