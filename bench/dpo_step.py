@@ -102,9 +102,8 @@ def make_pairs(n: int, seed: int, vocab: int) -> list[tuple[list[int], list[int]
 # ---- one side, in its own process ----------------------------------------------------------
 
 def echo_side(args: argparse.Namespace) -> dict[str, Any]:
-    import copy
-
     from echolm.config import DPOConfig
+    from echolm.lora import frozen_reference, start_lora
     from echolm.rankings import step_indices
     from echolm.runtime import Dist
     from echolm.train.dpo import EncodedPair, dpo_batch_loss, make_pair_batch, reference_logps
@@ -119,7 +118,10 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
                      warmdown_frac=0.0, dtype="fp32", grad_clip=1.0, beta=0.1, loss="sigmoid",
                      optimizer="adamw" if args.side == "echo_adamw" else args.ours_optimizer,
                      **echo_lora_fields(args.lora))
-    reference = copy.deepcopy(model).eval().requires_grad_(False)  # frozen, as the stage's
+    # as the stage: LoRA adapters when lora_rank > 0, then the reference (a frozen copy; with
+    # LoRA the policy's base, adapters off)
+    start_lora(model, tcfg, "dpo", log=lambda _m: None)
+    reference = frozen_reference(model)
     rss_model = current_rss_mb()
     pref = tcfg
     tmp = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
@@ -299,13 +301,13 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=None,
-                   help="preference pairs per step (default 8; SmolLM2: 4)")
+                   help="preference pairs per step (default 8; SmolLM2: 2)")
     p.add_argument("--pairs", type=int, default=None,
                    help="pairs in the dataset (default 256; SmolLM2: 64)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps first (default 3; SmolLM2: 2)")
+                   help="untimed steps first (default 3; SmolLM2: 1)")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed steps, median (default 10; SmolLM2: 4)")
+                   help="timed steps, median (default 10; SmolLM2: 2)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (median taken)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per side (default 1, see above; 0: torch's default)")
@@ -319,8 +321,8 @@ def main() -> None:
                    help="run one side only (child mode)")
     p.add_argument("--profile", action="store_true", help="with --side: torch.profiler table")
     args = p.parse_args()
-    resolve_args(p, args, {"batch": (8, 4), "pairs": (256, 64), "warmup": (3, 2),
-                           "steps": (10, 4)})
+    resolve_args(p, args, {"batch": (8, 2), "pairs": (256, 64), "warmup": (3, 1),
+                           "steps": (10, 2)})
     emit_json(run_side(args) if args.side else compare(args))
 
 

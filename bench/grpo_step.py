@@ -100,6 +100,7 @@ def reward_ids(ids: list[int]) -> float:
 
 def echo_side(args: argparse.Namespace) -> dict[str, Any]:
     from echolm.config import RLConfig
+    from echolm.lora import start_lora
     from echolm.losses import group_advantages
     from echolm.rollout import pad_batch, sample_responses
     from echolm.runtime import Dist
@@ -119,6 +120,7 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
                  optimizer="adamw" if args.side == "echo_adamw" else args.ours_optimizer,
                  **echo_lora_fields(args.lora))
     tcfg = g
+    start_lora(model, g, "rl", log=lambda _m: None)  # as the stage (nothing when lora_rank = 0)
     rss_model = current_rss_mb()
     tmp = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
     trainer = Trainer(model, tcfg, tmp, "rl", tmp, Dist())
@@ -305,7 +307,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=None, help="prompts per step (default 8; "
-                   "SmolLM2: 4)")
+                   "SmolLM2: 2)")
     p.add_argument("--group", type=int, default=None,
                    help="samples per prompt (default 8; SmolLM2: 4)")
     p.add_argument("--tokens", type=int, default=32, help="completion tokens (exactly)")
@@ -313,7 +315,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps first (default 2; SmolLM2: 1)")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed steps, median (default 6; SmolLM2: 3)")
+                   help="timed steps, median (default 6; SmolLM2: 2)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (median taken)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per side (default 1; 0: torch's default)")
@@ -325,8 +327,8 @@ def main() -> None:
                    help="run one side only (child mode)")
     p.add_argument("--profile", action="store_true", help="with --side: torch.profiler table")
     args = p.parse_args()
-    resolve_args(p, args, {"batch": (8, 4), "group": (8, 4), "warmup": (2, 1),
-                           "steps": (6, 3)})
+    resolve_args(p, args, {"batch": (8, 2), "group": (8, 4), "warmup": (2, 1),
+                           "steps": (6, 2)})
     emit_json(run_side(args) if args.side else compare(args))
 
 
