@@ -1,27 +1,33 @@
 """Seconds per DPO training step: Echo's DPO stage (``echolm.train.dpo``) vs TRL's
-``DPOTrainer`` on the same model shape, data and batch.
+``DPOTrainer`` on the same model, data and batch; full fine-tuning, and with ``--lora R`` also
+LoRA on both sides.
 
-Model: the 7M shape (hidden 256, 4 layers, 4 heads / 2 KV heads, vocab 8192, SwiGLU width =
-Echo's ``d_mlp``, untied embeddings, no QK-norm), fp32, the same random weights on both sides
-(the peer is ``transformers.LlamaForCausalLM`` with Echo's weights copied in). Data: the same
-synthetic pairs on both sides: a prompt of 24-40 tokens and two answers of 40-86 tokens (plus
-an end token), so a prompt + answer is at most 127 tokens and nothing is truncated at
-``max_length = 128``. The peer's tokenizer is a ``PreTrainedTokenizerFast`` over a word-level
-vocabulary ("w0".."w8189", "<pad>", "</s>") whose text maps 1:1 to the ids Echo is given, so
+Model (``bench/policy_model.py``): by default the 7M shape (hidden 256, 4 layers, 4 heads / 2
+KV heads, vocab 8192, untied), random weights; with ``--gguf FILE`` (or ``--run DIR``)
+SmolLM2-135M-Instruct, imported by ``echolm import gguf`` and exported by ``echolm export hf``
+for the peer, so both sides start from the same fp32 weights. Data: the same synthetic pairs
+on both sides: a prompt of 24-40 random token ids and two answers of 40-86 (plus an end
+token), so a prompt + answer is at most 127 tokens and nothing is truncated at ``max_length =
+128``. The peer's tokenizer is word-level ("w17" <-> id 17 over the model's vocabulary), so
 both sides see the same token sequences (no hub access: ``HF_HUB_OFFLINE=1``).
 
-One step = one optimizer update on 8 pairs (16 sequences, chosen and rejected in one
-forward), loss sigmoid DPO, beta 0.1, gradient clipping 1.0. Timed from the end of one step to
-the end of the next, so batch assembly (collation), logging and everything else a step does
-is included. Excluded, as one-off setup: building the models and TRL's dataset tokenisation.
-Both Echo (as `echolm dpo` does) and TRL by default (``precompute_ref_log_probs=False``) keep
-a second, frozen copy of the model and run the reference forward pass (no gradients) in
-EVERY step, on that step's pairs only. ``--peer-precompute`` adds a third side: TRL with
-``precompute_ref_log_probs=True`` (its reference pass happens once, over every pair, in
-setup).
-Optimizers are each side's own defaults for this job: Echo's Muon (hidden matrices) + AdamW
-(embedding, head, norms); TRL's AdamW. ``--ours-adamw`` adds Echo with AdamW for everything
-(``dpo.optimizer = "adamw"``), the same optimizer family as the peer.
+One step = one optimizer update on 8 pairs (SmolLM2: 2; chosen and rejected in one forward),
+loss sigmoid DPO, beta 0.1, gradient clipping 1.0. Timed from the end of one step to the end
+of the next, so batch assembly (collation), logging and everything else a step does is
+included. Excluded, as one-off setup: building the models and TRL's dataset tokenisation.
+Both Echo (as `echolm dpo` does) and TRL by default (``precompute_ref_log_probs=False``) run
+the reference forward pass (no gradients) in EVERY step, on that step's pairs only: in full
+fine-tuning on a second, frozen copy of the model; with LoRA on the policy with its adapters
+disabled (no copy: Echo's ``lora.frozen_reference``, TRL's default with ``peft_config``).
+``--peer-precompute`` adds a side: TRL with ``precompute_ref_log_probs=True`` (its reference
+pass happens once, over every pair, in setup). TRL keeps its defaults otherwise, among them
+``gradient_checkpointing=True`` (less activation memory, a second forward in the backward).
+
+Optimizers: Echo's is ``--ours-optimizer``: by default Muon (hidden matrices) + AdamW for the
+7M (Echo's config default) and AdamW for SmolLM2 (what `echolm dpo` uses under its default
+preset, cpu; Muon's Newton-Schulz costs ~1.5 TFLOP per step for a 135M model, more than the
+forward and backward of a small batch); TRL's AdamW. With LoRA both train the adapters with
+AdamW. ``--ours-adamw`` adds Echo with AdamW for everything (``dpo.optimizer = "adamw"``).
 
 Threads: 1 by default. On a small machine shared with other jobs, 2 threads make every
 parallel op wait for the other core (small matmuls, such as Muon's Newton-Schulz iterations,
@@ -29,12 +35,15 @@ become many times slower, and the slowdown depends on the neighbours' load), whi
 the neighbours more than the code; ``--threads 2`` (or 0, torch's default) is there for a
 quiet machine.
 
-Each side runs in its own subprocess (``--side echo|trl|trl_pre``), so its peak RSS is its
-own; rounds alternate the order of the sides. Within a child: ``--warmup`` untimed steps,
-then ``--steps`` timed ones (median). The result is the median over rounds.
+Each side runs in its own subprocess (``--side echo|trl|trl_pre``, ``--lora R`` for its LoRA
+run), so its peak RSS is its own; rounds alternate the order of the sides. Within a child:
+``--warmup`` untimed steps, then ``--steps`` timed ones (median). The result is the median
+over rounds; peak RSS is the highest over rounds. Per mode (full, lora) it prints both
+sides' step time and peak RSS and the ratios; the JSON's top level is the first mode's.
 
-    python bench/dpo_step.py                        # 2 rounds, 3 + 10 steps per side
+    python bench/dpo_step.py                        # 7M: 2 rounds, 3 + 10 steps per side
     python bench/dpo_step.py --rounds 1 --steps 5 --peer-precompute --ours-adamw
+    python bench/dpo_step.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --lora 16  # ~6 min
     python bench/dpo_step.py --side echo --profile  # where Echo's step time goes
 
 The last line of stdout is one JSON object (see ``emit_json``).

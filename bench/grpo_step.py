@@ -1,39 +1,47 @@
 """Seconds per GRPO training step: Echo's GRPO stage (``echolm.train.grpo``) vs TRL's
-``GRPOTrainer`` on the same model shape, prompts, group size, completion length and reward.
+``GRPOTrainer`` on the same model, prompts, group size, completion length and reward; full
+fine-tuning, and with ``--lora R`` also LoRA on both sides.
 
-Model: the 7M shape of ``bench/dpo_step.py`` (hidden 256, 4 layers, 4 heads / 2 KV heads,
-vocab 8192, SwiGLU width = Echo's ``d_mlp``, untied, no QK-norm), fp32, the same random
-weights on both sides (the peer is ``transformers.LlamaForCausalLM`` with Echo's weights
-copied in, and the word-level ``PreTrainedTokenizerFast`` whose "w17" is id 17, so both
-sides see the same prompt ids; no hub access: ``HF_HUB_OFFLINE=1``).
+Model (``bench/policy_model.py``): by default the 7M shape (hidden 256, 4 layers, 4 heads / 2
+KV heads, vocab 8192, untied), random weights; with ``--gguf FILE`` (or ``--run DIR``)
+SmolLM2-135M-Instruct, imported by ``echolm import gguf`` and exported by ``echolm export hf``
+for the peer, so both sides start from the same fp32 weights. Prompts are random token ids;
+the peer's tokenizer is word-level ("w17" <-> id 17 over the model's vocabulary), so both
+sides see the same prompt ids (no hub access: ``HF_HUB_OFFLINE=1``).
 
-One step = one optimizer update from fresh samples: 8 prompts (16-32 random tokens each)
-x a group of 8 sampled completions of exactly 32 tokens (temperature 1, no top-k/top-p;
-Echo: the stop ids are ids outside the vocabulary, so nothing stops early; TRL:
-``min_new_tokens = max_new_tokens = 32``), scoring, group-relative advantages (mean / std
-within each group), one forward/backward of the clipped policy loss over all 64 sequences
-(token-averaged, clip 0.2 / 0.28, no KL on either side, one iteration, so the old
-log-probs are the detached current ones), gradient clipping 1.0, optimizer step.
+One step = one optimizer update from fresh samples: 8 prompts (SmolLM2: 2; 16-32 random
+tokens each) x a group of 8 (SmolLM2: 4) sampled completions of exactly 32 tokens
+(temperature 1, no top-k/top-p; Echo: the stop ids are ids outside the vocabulary, so nothing
+stops early; TRL: ``min_new_tokens = max_new_tokens = 32``), scoring, group-relative
+advantages (mean / std within each group), one forward/backward of the clipped policy loss
+over all sequences (token-averaged, clip 0.2 / 0.28, no KL on either side, one iteration, so
+the old log-probs are the detached current ones), gradient clipping 1.0, optimizer step.
 Echo's step is what ``run_rl`` does per step with ``dynamic_sampling=False`` and
-``epochs = minibatches = 1``: ``sample_responses`` (the engine), ``group_advantages``,
-``pad_batch``, ``policy_loss`` (``clipped_policy_loss``) through ``Trainer.step``.
-The peer: ``trl.GRPOTrainer`` with generation by ``transformers`` ``generate`` (no vLLM),
-``num_generations = 8``, ``per_device_train_batch_size = 64``, ``loss_type = "dapo"``
-(token-averaged), ``epsilon = 0.2``, ``epsilon_high = 0.28``, ``beta = 0``.
+``epochs = minibatches = 1``: ``start_lora`` (LoRA only), ``sample_responses`` (the engine),
+``group_advantages``, ``pad_batch``, ``policy_loss`` (``clipped_policy_loss``) through
+``Trainer.update``. The peer: ``trl.GRPOTrainer`` with generation by ``transformers``
+``generate`` (no vLLM), ``num_generations`` = the group, ``per_device_train_batch_size`` =
+prompts x group, ``loss_type = "dapo"`` (token-averaged), ``epsilon = 0.2``,
+``epsilon_high = 0.28``, ``beta = 0``, LoRA through ``peft_config``; its other defaults kept,
+among them ``gradient_checkpointing=True`` (less activation memory, a second forward in the
+backward).
 
 Reward, the same function on both sides, on the completion's token ids: 1.0 if the
 completion holds an even number of even token ids, else 0.0 (cheap, deterministic, and
 not constant within a group, so advantages are not all zero).
 
-Optimizers are each side's own defaults: Echo's Muon (hidden matrices) + AdamW; TRL's
-AdamW. ``--ours-adamw`` adds Echo with AdamW for everything.
+Optimizers: Echo's is ``--ours-optimizer``: by default Muon (hidden matrices) + AdamW for the
+7M (Echo's config default) and AdamW for SmolLM2 (what `echolm rl` uses under its default
+preset, cpu); TRL's AdamW. With LoRA both train the adapters with AdamW. ``--ours-adamw``
+adds Echo with AdamW for everything.
 
 Each side runs in its own subprocess (``--side``), one torch thread by default (the machine
 may be shared); rounds alternate the order. Within a child: ``--warmup`` untimed steps, then
 ``--steps`` timed ones, timed from the end of one step to the end of the next (median).
 The result is the median over rounds.
 
-    python bench/grpo_step.py                        # 2 rounds, 2 + 6 steps per side
+    python bench/grpo_step.py                        # 7M: 2 rounds, 2 + 6 steps per side
+    python bench/grpo_step.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --lora 16  # ~7 min
     python bench/grpo_step.py --side echo --profile  # where Echo's step time goes
 
 The last line of stdout is one JSON object (see ``emit_json``).
