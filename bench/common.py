@@ -13,7 +13,7 @@ import resource
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +148,39 @@ def llama_config(cfg: Any, **extra: Any) -> Any:
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": False,
         "attention_bias": False, "mlp_bias": False, **extra})
+
+
+def alternating_rounds(keys: list[str], rounds: int, argv_of: Callable[[str], list[str]],
+                       note: Callable[[dict[str, Any]], str] = lambda _r: ""
+                       ) -> dict[str, list[dict[str, Any]]]:
+    """Run each side (`argv_of(key)`: a child printing a JSON object with ``step_s`` and
+    ``peak_rss_mb``) once per round, the order reversed every other round; one line each."""
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
+    for r in range(rounds):
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            res = run_json_child(argv_of(key))
+            results[key].append(res)
+            print(f"round {r + 1}/{rounds} {key:12s}: {res['step_s']:.4f} s/step  peak RSS "
+                  f"{res['peak_rss_mb']:.0f} MiB{note(res)}", flush=True)
+    return results
+
+
+def pair_figures(ours: list[dict[str, Any]], peer: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median step time over rounds and the highest peak RSS of each side, and their ratios."""
+    o, p = median([r["step_s"] for r in ours]), median([r["step_s"] for r in peer])
+    rss_o, rss_p = max(r["peak_rss_mb"] for r in ours), max(r["peak_rss_mb"] for r in peer)
+    return {"ours": round(o, 4), "peer": round(p, 4), "ratio": round(o / p, 3),
+            "peak_rss_mb_ours": round(rss_o, 1), "peak_rss_mb_peer": round(rss_p, 1),
+            "rss_ratio": round(rss_o / rss_p, 3),
+            "rounds_ours": [round(r["step_s"], 4) for r in ours],
+            "rounds_peer": [round(r["step_s"], 4) for r in peer]}
+
+
+def print_modes(modes: dict[str, dict[str, Any]]) -> None:
+    """One line per mode (full, lora ...): step seconds and peak RSS, ours vs the peer."""
+    print(f"{'mode':8s} {'echo s/step':>11s} {'peer s/step':>11s} {'ratio':>6s}  "
+          f"{'echo RSS':>9s} {'peer RSS':>9s} {'ratio':>6s}")
+    for mode, f in modes.items():
+        print(f"{mode:8s} {f['ours']:11.4f} {f['peer']:11.4f} {f['ratio']:6.3f}  "
+              f"{f['peak_rss_mb_ours']:6.0f} MiB {f['peak_rss_mb_peer']:5.0f} MiB "
+              f"{f['rss_ratio']:6.3f}", flush=True)

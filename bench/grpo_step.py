@@ -1,39 +1,47 @@
 """Seconds per GRPO training step: Echo's GRPO stage (``echolm.train.grpo``) vs TRL's
-``GRPOTrainer`` on the same model shape, prompts, group size, completion length and reward.
+``GRPOTrainer`` on the same model, prompts, group size, completion length and reward; full
+fine-tuning, and with ``--lora R`` also LoRA on both sides.
 
-Model: the 7M shape of ``bench/dpo_step.py`` (hidden 256, 4 layers, 4 heads / 2 KV heads,
-vocab 8192, SwiGLU width = Echo's ``d_mlp``, untied, no QK-norm), fp32, the same random
-weights on both sides (the peer is ``transformers.LlamaForCausalLM`` with Echo's weights
-copied in, and the word-level ``PreTrainedTokenizerFast`` whose "w17" is id 17, so both
-sides see the same prompt ids; no hub access: ``HF_HUB_OFFLINE=1``).
+Model (``bench/policy_model.py``): by default the 7M shape (hidden 256, 4 layers, 4 heads / 2
+KV heads, vocab 8192, untied), random weights; with ``--gguf FILE`` (or ``--run DIR``)
+SmolLM2-135M-Instruct, imported by ``echolm import gguf`` and exported by ``echolm export hf``
+for the peer, so both sides start from the same fp32 weights. Prompts are random token ids;
+the peer's tokenizer is word-level ("w17" <-> id 17 over the model's vocabulary), so both
+sides see the same prompt ids (no hub access: ``HF_HUB_OFFLINE=1``).
 
-One step = one optimizer update from fresh samples: 8 prompts (16-32 random tokens each)
-x a group of 8 sampled completions of exactly 32 tokens (temperature 1, no top-k/top-p;
-Echo: the stop ids are ids outside the vocabulary, so nothing stops early; TRL:
-``min_new_tokens = max_new_tokens = 32``), scoring, group-relative advantages (mean / std
-within each group), one forward/backward of the clipped policy loss over all 64 sequences
-(token-averaged, clip 0.2 / 0.28, no KL on either side, one iteration, so the old
-log-probs are the detached current ones), gradient clipping 1.0, optimizer step.
+One step = one optimizer update from fresh samples: 8 prompts (SmolLM2: 2; 16-32 random
+tokens each) x a group of 8 (SmolLM2: 4) sampled completions of exactly 32 tokens
+(temperature 1, no top-k/top-p; Echo: the stop ids are ids outside the vocabulary, so nothing
+stops early; TRL: ``min_new_tokens = max_new_tokens = 32``), scoring, group-relative
+advantages (mean / std within each group), one forward/backward of the clipped policy loss
+over all sequences (token-averaged, clip 0.2 / 0.28, no KL on either side, one iteration, so
+the old log-probs are the detached current ones), gradient clipping 1.0, optimizer step.
 Echo's step is what ``run_rl`` does per step with ``dynamic_sampling=False`` and
-``epochs = minibatches = 1``: ``sample_responses`` (the engine), ``group_advantages``,
-``pad_batch``, ``policy_loss`` (``clipped_policy_loss``) through ``Trainer.step``.
-The peer: ``trl.GRPOTrainer`` with generation by ``transformers`` ``generate`` (no vLLM),
-``num_generations = 8``, ``per_device_train_batch_size = 64``, ``loss_type = "dapo"``
-(token-averaged), ``epsilon = 0.2``, ``epsilon_high = 0.28``, ``beta = 0``.
+``epochs = minibatches = 1``: ``start_lora`` (LoRA only), ``sample_responses`` (the engine),
+``group_advantages``, ``pad_batch``, ``policy_loss`` (``clipped_policy_loss``) through
+``Trainer.update``. The peer: ``trl.GRPOTrainer`` with generation by ``transformers``
+``generate`` (no vLLM), ``num_generations`` = the group, ``per_device_train_batch_size`` =
+prompts x group, ``loss_type = "dapo"`` (token-averaged), ``epsilon = 0.2``,
+``epsilon_high = 0.28``, ``beta = 0``, LoRA through ``peft_config``; its other defaults kept,
+among them ``gradient_checkpointing=True`` (less activation memory, a second forward in the
+backward).
 
 Reward, the same function on both sides, on the completion's token ids: 1.0 if the
 completion holds an even number of even token ids, else 0.0 (cheap, deterministic, and
 not constant within a group, so advantages are not all zero).
 
-Optimizers are each side's own defaults: Echo's Muon (hidden matrices) + AdamW; TRL's
-AdamW. ``--ours-adamw`` adds Echo with AdamW for everything.
+Optimizers: Echo's is ``--ours-optimizer``: by default Muon (hidden matrices) + AdamW for the
+7M (Echo's config default) and AdamW for SmolLM2 (what `echolm rl` uses under its default
+preset, cpu); TRL's AdamW. With LoRA both train the adapters with AdamW. ``--ours-adamw``
+adds Echo with AdamW for everything.
 
 Each side runs in its own subprocess (``--side``), one torch thread by default (the machine
 may be shared); rounds alternate the order. Within a child: ``--warmup`` untimed steps, then
 ``--steps`` timed ones, timed from the end of one step to the end of the next (median).
 The result is the median over rounds.
 
-    python bench/grpo_step.py                        # 2 rounds, 2 + 6 steps per side
+    python bench/grpo_step.py                        # 7M: 2 rounds, 2 + 6 steps per side
+    python bench/grpo_step.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --lora 16  # ~7 min
     python bench/grpo_step.py --side echo --profile  # where Echo's step time goes
 
 The last line of stdout is one JSON object (see ``emit_json``).
@@ -57,21 +65,38 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
+    alternating_rounds,
     current_rss_mb,
     emit_json,
     median,
+    pair_figures,
     peak_rss_mb,
+    print_modes,
     require_peer,
-    run_json_child,
 )
-from dpo_step import PAD_ID, VOCAB, echo_model, hf_model, hf_tokenizer  # noqa: E402
+from policy_model import (  # noqa: E402
+    add_model_args,
+    child_model_argv,
+    describe,
+    echo_lora_fields,
+    echo_model,
+    hf_model,
+    hf_tokenizer,
+    peft_config,
+    prepared,
+    resolve_args,
+    special_ids,
+    trainable_params,
+    vocab_size,
+)
 
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28
 
 
-def make_prompts(n: int, seed: int) -> list[list[int]]:
+def make_prompts(n: int, seed: int, vocab: int) -> list[list[int]]:
+    pad, _ = special_ids(vocab)
     rng = random.Random(seed)
-    return [[rng.randrange(PAD_ID) for _ in range(rng.randint(16, 32))] for _ in range(n)]
+    return [[rng.randrange(pad) for _ in range(rng.randint(16, 32))] for _ in range(n)]
 
 
 def reward_ids(ids: list[int]) -> float:
@@ -83,23 +108,27 @@ def reward_ids(ids: list[int]) -> float:
 
 def echo_side(args: argparse.Namespace) -> dict[str, Any]:
     from echolm.config import RLConfig
+    from echolm.lora import start_lora
     from echolm.losses import group_advantages
     from echolm.rollout import pad_batch, sample_responses
     from echolm.runtime import Dist
     from echolm.train.grpo import PolicyBatch, policy_loss
     from echolm.trainer import Trainer
 
-    model = echo_model(args.seed)
-    prompts = make_prompts(args.prompts, args.seed + 1)
+    model = echo_model(args)
+    vocab = model.cfg.vocab_size
+    prompts = make_prompts(args.prompts, args.seed + 1, vocab)
     # stop ids outside the vocabulary: never sampled, so every response is max_tokens long
-    tok = SimpleNamespace(assistant_end=VOCAB + 1, bos=VOCAB + 2, pad=PAD_ID)
+    tok = SimpleNamespace(assistant_end=vocab + 1, bos=vocab + 2, pad=special_ids(vocab)[0])
     g = RLConfig(prompts_per_step=args.batch, group_size=args.group, max_tokens=args.tokens,
                  temperature=1.0, scale_by_std=True, aggregation="token", clip_low=CLIP_LOW,
                  clip_high=CLIP_HIGH, kl_beta=0.0, epochs=1, minibatches=1,
                  dynamic_sampling=False, max_steps=10**6, warmup_steps=0, warmdown_frac=0.0,
                  dtype="fp32", grad_clip=1.0,
-                 optimizer="adamw" if args.side == "echo_adamw" else "muon")
+                 optimizer="adamw" if args.side == "echo_adamw" else args.ours_optimizer,
+                 **echo_lora_fields(args.lora))
     tcfg = g
+    start_lora(model, g, "rl", log=lambda _m: None)  # as the stage (nothing when lora_rank = 0)
     rss_model = current_rss_mb()
     tmp = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
     trainer = Trainer(model, tcfg, tmp, "rl", tmp, Dist())
@@ -139,6 +168,7 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
         last = now
     return {"side": args.side, "step_s": median(times), "steps_s": times,
             "completion_lengths": sorted(info["lengths"]),
+            "trainable_params": trainable_params(trainer.model),
             "reward_mean": round(sum(info["reward_mean"]) / len(info["reward_mean"]), 4),
             "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb(),
             "threads": torch.get_num_threads()}
@@ -149,12 +179,13 @@ def trl_side(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    prompts = make_prompts(args.prompts, args.seed + 1)
+    vocab = vocab_size(args)
+    prompts = make_prompts(args.prompts, args.seed + 1, vocab)
     ds = Dataset.from_dict({"prompt": [" ".join(f"w{i}" for i in p) for p in prompts]})
-    tok = hf_tokenizer()
+    tok = hf_tokenizer(vocab)
     if tok(ds[0]["prompt"], add_special_tokens=False)["input_ids"] != prompts[0]:
         raise SystemExit("trl: tokenisation differs from Echo's ids")
-    model = hf_model(args.seed)
+    model = hf_model(args)
     rss_model = current_rss_mb()
     info: dict[str, Any] = {"lengths": set(), "reward_mean": []}
 
@@ -178,7 +209,7 @@ def trl_side(args: argparse.Namespace) -> dict[str, Any]:
                      fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=args.seed)
     t0 = time.perf_counter()
     trainer = GRPOTrainer(model=model, reward_funcs=parity_reward, args=cfg, train_dataset=ds,
-                          processing_class=tok)
+                          processing_class=tok, peft_config=peft_config(args.lora))
     setup_s = time.perf_counter() - t0
     ends: list[float] = []
 
@@ -202,6 +233,7 @@ def trl_side(args: argparse.Namespace) -> dict[str, Any]:
     times = steps[args.warmup:]
     return {"side": "trl", "step_s": median(times), "steps_s": times, "setup_s": setup_s,
             "completion_lengths": sorted(info["lengths"]),
+            "trainable_params": trainable_params(trainer.model),
             "reward_mean": round(sum(info["reward_mean"]) / max(len(info["reward_mean"]), 1), 4),
             "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb(),
             "threads": torch.get_num_threads()}
@@ -215,83 +247,96 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---- the comparison (parent) ---------------------------------------------------------------
 
-def child_argv(args: argparse.Namespace, side: str) -> list[str]:
+def child_argv(args: argparse.Namespace, key: str) -> list[str]:
+    side, _, mode = key.partition("+")
     argv = [__file__, "--side", side]
-    for name in ("batch", "group", "tokens", "prompts", "warmup", "steps", "threads", "seed"):
-        argv += [f"--{name}", str(getattr(args, name))]
-    return argv
+    for name in ("batch", "group", "tokens", "prompts", "warmup", "steps", "threads", "seed",
+                 "ours_optimizer"):
+        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return argv + child_model_argv(args, args.lora if mode == "lora" else 0)
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
-    require_peer("transformers", "trl")
+    require_peer("transformers", "trl", *(["peft"] if args.lora else []))
     import transformers
     import trl
 
-    sides = ["echo", "trl"] + (["echo_adamw"] if args.ours_adamw else [])
-    step_s: dict[str, list[float]] = {s: [] for s in sides}
-    rss: dict[str, list[float]] = {s: [] for s in sides}
-    last: dict[str, dict[str, Any]] = {}
-    for r in range(args.rounds):
-        order = sides if r % 2 == 0 else sides[::-1]
-        for side in order:
-            res = run_json_child(child_argv(args, side))
-            step_s[side].append(res["step_s"])
-            rss[side].append(res["peak_rss_mb"])
-            last[side] = res
-            print(f"round {r + 1}/{args.rounds} {side:10s}: {res['step_s']:.4f} s/step  peak RSS "
-                  f"{res['peak_rss_mb']:.0f} MiB  lengths {res['completion_lengths']}",
-                  flush=True)
-    ours, peer = median(step_s["echo"]), median(step_s["trl"])
+    full = [] if args.lora_only else (["echo", "trl"]
+                                      + (["echo_adamw"] if args.ours_adamw else []))
+    keys = full + (["echo+lora", "trl+lora"] if args.lora else [])
+    with prepared(args):
+        res = alternating_rounds(keys, args.rounds, lambda k: child_argv(args, k),
+                                 lambda r: f"  lengths {r['completion_lengths']}")
+        model = describe(args)
+    modes = {}
+    if full:
+        modes["full"] = pair_figures(res["echo"], res["trl"])
+    if args.lora:
+        modes[f"lora r{args.lora}"] = pair_figures(res["echo+lora"], res["trl+lora"])
+    print_modes(modes)
+    head = next(iter(modes.values()))
+    last_echo, last_peer = (res[k][-1] for k in (keys[0], keys[1]))
     detail: dict[str, Any] = {
-        "rounds_ours": [round(v, 4) for v in step_s["echo"]],
-        "rounds_peer": [round(v, 4) for v in step_s["trl"]],
-        "steps_ours_last_round": [round(v, 4) for v in last["echo"]["steps_s"]],
-        "steps_peer_last_round": [round(v, 4) for v in last["trl"]["steps_s"]],
-        "peak_rss_mb_ours": round(max(rss["echo"]), 1),
-        "peak_rss_mb_peer": round(max(rss["trl"]), 1),
-        "completion_lengths_ours": last["echo"]["completion_lengths"],
-        "completion_lengths_peer": last["trl"]["completion_lengths"],
-        "reward_mean_ours": last["echo"]["reward_mean"],
-        "reward_mean_peer": last["trl"]["reward_mean"],
-        "peer_setup_s": round(last["trl"]["setup_s"], 3),
+        **{k: head[k] for k in ("rounds_ours", "rounds_peer", "peak_rss_mb_ours",
+                                "peak_rss_mb_peer", "rss_ratio")},
+        "mode": next(iter(modes)), "modes": modes,
+        "steps_ours_last_round": [round(v, 4) for v in last_echo["steps_s"]],
+        "steps_peer_last_round": [round(v, 4) for v in last_peer["steps_s"]],
+        "trainable_params": {k: res[k][-1]["trainable_params"] for k in keys},
+        "completion_lengths_ours": last_echo["completion_lengths"],
+        "completion_lengths_peer": last_peer["completion_lengths"],
+        "reward_mean_ours": last_echo["reward_mean"],
+        "reward_mean_peer": last_peer["reward_mean"],
+        "peer_setup_s": round(last_peer["setup_s"], 3),
         "prompts_per_step": args.batch, "group_size": args.group,
         "completion_tokens": args.tokens, "prompt_tokens": "16-32", "dtype": "fp32",
         "kl_beta": 0.0, "clip": [CLIP_LOW, CLIP_HIGH], "aggregation": "token (dapo)",
         "reward": "1.0 if the completion holds an even number of even token ids, else 0.0",
         "warmup_steps": args.warmup, "timed_steps": args.steps, "rounds": args.rounds,
-        "threads": last["echo"]["threads"],
-        "model": "7M: hidden 256, 4 layers, 4 heads / 2 KV, vocab 8192, d_mlp 768, untied",
-        "optimizers": {"ours": "Muon (hidden matrices) + AdamW", "peer": "AdamW"},
+        "threads": last_echo["threads"], "model": model,
+        "lora": ({"rank": args.lora, "alpha": 2 * args.lora, "dropout": 0.0,
+                  "targets": "q,k,v,o,gate,up,down"} if args.lora else None),
+        "optimizers": {"ours": {"muon": "Muon (hidden matrices) + AdamW",
+                                "adamw": "AdamW"}[args.ours_optimizer], "peer": "AdamW"},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "trl": trl.__version__},
-        "peer": "trl.GRPOTrainer(LlamaForCausalLM sdpa, transformers generate, no vLLM)",
+        "peer": "trl.GRPOTrainer(transformers LlamaForCausalLM sdpa, transformers generate, "
+                "no vLLM; LoRA: peft_config)",
     }
-    if "echo_adamw" in step_s:
-        adamw = median(step_s["echo_adamw"])
-        detail.update(ours_adamw=round(adamw, 4), ratio_ours_adamw=round(adamw / peer, 3),
-                      peak_rss_mb_ours_adamw=round(max(rss["echo_adamw"]), 1))
-    return {"bench": "grpo_step", "ours": round(ours, 4), "peer": round(peer, 4),
-            "ratio": round(ours / peer, 3), "unit": "s/step", "detail": detail}
+    if "echo_adamw" in res:
+        adamw = median([r["step_s"] for r in res["echo_adamw"]])
+        detail.update(ours_adamw=round(adamw, 4), ratio_ours_adamw=round(adamw / head["peer"], 3),
+                      peak_rss_mb_ours_adamw=round(max(r["peak_rss_mb"]
+                                                       for r in res["echo_adamw"]), 1))
+    return {"bench": "grpo_step", "ours": head["ours"], "peer": head["peer"],
+            "ratio": head["ratio"], "unit": "s/step", "detail": detail}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=8, help="prompts per step")
-    p.add_argument("--group", type=int, default=8, help="samples per prompt")
+    p.add_argument("--batch", type=int, default=None, help="prompts per step (default 8; "
+                   "SmolLM2: 2)")
+    p.add_argument("--group", type=int, default=None,
+                   help="samples per prompt (default 8; SmolLM2: 4)")
     p.add_argument("--tokens", type=int, default=32, help="completion tokens (exactly)")
     p.add_argument("--prompts", type=int, default=64, help="prompts in the dataset")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--steps", type=int, default=6, help="timed steps (median)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first (default 2; SmolLM2: 1)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps, median (default 6; SmolLM2: 2)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (median taken)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per side (default 1; 0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)
+    add_model_args(p)
     p.add_argument("--ours-adamw", action="store_true",
                    help="also time Echo with AdamW instead of Muon + AdamW")
     p.add_argument("--side", choices=["echo", "echo_adamw", "trl"],
                    help="run one side only (child mode)")
     p.add_argument("--profile", action="store_true", help="with --side: torch.profiler table")
     args = p.parse_args()
+    resolve_args(p, args, {"batch": (8, 2), "group": (8, 4), "warmup": (2, 1),
+                           "steps": (6, 2)})
     emit_json(run_side(args) if args.side else compare(args))
 
 

@@ -25,7 +25,7 @@ from functools import cached_property
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from echolm.model import KVCache, Transformer, apply_rope
 from echolm.tokenizer import Tokenizer
@@ -165,6 +165,13 @@ class FastDecoder:
             cls._last.pop(model, None)  # free the old copies before making new ones
             dec = cls._last[model] = cls(model, batch)
         return dec
+
+    @classmethod
+    def forget(cls, model: nn.Module) -> None:
+        """Free the decoder kept for `model` (a copy of every weight): an update is about to
+        change the weights, so it would be rebuilt anyway, and keeping it through the
+        update's forward/backward only adds a model's size to the peak memory (RL)."""
+        cls._last.pop(model, None)
 
     def __init__(self, model: Transformer, batch: int) -> None:
         cfg = model.cfg

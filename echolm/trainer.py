@@ -38,6 +38,7 @@ from echolm.checkpoint import (
     tied_head,
 )
 from echolm.config import LoopConfig
+from echolm.engine import FastDecoder
 from echolm.errors import EchoError
 from echolm.machine import matmul_peak_tflops
 from echolm.metrics import MetricsLog
@@ -285,6 +286,7 @@ class Trainer:
         Returns the mean loss over all micro-batches and processes. A step may make several
         updates (RL's epochs x minibatches); `end_step` ends it."""
         t0 = time.perf_counter()
+        FastDecoder.forget(self.model)  # its copies go stale now: free them before the forward
         mult = self.schedule.lr_multiplier(self.step)
         for opt in self.optimizers:
             for g in opt.param_groups:

@@ -117,6 +117,31 @@ def test_fast_decoder_is_rebuilt_when_the_weights_change():
     assert ref() is None  # the decoder cache does not keep a model alive
 
 
+def test_an_update_frees_the_decoder_copies_before_its_forward(tmp_path):
+    """RL samples, then updates: the decoder's weight copies (a whole model's size) are stale
+    from the update on, so they are gone before its forward/backward, not kept through it."""
+    from echolm.config import RLConfig
+    from echolm.runtime import Dist
+    from echolm.trainer import Trainer
+
+    m = _model()
+    trainer = Trainer(m, RLConfig(optimizer="adamw", warmup_steps=0), tmp_path, "rl", tmp_path,
+                      Dist())
+    _steps(m, PROMPTS[:2], GREEDY)
+    dec = weakref.ref(FastDecoder._last[m])
+    seen = []
+
+    def loss_fn(model, x):
+        seen.append(m in FastDecoder._last)  # during the update's forward
+        return model(x, targets=x)
+
+    trainer.update([torch.tensor([PROMPTS[2]])], loss_fn, 4)
+    gc.collect()
+    assert seen == [False] and dec() is None
+    # and sampling after the update reads the updated weights
+    assert _steps(m, PROMPTS[:2], GREEDY) == [_greedy_no_cache(m, x, 20) for x in PROMPTS[:2]]
+
+
 def test_stop_token_finishes_rows_at_different_times():
     m = _model()
     full = [_greedy_no_cache(m, x, 20) for x in PROMPTS]
