@@ -23,6 +23,7 @@ from echolm.config_checks import (
     numbers,
 )
 from echolm.errors import EchoError
+from echolm.run_config import RunConfig
 
 # the projections LoRA may adapt (`*.lora_targets`): every nn.Linear of a block, by its name
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -440,35 +441,6 @@ class DPOConfig(BatchConfig):
         if any(t <= 0 for t in self.temperatures):
             raise EchoError(f"{section}.temperatures={self.temperatures} must be positive "
                             "numbers ([] = every pair)")
-
-
-PIPELINE = ("tokenizer", "pretrain", "sft", "rl", "rank", "rm", "rlhf", "dpo", "eval")
-
-
-@dataclass
-class RunConfig:
-    """What `echolm run` does: which stages, starting from what."""
-
-    stages: list[str] = field(default_factory=lambda: list(PIPELINE))  # run these, in order
-    # a model to start from instead of training one: a .gguf file or a Hugging Face folder,
-    # imported into the run directory first (`echolm import`); "" = train from scratch
-    source: str = ""
-    chat_format: str = "auto"  # the imported model's chat format: auto | source | echo
-    # another run directory shown beside this one in the report (e.g. the cpu preset's run)
-    beside: str = ""
-
-    def validate(self, section: str = "run") -> None:
-        unknown = [s for s in self.stages if s not in PIPELINE]
-        if unknown or not self.stages:
-            raise EchoError(f"{section}.stages={self.stages}: expected one or more of "
-                            f"{', '.join(PIPELINE)}" + (f" (unknown: {unknown})" if unknown
-                                                          else ""))
-        if [s for s in PIPELINE if s in self.stages] != self.stages:
-            raise EchoError(f"{section}.stages={self.stages}: list them in pipeline order "
-                            f"({', '.join(PIPELINE)})")
-        if self.chat_format not in ("auto", "source", "echo"):
-            raise EchoError(f"{section}.chat_format={self.chat_format!r}: expected auto, "
-                            "source or echo")
 
 
 @dataclass

@@ -96,3 +96,13 @@ def check_lora(section: str, obj: Any, allowed: tuple[str, ...], supported: bool
         what = (f"unknown '{bad[0]}'" if bad else "none" if not targets else "a name twice")
         raise EchoError(f"{section}.lora_targets={json.dumps(targets)}: {what}; expected one or "
                         f"more of {', '.join(allowed)}")
+
+
+def check_stages(where: str, stages: list[str], pipeline: tuple[str, ...]) -> None:
+    """`stages`: one or more of `pipeline`'s names, in its order."""
+    unknown = [s for s in stages if s not in pipeline]
+    if unknown or not stages:
+        raise EchoError(f"{where}={stages}: expected one or more of {', '.join(pipeline)}"
+                        + (f" (unknown: {unknown})" if unknown else ""))
+    if [s for s in pipeline if s in stages] != stages:
+        raise EchoError(f"{where}={stages}: list them in pipeline order ({', '.join(pipeline)})")

@@ -18,7 +18,7 @@ from echolm.checkpoint import chat_model_dir, file_fingerprint, load_model
 from echolm.config import Config, RLHFConfig
 from echolm.data.prompts import PromptItem, rlhf_prompts
 from echolm.model import Transformer
-from echolm.reward import load_reward_model
+from echolm.reward import RewardModel, load_reward_model
 from echolm.rollout import pad_batch, sample_responses, token_logprobs
 from echolm.runfiles import read_cache
 from echolm.tokenizer import Tokenizer
@@ -35,7 +35,7 @@ def repetition(text: str) -> float:
 
 @dataclass
 class EvalResult:
-    proxy: float
+    proxy: float | None  # None: no reward model (DPO without one)
     gold: float
     kl: float
     length: float
@@ -60,7 +60,8 @@ def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: 
     texts = [tok.decode(r[:-1] if done else r) for r, done in sampled]
     finished = [done for _, done in sampled]
     rows = [it for it in items for _ in range(samples)]  # prompt-major, as sampled
-    proxy = rm.score(tok, [it.text for it in rows], texts, finished).float()
+    proxy = (None if rm is None else
+             float(rm.score(tok, [it.text for it in rows], texts, finished).float().mean()))
     scores = [gold_score(it, t, f) for it, t, f in zip(rows, texts, finished, strict=True)]
     gold = [sum(scores[i * samples:(i + 1) * samples]) / samples for i in range(len(items))]
     kl = 0.0
@@ -77,11 +78,18 @@ def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: 
     if baseline is not None:
         win = sum(1.0 if g > b else 0.5 if g == b else 0.0
                   for g, b in zip(gold, baseline, strict=True)) / len(gold)
-    res = EvalResult(proxy=float(proxy.mean()), gold=sum(gold) / len(gold), kl=kl,
+    res = EvalResult(proxy=proxy, gold=sum(gold) / len(gold), kl=kl,
                      length=sum(len(r) for r, _ in sampled) / len(sampled),
                      repetition=sum(map(repetition, texts)) / len(texts),
                      finished=sum(finished) / len(finished), win_rate=win)
     return res, gold, texts
+
+
+def optional_reward_model(run_dir: Path) -> RewardModel | None:
+    """The run's reward model, or None when it has none (DPO's gold figures need none: the
+    proxy reward is then left out)."""
+    rm_dir = run_dir / "rm"
+    return load_reward_model(rm_dir) if (rm_dir / "model.safetensors").exists() else None
 
 
 def sft_baseline(cfg: Config, run_dir: Path, log=print) -> dict:
@@ -93,15 +101,16 @@ def sft_baseline(cfg: Config, run_dir: Path, log=print) -> dict:
     corrupt file)."""
     p = cfg.rlhf
     path = run_dir / "sft_baseline.json"
+    rm_file = run_dir / "rm" / "model.safetensors"
     key = "/".join([file_fingerprint(chat_model_dir(run_dir) / "model.safetensors"),
-                    file_fingerprint(run_dir / "rm" / "model.safetensors"),
+                    file_fingerprint(rm_file) if rm_file.exists() else "no reward model",
                     str((p.eval_prompts, p.final_samples, p.max_tokens, p.temperature))])
     cached = read_cache(path, log)
     if cached is not None and cached.get("key") == key:
         return cached
     t0 = time.perf_counter()
     tok = Tokenizer.load(run_dir / "tokenizer")
-    rm = load_reward_model(run_dir / "rm")
+    rm = optional_reward_model(run_dir)
     items = rlhf_prompts("val", p.eval_prompts, 0)
     ev, gold, _ = evaluate_policy(load_model(chat_model_dir(run_dir)), None, rm, tok, items, p,
                                   seed=FINAL_EVAL_SEED, samples=p.final_samples)
@@ -121,14 +130,17 @@ def gold_win_rate(cfg: Config, run_dir: Path, stage: str, baseline: dict | None 
     baseline = baseline or sft_baseline(cfg, run_dir, log)
     tok = Tokenizer.load(run_dir / "tokenizer")
     sft = load_model(chat_model_dir(run_dir))
-    rm = load_reward_model(run_dir / "rm")
+    rm = optional_reward_model(run_dir)
     items = rlhf_prompts("val", p.eval_prompts, 0)
     ev, _, _ = evaluate_policy(load_model(model_dir or run_dir / stage), sft, rm, tok, items, p,
                                seed=FINAL_EVAL_SEED, samples=p.final_samples,
                                baseline=baseline["gold"])
+    proxy = ("" if ev.proxy is None or baseline.get("proxy") is None else
+             f", proxy {baseline['proxy']:.3f} -> {ev.proxy:.3f}")
     log(f"{stage}: gold {baseline['mean_gold']:.3f} (SFT) -> {ev.gold:.3f}, win rate vs SFT "
-        f"{ev.win_rate:.1%} (n={len(items)} prompts x {p.final_samples} answers), proxy "
-        f"{baseline['proxy']:.3f} -> {ev.proxy:.3f}, KL {ev.kl:.2f}")
+        f"{ev.win_rate:.1%} (n={len(items)} prompts x {p.final_samples} answers){proxy}, "
+        f"KL {ev.kl:.2f}")
     return {"gold_win_rate_vs_sft": round(ev.win_rate, 4), "gold_reward": round(ev.gold, 4),
-            "sft_gold": round(baseline["mean_gold"], 4), "proxy_reward": round(ev.proxy, 4),
+            "sft_gold": round(baseline["mean_gold"], 4),
+            "proxy_reward": None if ev.proxy is None else round(ev.proxy, 4),
             "kl": round(ev.kl, 4), "n": len(items), "samples_per_prompt": p.final_samples}

@@ -209,6 +209,9 @@ def _check_inputs(cfg: Config, run_dir: Path) -> None:
     stages that read them are done) and the trackers' packages."""
     import importlib.util
 
+    source = cfg.run.source
+    if source and not (run_dir / "import.json").exists() and not Path(source).exists():
+        raise EchoError(f"run.source: {source}: no such file or folder")
     reads = [("pretrain", run_dir / "tokens" / "meta.json"), ("sft", run_dir / "sft" / "done.json")]
     for name, done in reads:
         for source in getattr(cfg.data, name):

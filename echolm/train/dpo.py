@@ -232,7 +232,7 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     train_enc = encode_pairs(tok, train_pairs, tcfg.seq_len)
     tcfg = capped_steps(tcfg, dcfg.epochs, len(train_enc))
     held_enc = encode_pairs(tok, held_pairs, tcfg.seq_len)
-    gold = (run_dir / "rm" / "model.safetensors").exists()  # the gold evaluation reads it
+    gold = cfg.rlhf.eval_prompts > 0  # the gold win rate against SFT (rlhf's eval settings)
 
     ctx = autocast(d.device, resolve_dtype(tcfg.dtype, d.device))
     # the reference's side of the held-out pairs, once (timed: the final pass costs as much)

@@ -1,0 +1,93 @@
+"""`echolm run --from FILE`: an open model (here a SmolLM-like GGUF made in the test, ChatML and
+all) is imported into the run directory and post-trained by the chosen stages (`run.stages`),
+with LoRA, then evaluated and reported like any run, beside another run (`--beside`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import data_overrides
+from test_import_gguf import smol_tokenizer, write_smol  # noqa: F401 (a fixture)
+
+from echolm.config import RunConfig
+from echolm.errors import EchoError
+
+SMALL = ["rl.max_steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_tokens=8",
+         "rl.eval_problems=2", "rl.eval_samples=2", "rl.lora_rank=4", "rl.lr_matrix=1e-3",
+         'rl.tasks=["letter_count:max_len=5"]', "rank.prompts=6", "rank.k=2",
+         "dpo.max_steps=2", "dpo.micro_batch=2", "dpo.lora_rank=4", "dpo.seq_len=64",
+         "data.eval_problems=2", "data.humaneval=0", "data.gold_prompts=2",
+         'data.tasks=["letter_count:max_len=5"]', "pretrain.eval_tokens=256",
+         "pretrain.seq_len=32", "rlhf.eval_prompts=2", "rlhf.final_samples=1",
+         "rlhf.max_tokens=8", 'run.stages=["rl","rank","dpo","eval"]']
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+@pytest.mark.slow
+def test_run_from_gguf_post_trains_the_imported_model(smol_tokenizer, tmp_path,  # noqa: F811
+                                                      corpus, run_dir, echolm_cli):
+    src = tmp_path / "smol.gguf"
+    write_smol(src, smol_tokenizer)
+    run = tmp_path / "run"
+    args = ["run", "--preset", "micro", "--from", src, "--out", run, "--beside", run_dir,
+            *_sets([*data_overrides(corpus), *SMALL])]
+    r = echolm_cli(*args, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "== sft == left out (run.stages)" in r.stdout
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["run"]["source"] == str(src.resolve())
+    info = json.loads((run / "import.json").read_text())
+    assert info["chat_format"]["name"] == "chatml" and not (run / "sft").exists()
+    for stage in ("rl", "dpo"):  # LoRA: the merged model and the adapter beside it
+        assert (run / stage / "adapter" / "adapter_config.json").exists()
+        assert json.loads((run / stage / "done.json").read_text())["lora"]["rank"] == 4
+    dpo = json.loads((run / "summary.json").read_text())["dpo"]  # no reward model: gold only
+    assert 0 <= dpo["gold_win_rate_vs_sft"] <= 1 and dpo["proxy_reward"] is None
+    timings = json.loads((run / "timings.json").read_text())
+    assert list(timings)[:2] == ["import", "rl"] and "pretrain" not in timings
+    evals = {s: json.loads((run / "eval" / f"{s}.json").read_text()) for s in ("base", "rl")}
+    assert evals["base"]["val_bpb"]["tokens"] > 0  # held-out text encoded for the import
+    report = (run / "report" / "report.md").read_text()
+    assert "## Imported model" in report and "chat format: chatml" in report.lower()
+    assert f"## Beside `{run_dir}`" in report and f"{run.name}: rl" in report
+    # a second run goes on from where it is: nothing imported or trained again
+    before = (run / "rl" / "model.safetensors").read_bytes()
+    r = echolm_cli(*args, timeout=600)
+    assert r.returncode == 0 and "import: already done" in r.stdout, r.stderr[-2000:]
+    assert (run / "rl" / "model.safetensors").read_bytes() == before
+    # another model into the same run directory is refused in one line
+    other = tmp_path / "other.gguf"
+    write_smol(other, smol_tokenizer, seed=1)
+    args[args.index(src)] = other
+    r = echolm_cli(*args)
+    assert r.returncode == 2 and "not run.source" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_from_refused_into_a_run_with_its_own_model(smol_tokenizer, run_dir,  # noqa: F811
+                                                    tmp_path, echolm_cli):
+    src = tmp_path / "smol.gguf"
+    write_smol(src, smol_tokenizer)
+    before = (run_dir / "tokenizer" / "tokenizer.json").read_bytes()
+    r = echolm_cli("run", "--from", src, "--out", run_dir, "--reconfigure")
+    assert r.returncode == 2 and "needs a new run directory" in r.stderr, r.stderr
+    assert (run_dir / "tokenizer" / "tokenizer.json").read_bytes() == before
+    assert not (run_dir / "import.json").exists()
+
+
+@pytest.mark.parametrize("stages,why", [([], "one or more"), (["sft", "pretrain"], "order"),
+                                        (["rl", "train"], "unknown")])
+def test_run_stages_checked(stages, why):
+    with pytest.raises(EchoError) as e:
+        RunConfig(stages=stages).validate()
+    assert why in str(e.value) and "run.stages" in str(e.value)
+
+
+def test_missing_source_is_one_line(tmp_path: Path, echolm_cli):
+    r = echolm_cli("run", "--preset", "micro", "--from", tmp_path / "nope.gguf", "--out",
+                   tmp_path / "run")
+    assert r.returncode == 2 and "no such file" in r.stderr and r.stderr.count("\n") == 1
