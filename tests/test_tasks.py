@@ -241,6 +241,29 @@ def test_letter_count_problems_are_right():
         assert p.answer == str(word.count(letter))
 
 
+def test_balanced_letter_count_cannot_be_won_by_a_constant():
+    """Plain letter_count at max_len=7 is mostly 1s (a constant "1" scores ~70%); balanced=1
+    asks absent / once / twice-or-more a third each, from the same split's words."""
+    from collections import Counter
+
+    from echolm.tasks.spec import task_from_spec
+    from echolm.tasks.words import word_split
+
+    plain = Counter(p.answer for p in task_from_spec("letter_count:max_len=7").problems(
+        "val", 300))
+    task = task_from_spec("letter_count:max_len=7,balanced=1")
+    problems = task.problems("val", 300)
+    balanced = Counter("2+" if int(p.answer) >= 2 else p.answer for p in problems)
+    assert plain["1"] / 300 > 0.6
+    assert all(0.25 < balanced[k] / 300 < 0.42 for k in ("0", "1", "2+")), balanced
+    for p in problems:
+        _, word, letter = p.id.split(":")
+        assert p.answer == str(word.count(letter)) and word_split(word) == "val"
+        assert len(word) <= 7 and word in p.prompt
+    with pytest.raises(EchoError):
+        task_from_spec("letter_count:balanced=2")
+
+
 def test_identity():
     task = _task("identity")
     assert not any("echo" in q.lower() for q in QUESTIONS)  # the name must not be copyable

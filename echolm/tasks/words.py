@@ -137,14 +137,44 @@ class SpellingTask(_WordTask):
 
 
 class LetterCountTask(_WordTask):
+    """How many times a letter appears in a word. Most short words have no repeated letter,
+    so most answers are 1 (70% at max_len=7) and a model that always says 1 scores that much;
+    `balanced=1` asks about an absent letter, a letter that appears once, and one that
+    appears twice or more, a third of the time each (RL on it cannot win by a constant)."""
+
     name = "letter_count"
 
+    def __init__(self, min_len: int = MIN_LEN, max_len: int = MAX_LEN, balanced: int = 0
+                 ) -> None:
+        super().__init__(min_len, max_len)
+        if balanced not in (0, 1):
+            raise EchoError(f"letter_count: balanced must be 0 or 1, got {balanced}")
+        self.balanced = bool(balanced)
+
+    @functools.cached_property
+    def _repeating(self) -> dict[str, tuple[str, ...]]:
+        """Per split, the words with a letter that appears twice or more."""
+        return {k: tuple(w for w in v if len(set(w)) < len(w)) for k, v in self._words.items()}
+
     def _make(self, word: str, rng: random.Random) -> Problem:
+        if self.balanced:
+            kind = rng.randrange(3)  # 0: absent, 1: once, 2: twice or more
+            if kind == 2:
+                word = rng.choice(self._repeating[word_split(word)] or (word,))
+            counts = {c: word.count(c) for c in sorted(set(word))}
+            pick = ([c for c, n in counts.items() if n >= 2] if kind == 2 else
+                    [c for c, n in counts.items() if n == 1] if kind == 1 else [])
+            letter = (rng.choice(pick) if pick else
+                      rng.choice([c for c in _LETTERS if c not in word]))
+            return self._problem(word, letter, rng)
         absent = [c for c in _LETTERS if c not in word]
         if rng.random() < ABSENT_LETTER_FRACTION:
             letter = rng.choice(absent)
         else:
             letter = rng.choice(sorted(set(word)))
+        return self._problem(word, letter, rng)
+
+    def _problem(self, word: str, letter: str, rng: random.Random) -> Problem:
         return Problem(
             task=self.name,
             id=f"letter_count:{word}:{letter}",
