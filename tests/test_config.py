@@ -89,7 +89,7 @@ def test_each_stage_has_one_section_and_old_names_say_where_they_went(field, wor
 def test_every_section_holds_only_what_its_stage_reads():
     d = load_config("cpu").to_dict()
     assert set(d) == {"tokenizer", "model", "data", "pretrain", "sft", "rl", "rank", "rm",
-                      "rlhf", "dpo", "preset"}
+                      "rlhf", "dpo", "run", "preset"}
     rollout_free = {"seq_len", "micro_batch", "grad_accum", "eval_tokens", "sample_every"}
     assert not rollout_free & set(d["rl"]) and not rollout_free & set(d["rlhf"])
     assert "eval_every" not in d["rl"] and d["rlhf"]["eval_every"] == 5  # the guard's

@@ -110,7 +110,9 @@ def test_every_field_of_every_section_has_a_check():
 
     cfg = load_config("micro")
     bad = {int: ["-1", "99999999999999999999"], float: ["-1", "nan", "inf"], str: ["foo"]}
-    fine = {"data.rankings_annotator", "model.vocab_size"}  # any name; derived from tokenizer
+    # any name; derived from the tokenizer; paths (run.source: checked when a run starts,
+    # test_run_from.py; run.beside: read by the report, which says when nothing is there)
+    fine = {"data.rankings_annotator", "model.vocab_size", "run.source", "run.beside"}
     for f in dataclasses.fields(cfg):
         section = getattr(cfg, f.name)
         if not dataclasses.is_dataclass(section):

@@ -33,7 +33,8 @@ def test_run_from_gguf_post_trains_the_imported_model(smol_tokenizer, tmp_path, 
                                                       corpus, run_dir, echolm_cli):
     src = tmp_path / "smol.gguf"
     write_smol(src, smol_tokenizer)
-    run = tmp_path / "run"
+    run = tmp_path / "smolrun"  # (run_dir is tmp_path / "run")
+    (run_dir / "summary.json").write_text("{}")  # the run shown beside: no models yet
     args = ["run", "--preset", "micro", "--from", src, "--out", run, "--beside", run_dir,
             *_sets([*data_overrides(corpus), *SMALL])]
     r = echolm_cli(*args, timeout=600)
@@ -54,7 +55,8 @@ def test_run_from_gguf_post_trains_the_imported_model(smol_tokenizer, tmp_path, 
     assert evals["base"]["val_bpb"]["tokens"] > 0  # held-out text encoded for the import
     report = (run / "report" / "report.md").read_text()
     assert "## Imported model" in report and "chat format: chatml" in report.lower()
-    assert f"## Beside `{run_dir}`" in report and f"{run.name}: rl" in report
+    assert f"## Beside `{run_dir}`" in report, r.stdout[-3000:]
+    assert f"{run.name}: rl".upper() in report  # one column per model of both runs
     # a second run goes on from where it is: nothing imported or trained again
     before = (run / "rl" / "model.safetensors").read_bytes()
     r = echolm_cli(*args, timeout=600)
@@ -64,8 +66,11 @@ def test_run_from_gguf_post_trains_the_imported_model(smol_tokenizer, tmp_path, 
     other = tmp_path / "other.gguf"
     write_smol(other, smol_tokenizer, seed=1)
     args[args.index(src)] = other
-    r = echolm_cli(*args)
+    r = echolm_cli(*args)  # a saved setting: refused as any other change is
+    assert r.returncode == 2 and "run.source:" in r.stderr and "--reconfigure" in r.stderr
+    r = echolm_cli(*args, "--reconfigure")  # and the imported model is not replaced
     assert r.returncode == 2 and "not run.source" in r.stderr and r.stderr.count("\n") == 1
+    assert (run / "rl" / "model.safetensors").read_bytes() == before
 
 
 def test_from_refused_into_a_run_with_its_own_model(smol_tokenizer, run_dir,  # noqa: F811
