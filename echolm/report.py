@@ -112,9 +112,11 @@ def _cell(text: str) -> str:
 
 
 def summary_table(evals: dict[str, dict], stages: list[str],
-                  extra: dict[str, dict[str, str]] | None = None) -> list[str]:
+                  extra: dict[str, dict[str, str]] | None = None, n_in_cells: bool = False
+                  ) -> list[str]:
     """Metric rows x one column per stage (`stages` name the columns of `evals`); `extra`
-    rows (name -> column -> text) come first."""
+    rows (name -> column -> text) come first. `n_in_cells`: a row per measurement whatever
+    its sample size, the size in each cell (runs measured with different sizes)."""
     rows: dict[str, dict[str, str]] = dict(extra or {})
     for stage in stages:
         ev = evals.get(stage) or {}
@@ -122,15 +124,22 @@ def summary_table(evals: dict[str, dict], stages: list[str],
             rows.setdefault("held-out bits/byte", {})[stage] = f"{ev['val_bpb']['value']:.3f}"
         for name, t in (ev.get("tasks") or {}).items():
             if "accuracy" in t:
-                rows.setdefault(f"{name} accuracy (n={t['n']})", {})[stage] = (
-                    f"{_pct(t['accuracy'])} [{_pct(t['ci95'][0])}, {_pct(t['ci95'][1])}]")
+                cell = f"{_pct(t['accuracy'])} [{_pct(t['ci95'][0])}, {_pct(t['ci95'][1])}]"
+                if n_in_cells:
+                    rows.setdefault(f"{name} accuracy", {})[stage] = f"{cell} (n={t['n']})"
+                else:
+                    rows.setdefault(f"{name} accuracy (n={t['n']})", {})[stage] = cell
             elif "pass@1" in t:
                 rows.setdefault("HumanEval pass@1 (prompts that fit the context)", {})[stage] = (
                     f"{_pct(t['pass@1'])} (n={t['n']})")
         if "gold" in ev:
             g = ev["gold"]
-            label = f"gold reward, greedy answers (n={g['n']} prompts)"
-            rows.setdefault(label, {})[stage] = f"{g['reward']:.3f}"
+            if n_in_cells:
+                rows.setdefault("gold reward, greedy answers", {})[stage] = (
+                    f"{g['reward']:.3f} (n={g['n']})")
+            else:
+                label = f"gold reward, greedy answers (n={g['n']} prompts)"
+                rows.setdefault(label, {})[stage] = f"{g['reward']:.3f}"
             if "win_rate_vs" in g:
                 rows.setdefault("gold win rate vs previous, greedy", {})[stage] = (
                     f"{_pct(g['win_rate_vs']['value'])} vs {g['win_rate_vs']['stage']}")
@@ -170,9 +179,9 @@ def beside_section(run_dir: Path, other: Path, stages: list[str], evals: dict, l
             col = f"{name}: {s}"
             cols[col] = ev.get(s) or {}
             extra["parameters"][col], extra["base model"][col] = params, trained
-    return [f"## Beside `{other}`", "", "The same measurements of both runs' models (a "
-            "row's n is its sample size; a row one run lacks shows –).", ""] + \
-        summary_table(cols, list(cols), extra) + [""]
+    return [f"## Beside `{other}`", "", "The same measurements of both runs' models (each "
+            "cell's n is its sample size; a measurement one run lacks shows –).", ""] + \
+        summary_table(cols, list(cols), extra, n_in_cells=True) + [""]
 
 
 def yue_verdict(t: dict) -> str:
