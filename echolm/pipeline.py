@@ -62,8 +62,7 @@ def import_source(cfg: Config, run_dir: Path, log=print) -> dict:
             if (run_dir / name).exists():
                 raise EchoError(f"{run_dir / name}: the run has a {name} of its own; "
                                 "run.source (--from) needs a new run directory")
-        if not src.exists():
-            raise EchoError(f"run.source: {cfg.run.source}: no such file or folder")
+        # (a missing source was refused before any stage: _check_inputs)
         how = import_gguf if src.is_file() else import_hf
         how(src, tmp, chat_format=cfg.run.chat_format, log=log)
     for name in ("tokenizer", "base", "import.json"):

@@ -220,8 +220,10 @@ class Tokenizer:
 
     def format_ids(self, text: str) -> list[int]:
         """Ids of a chat format's own text: special tokens by name, the rest as text."""
-        return [i for p in self._parts(text)
-                for i in ([p] if isinstance(p, int) else self.encode(p))]
+        return self._ids(self._parts(text))
+
+    def _ids(self, parts: list[int | str]) -> list[int]:
+        return [i for p in parts for i in ([p] if isinstance(p, int) else self.encode(p))]
 
     def _turn(self, role: str, content: str) -> tuple[list[int], list[int]]:
         """Ids and loss mask of one message with the format's text around it. Plain text that
@@ -236,8 +238,7 @@ class Tokenizer:
         while k < len(mid) and seen + len(self.token_bytes[mid[k]]) <= n_lead and n_lead:
             seen += len(self.token_bytes[mid[k]])
             k += 1
-        pre_ids = [i for p in pre for i in ([p] if isinstance(p, int) else self.encode(p))]
-        post_ids = [i for p in post for i in ([p] if isinstance(p, int) else self.encode(p))]
+        pre_ids, post_ids = self._ids(pre), self._ids(post)
         ids = pre_ids + mid + post_ids
         if role != "assistant":
             return ids, [0] * len(ids)
