@@ -119,7 +119,7 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
     vocab = model.cfg.vocab_size
     prompts = make_prompts(args.prompts, args.seed + 1, vocab)
     # stop ids outside the vocabulary: never sampled, so every response is max_tokens long
-    tok = SimpleNamespace(assistant_end=vocab + 1, bos=vocab + 2, pad=special_ids(vocab)[0])
+    tok = SimpleNamespace(stop_ids=[vocab + 1], pad=special_ids(vocab)[0])
     g = RLConfig(prompts_per_step=args.batch, group_size=args.group, max_tokens=args.tokens,
                  temperature=1.0, scale_by_std=True, aggregation="token", clip_low=CLIP_LOW,
                  clip_high=CLIP_HIGH, kl_beta=0.0, epochs=1, minibatches=1,

@@ -237,6 +237,16 @@ class SFTConfig(BatchConfig):
     """Supervised fine-tuning: one step = one optimizer update on packed chat rows (loss on
     the assistant's tokens); evaluated on the task families (data.eval_problems)."""
 
+    # the task families whose worked solutions the built-in mixture holds, and which SFT
+    # evaluates before and after; empty = data.tasks. An open instruct model is taught only
+    # what it lacks (smollm2-cpu: letter counting and spelling), not Echo's identity answers
+    tasks: list[str] = field(default_factory=list)
+
+    def validate(self, section: str = "sft") -> None:
+        super().validate(section)
+        if self.tasks:
+            check_task_specs(f"{section}.tasks", self.tasks)
+
 
 @dataclass
 class RLConfig(LoopConfig):

@@ -96,13 +96,25 @@ def filter_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
 Generators = torch.Generator | Sequence[torch.Generator | None] | None
 
 
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One index per row of `probs` (B, V), drawn in proportion to it: the inverse of the
+    cumulative sum at one uniform number per row. `torch.multinomial` draws V exponential
+    numbers per row instead, ~30x the cost with a 49k vocabulary (a tenth of a 135M model's
+    decode step on a CPU). A token of probability 0 is never drawn (its interval is empty);
+    the sum is in float64 so that no small probability vanishes in the running total."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device,
+                   dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
+
+
 def sample_rows(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor,
                 generators: Generators = None) -> Tensor:
     """One token per row of logits (B, V), every row with its own settings (tensors (B,)):
     the sampler of the engine and of the server's batcher.
 
     Greedy rows (temperature <= 0) take the argmax. The others draw from `filter_rows`'s
-    distribution with `torch.multinomial`. `generators`: None (torch's global generator), one
+    distribution (`draw`). `generators`: None (torch's global generator), one
     generator for the whole batch (the engine: a seeded batch), or one per row, None for rows
     without a seed (the server: a seeded row draws with its own generator, so its tokens do not
     depend on which other rows share the batch).
@@ -114,16 +126,16 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tenso
         return best
     probs = filter_rows(logits, torch.where(greedy, 1.0, temperature), top_k, top_p).softmax(-1)
     if generators is None or isinstance(generators, torch.Generator):
-        picked = torch.multinomial(probs, 1, generator=generators).squeeze(1)
+        picked = draw(probs, generators)
         return torch.where(greedy, best, picked)
     picked = best.clone()
     sampled = [i for i, g in enumerate(greedy.tolist()) if not g]
     shared = [i for i in sampled if generators[i] is None]
     if shared:
-        picked[shared] = torch.multinomial(probs[shared], 1).squeeze(1)
+        picked[shared] = draw(probs[shared])
     for i in sampled:
         if generators[i] is not None:
-            picked[i] = torch.multinomial(probs[i:i + 1], 1, generator=generators[i])[0, 0]
+            picked[i] = draw(probs[i:i + 1], generators[i])[0]
     return picked
 
 

@@ -81,7 +81,10 @@ class LoRALinear(nn.Module):
     def weight(self) -> Tensor:
         if self.disabled:
             return self.base_layer.weight
-        return self.base_layer.weight + self.delta_weight()
+        # base + scaling * (B A) in one pass over the matrix (the CPU decoder reads this for
+        # every weight each time it is rebuilt, i.e. after every update)
+        return torch.addmm(self.base_layer.weight, self.lora_B.weight, self.lora_A.weight,
+                           alpha=self.scaling)
 
     def delta_weight(self) -> Tensor:
         """B A * alpha / rank, as peft's `get_delta_weight` computes it."""
@@ -91,7 +94,9 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.disabled:
             return y
-        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # scaled at rank width (r columns, not out_features): the same numbers as peft's
+        # B(A x) * scaling, exactly when the scaling is a power of two (alpha = 2 r)
+        return y.add_(self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling))
 
 
 def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRALinear]]:
@@ -236,6 +241,11 @@ class BaseView:
         self._check()
         with adapters_disabled(self.model):
             return self.model.hidden_states(idx)
+
+    def prompt_answer_states(self, *args: Tensor) -> Tensor:
+        self._check()
+        with adapters_disabled(self.model):
+            return self.model.prompt_answer_states(*args)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.model.parameters()

@@ -70,12 +70,63 @@ class KVCache:
     def _split(self) -> None:
         self.layers = [(self.k[i], self.v[i]) for i in range(self.k.shape[0])]  # views
 
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write a chunk's keys/values (B, H, T, d) at the write position (in place); return
+        every cached one so far."""
+        start, end = self.len, self.len + k.shape[2]
+        k_cache, v_cache = self.layers[layer]
+        k_cache[:, :, start:end] = k
+        v_cache[:, :, start:end] = v
+        return k_cache[:, :, :end], v_cache[:, :, :end]
+
     def reorder(self, index: Tensor) -> None:
         """Keep only rows `index` (e.g. drop finished sequences)."""
         self.k, self.v = self.k[:, index], self.v[:, index]
         self.valid, self.pos = self.valid[index], self.pos[index]
         self.padded = not bool(self.valid[:, :self.len].all())
         self._split()
+
+
+class SharedPrompts:
+    """Prompts read once for all the answers that continue them (training: a GRPO group, a DPO
+    pair), packed with the answers into one row of tokens so every projection and MLP is one
+    matrix product over all of them (one weight gradient, not one per part). Attention splits
+    the row again: U prompts (U, P) attend causally within themselves (`mask_p`, None = plain
+    causal); N answers (N, A) attend to their prompt's keys/values (prompt `rows[i]`) and
+    causally to their own (`mask_a`). Unlike KVCache nothing is written in place, so
+    gradients flow back into each prompt's positions as if every answer had read it."""
+
+    def __init__(self, rows: Tensor, prompts: tuple[int, int], answers: tuple[int, int],
+                 rope_p: tuple[Tensor, Tensor], mask_p: Tensor | None,
+                 rope_a: tuple[Tensor, Tensor], mask_a: Tensor) -> None:
+        self.rows, self.prompts, self.answers = rows, prompts, answers
+        self.rope_p, self.mask_p, self.rope_a, self.mask_a = rope_p, mask_p, rope_a, mask_a
+        self.prompt_kv: tuple[Tensor, Tensor] | None = None
+
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.prompt_kv is None:  # the prompts' pass: kept for their answers
+            self.prompt_kv = (k, v)
+            return k, v
+        pk, pv = self.prompt_kv
+        return torch.cat([pk[self.rows], k], 2), torch.cat([pv[self.rows], v], 2)
+
+    def attention(self, attn: Attention, x: Tensor) -> Tensor:
+        """`attn` over the packed row x (1, U*P + N*A, D)."""
+        (U, P), (N, A) = self.prompts, self.answers
+        n = U * P
+        q, k, v = attn.q_proj(x)[0], attn.k_proj(x)[0], attn.v_proj(x)[0]
+
+        def heads(t: Tensor, lo: int, hi: int, rows: int, length: int) -> Tensor:
+            return t[lo:hi].view(rows, length, -1, attn.d).transpose(1, 2)
+
+        self.prompt_kv = None
+        out = [attn.attend(*(heads(t, 0, n, U, P) for t in (q, k, v)), *self.rope_p, self,
+                           self.mask_p)]
+        if A:
+            out.append(attn.attend(*(heads(t, n, n + N * A, N, A) for t in (q, k, v)),
+                                   *self.rope_a, self, self.mask_a))
+        y = torch.cat([o.transpose(1, 2).reshape(-1, attn.n_head * attn.d) for o in out])
+        return attn.o_proj(y[None])
 
 
 class Attention(nn.Module):
@@ -93,25 +144,30 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | SharedPrompts | None,
                 mask: Tensor | None) -> Tensor:
+        if isinstance(cache, SharedPrompts):  # a packed row of prompts and their answers
+            return cache.attention(self, x)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.d).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)
+        y = self.attend(q, k, v, cos, sin, cache, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.d))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+               cache: KVCache | SharedPrompts | None, mask: Tensor | None) -> Tensor:
+        """Heads (B, H, T, d) in, attention out (B, H, T, d): QK-norm, RoPE, the cache (what
+        earlier positions left), scaled dot-product attention (mask None: causal)."""
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # write this step's keys/values, attend over everything so far
-            start, end = cache.len, cache.len + T
-            k_cache, v_cache = cache.layers[self.layer]
-            k_cache[:, :, start:end] = k
-            v_cache[:, :, start:end] = v
-            k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+        if cache is not None:  # attend over everything so far (the prompt, earlier tokens)
+            k, v = cache.extend(self.layer, k, v)
+        T = q.shape[2]
         causal = mask is None and k.shape[2] == T and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.d))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=self.n_kv != self.n_head)
 
 
 class MLP(nn.Module):
@@ -133,7 +189,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | SharedPrompts | None,
                 mask: Tensor | None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -249,6 +305,36 @@ class Transformer(nn.Module):
         for block in self.layers:
             x = block(x, cos, sin, None, None)
         return self.norm(x)
+
+    def prompt_answer_states(self, prompts: Tensor, real: Tensor, answers: Tensor, rows: Tensor
+                             ) -> Tensor:
+        """Final normalised hidden states (N, A, n_embd) predicting each answer token: answer
+        i (row i of `answers` (N, A), right-padded) continues prompt `rows[i]` of `prompts`
+        (U, P), left-padded (`real` False on padding). Each prompt is read once however many
+        answers share it (`SharedPrompts`); the numbers are those of `hidden_states` on each
+        prompt + answer (up to float rounding), at the positions that predict its tokens."""
+        (U, P), A = prompts.shape, answers.shape[1] - 1  # an answer's last token predicts none
+        N, dev = len(rows), prompts.device
+        pos_p = (real.long().cumsum(1) - 1).clamp(min=0)  # left padding: real tokens from 0
+        causal_p = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        eye = torch.eye(P, dtype=torch.bool, device=dev)  # padding sees itself: no empty row
+        mask_p = None if bool(real.all()) else (
+            (causal_p[None] & real[:, None, :]) | eye[None])[:, None]
+        pos_a = real.sum(1)[rows][:, None] + torch.arange(A, device=dev)
+        causal_a = torch.ones(A, A, dtype=torch.bool, device=dev).tril()
+        mask_a = torch.cat([real[rows][:, None, :].expand(-1, A, -1),
+                            causal_a[None].expand(N, -1, -1)], dim=2)[:, None]
+        x = self.embed_tokens(torch.cat([prompts.flatten(), answers[:, :-1].flatten()]))[None]
+
+        def rope(pos: Tensor) -> tuple[Tensor, Tensor]:
+            return self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype)
+
+        shared = SharedPrompts(rows, (U, P), (N, A), rope(pos_p), mask_p, rope(pos_a), mask_a)
+        for block in self.layers:
+            x = block(x, None, None, shared, None)
+        x = x[0]
+        last = x[:U * P].view(U, P, -1)[:, -1][rows, None]  # predicts each answer's first token
+        return self.norm(torch.cat([last, x[U * P:].view(N, A, x.shape[-1])], dim=1))
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

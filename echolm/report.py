@@ -5,6 +5,7 @@ only the fixed-prompt answers are generated here (greedy, a few tokens)."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
@@ -185,17 +186,24 @@ def beside_section(run_dir: Path, other: Path, stages: list[str], evals: dict, l
 
 
 def yue_verdict(t: dict) -> str:
-    """Does RL raise pass@1 while pass@k at large k stays flat or falls (Yue et al., 2025)?"""
+    """Does RL raise pass@1 while pass@k at large k stays flat or falls (Yue et al., 2025)?
+    "Flat" allows for sampling noise: a change of pass@k within ~2 standard errors of the
+    difference of two proportions over `n` problems (at least 2 points) does not count."""
     kmax = max(t["pass@k_after"], key=int)
     d1 = t["pass@1_after"] - t["pass@1_before"]
-    dk = t["pass@k_after"][kmax] - t["pass@k_before"][kmax]
-    if d1 > 0.02 and dk <= 0.02:
+    before, after = t["pass@k_before"][kmax], t["pass@k_after"][kmax]
+    dk = after - before
+    n = t.get("n") or 0
+    noise = (1.96 * math.sqrt((before * (1 - before) + after * (1 - after)) / n)) if n else 0.0
+    within = max(0.02, noise)
+    where = f" (n={n} problems: pass@{kmax} moves of up to {100 * within:.1f} points are noise)"
+    if d1 > 0.02 and dk <= within:
         return (f"Reproduced: pass@1 rose by {100 * d1:.1f} points while pass@{kmax} moved "
-                f"{100 * dk:+.1f} points: RL sharpened what SFT could already sample rather "
-                "than adding new solutions.")
+                f"{100 * dk:+.1f} points{where}: RL sharpened what the starting model could "
+                "already sample rather than adding new solutions.")
     if d1 > 0.02:
         return (f"Not reproduced: pass@1 rose by {100 * d1:.1f} points and pass@{kmax} also "
-                f"rose by {100 * dk:.1f} points at this scale.")
+                f"rose by {100 * dk:.1f} points at this scale{where}.")
     return f"Inconclusive: RL did not raise pass@1 here ({100 * d1:+.1f} points)."
 
 
@@ -322,11 +330,14 @@ def build_report(run_dir: Path, log=print) -> Path:
     imported = _json(run_dir / "import.json", "re-import the model")
     if imported:
         fmt = imported.get("chat_format") or {}
+        own_sft = (run_dir / "sft" / "model.safetensors").exists()
+        role = ("; the SFT column is this run's own fine-tuning of it" if own_sft else
+                " (it is also the SFT model the later stages start from)"
+                if imported.get("instruct") else "")
         md += ["## Imported model", "", f"`{Path(imported['source']).name}` "
                f"({imported.get('model_type')}, {imported['params']:,} parameters, "
                f"{'instruct' if imported.get('instruct') else 'base'} model): the BASE column "
-               "is this model as imported" + (" (it is also the SFT model the later stages "
-                                               "start from)" if imported.get("instruct") else "")
+               "is this model as imported" + role
                + f". Chat format: {fmt.get('name', 'echo')}"
                + (f", default system prompt \"{fmt['default_system']}\""
                   if fmt.get("default_system") else "") + ".", ""]

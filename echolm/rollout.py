@@ -65,15 +65,53 @@ def response_logprobs(logits: Tensor, y: Tensor) -> Tensor:
     return F.log_softmax(logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1)
 
 
+def shared_prompts(x: Tensor, y: Tensor, sel: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+    """A `pad_batch` batch as (prompts (U, P) left-padded, their real positions, answers (N, A)
+    right-padded, each answer's prompt row, the answers' real positions), when some rows share
+    a prompt (a GRPO group, a DPO pair); None when none do, or when a row's targets are not
+    one run (then the prompt is not simply what precedes them)."""
+    B, T = sel.shape
+    n = sel.sum(1)
+    first = sel.int().argmax(1)
+    span = torch.arange(T, device=sel.device)
+    run = (span >= first[:, None]) & (span < (first + n)[:, None])
+    if not bool((n > 0).all()) or not bool((sel == run).all()):
+        return None
+    plen, firsts, counts = (first + 1).tolist(), first.tolist(), n.tolist()
+    index: dict[tuple[int, ...], int] = {}
+    rows = [index.setdefault(tuple(x[i, :plen[i]].tolist()), len(index)) for i in range(B)]
+    if len(index) == B:
+        return None
+    P, A = max(plen), max(counts)
+    prompts = torch.zeros(len(index), P, dtype=x.dtype, device=x.device)
+    real = torch.zeros(len(index), P, dtype=torch.bool, device=x.device)
+    for ids, u in index.items():
+        prompts[u, P - len(ids):] = torch.tensor(ids, dtype=x.dtype)
+        real[u, P - len(ids):] = True
+    answers = torch.zeros(B, A, dtype=y.dtype, device=y.device)
+    for i in range(B):
+        answers[i, :counts[i]] = y[i, firsts[i]:firsts[i] + counts[i]]
+    answer_real = torch.arange(A, device=sel.device) < n[:, None]
+    return prompts, real, answers, torch.tensor(rows, device=x.device), answer_real
+
+
 def token_logprobs(model: Transformer, x: Tensor, y: Tensor, mask: Tensor,
                    entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """log p(y_t | x_<=t) (B, T) at the positions `mask` selects, 0 elsewhere, and (when
     asked) the model's entropy there (no gradient: it is only logged). The output head and
     the vocabulary-wide softmax, the costliest part of a small model's step, run only on the
-    selected positions (an answer's tokens, not its prompt's). RL, RLHF, DPO and the gold
-    measurement all score answers with it."""
+    selected positions (an answer's tokens, not its prompt's); a prompt that several rows
+    share (a GRPO group, a DPO pair) is read once (`shared_prompts`). RL, RLHF, DPO and the
+    gold measurement all score answers with it."""
     sel = mask.bool()
-    logits = model.lm_head(model.hidden_states(x)[sel]).float()  # (M, V), row-major order
+    shared = shared_prompts(x, y, sel)
+    if shared is None:
+        hidden = model.hidden_states(x)[sel]
+    else:
+        prompts, real, answers, rows, answer_real = shared
+        hidden = model.prompt_answer_states(prompts, real, answers, rows)[answer_real]
+    logits = model.lm_head(hidden).float()  # (M, V), row-major order
     lp = response_logprobs(logits, y[sel])
     out = lp.new_zeros(x.shape).masked_scatter(sel, lp)
     if not entropy:

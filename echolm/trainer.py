@@ -45,7 +45,7 @@ from echolm.metrics import MetricsLog
 from echolm.model import Transformer
 from echolm.optim import build_optimizers
 from echolm.runfiles import read_cache
-from echolm.runtime import Dist, autocast, resolve_dtype
+from echolm.runtime import Dist, autocast, keep_freed_memory, resolve_dtype
 from echolm.schedule import FIT_AFTER, Schedule, StageClock, describe, fitted
 
 SCHEDULE_FILE = "schedule.json"
@@ -72,6 +72,7 @@ class Trainer:
                  run_dir: Path, d: Dist, shardable: bool = False, budget_s: float | None = None,
                  started: float | None = None, unit: str = "step") -> None:
         self.cfg, self.out, self.stage, self.d, self.unit = cfg, out, stage, d, unit
+        keep_freed_memory()  # every step remakes the last one's activations: no page faults
         self.model = model.to(d.device)
         self.dtype = resolve_dtype(cfg.dtype, d.device)
         self.sharded = d.world > 1 and cfg.parallel == "fsdp"

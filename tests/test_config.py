@@ -59,6 +59,7 @@ def test_unknown_preset_lists_known():
     ("rl.eval_samples=0", "rl.eval_samples=0 must be >= 1"),
     ("rl.tasks=[]", "rl.tasks is empty"),
     ('rl.tasks=["nosuch"]', "rl.tasks: 'nosuch': unknown task"),
+    ('sft.tasks=["nosuch"]', "sft.tasks: 'nosuch': unknown task"),
     ("rl.temperature=-1", "rl.temperature=-1.0 must be a finite number > 0"),
     ("rl.aggregation=mean", "rl.aggregation must be token, sequence or constant"),
     ("rlhf.algorithm=foo", "rlhf.algorithm must be ppo, rloo, grpo or best, got 'foo'"),

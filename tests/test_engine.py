@@ -324,3 +324,16 @@ def _invalid_utf8(b: bytes) -> bool:
     except UnicodeDecodeError:
         return True
     return False
+
+
+def test_draw_follows_the_probabilities_and_never_draws_a_zero():
+    from echolm.engine import draw
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]]).repeat(50_000, 1)
+    got = draw(probs, torch.Generator().manual_seed(0)).view(50_000, 2)
+    freq = torch.bincount(got[:, 0], minlength=4) / 50_000
+    # binomial standard error at p=0.6, n=50k: 0.0022; 5 of them
+    assert torch.allclose(freq, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.011)
+    assert freq[1] == 0 and (got[:, 1] == 3).all()
+    again = draw(probs, torch.Generator().manual_seed(0)).view(50_000, 2)
+    assert torch.equal(got, again)  # a seeded generator: the same draws

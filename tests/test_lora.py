@@ -102,6 +102,10 @@ def test_a_fresh_adapter_changes_nothing_and_only_adapters_train():
             assert torch.equal(m(x), want)  # the frozen base model, exactly
         assert torch.equal(BaseView(m)(x), want)
         assert torch.equal(BaseView(m).hidden_states(x), _hidden(before, m.cfg, x))
+        # a shared prompt read through the base view: the base model's numbers too
+        rows, real = torch.tensor([0, 0]), torch.ones(1, 3, dtype=torch.bool)
+        shared = BaseView(m).prompt_answer_states(x[:1, :3], real, x[:2, 3:6], rows)
+        assert torch.allclose(shared[0], _hidden(before, m.cfg, x[:1, :5])[0, 2:], atol=1e-5)
 
 
 def _hidden(sd: dict, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:

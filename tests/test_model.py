@@ -68,3 +68,51 @@ def test_left_padding_gives_the_same_logits_as_no_padding():
     assert torch.allclose(step[0, 0], m(torch.cat([a, nxt[:1]], 1))[0, -1], atol=1e-4)
     assert torch.allclose(step[1, 0], m(torch.cat([b, nxt[1:]], 1))[0, -1], atol=1e-4)
     assert not torch.isnan(out).any()
+
+
+def test_shared_prompts_give_the_per_row_logprobs_and_gradients():
+    """A GRPO group / DPO pair reads its prompt once (rollout.shared_prompts): the answers'
+    log-probs and every parameter's gradient are those of reading each prompt + answer alone."""
+    import random
+
+    from echolm.rollout import pad_batch, shared_prompts, token_logprobs
+
+    m = _model(qk_norm=False).train()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(97) for _ in range(n)] for n in (3, 9, 6)]
+    rows = [p for p in prompts for _ in range(3)] + [[5, 6, 7, 8]]  # one prompt alone
+    answers = [[rng.randrange(97) for _ in range(rng.randint(2, 7))] for _ in rows]
+    answers[1] = [11]  # a one-token answer (only the prompt's last position predicts it)
+    x, y, mask = pad_batch(rows, answers, 0)
+    split = shared_prompts(x, y, mask.bool())
+    assert split is not None and split[0].shape == (4, 9)  # 4 distinct prompts, left-padded
+    assert split[3].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+
+    def per_row() -> torch.Tensor:  # the plain reading: every row's prompt + answer in full
+        sel = mask.bool()
+        logits = m.lm_head(m.hidden_states(x)[sel])
+        lp = torch.log_softmax(logits, -1).gather(-1, y[sel][:, None]).squeeze(-1)
+        return torch.zeros(x.shape).masked_scatter(sel, lp)
+
+    weights = torch.linspace(0.5, 2.0, x.numel()).view(x.shape)  # distinct per position
+    got = token_logprobs(m, x, y, mask)[0]
+    (got * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    want = per_row()
+    (want * weights).sum().backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert (got[mask.bool()] < 0).all() and (got[~mask.bool()] == 0).all()
+    for n, p in m.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-5), n
+    # answers of one token each: only the prompts' last positions predict
+    x1, y1, m1 = pad_batch(rows, [[a[0]] for a in answers], 0)
+    one = token_logprobs(m, x1, y1, m1)[0]
+    sel = m1.bool()
+    plain = torch.log_softmax(m.lm_head(m.hidden_states(x1)[sel]), -1)
+    assert torch.allclose(one[sel], plain.gather(-1, y1[sel][:, None])[:, 0], atol=1e-5)
+    # no prompt shared, or targets that are not one run: the plain path
+    assert shared_prompts(x[2:4], y[2:4], mask[2:4].bool()) is None
+    holes = mask.bool().clone()
+    holes[0, holes[0].nonzero()[1, 0]] = False
+    assert shared_prompts(x, y, holes) is None

@@ -53,3 +53,21 @@ def test_the_machine_section_names_the_cpu_its_instruction_sets_and_peaks(tmp_pa
     assert "bf16 matmul native: no (emulated); training dtype: float32" in text
     assert "fp32 169 GFLOP/s, bf16 1.3 GFLOP/s" in text
     assert machine_section(tmp_path / "none") == []
+
+
+def test_yue_verdict_counts_only_changes_beyond_sampling_noise():
+    from echolm.report import yue_verdict
+
+    def task(p1, p1_after, pk, pk_after, n):
+        return {"pass@1_before": p1, "pass@1_after": p1_after, "n": n,
+                "pass@k_before": {"1": p1, "8": pk}, "pass@k_after": {"1": p1_after, "8": pk_after}}
+
+    # 48 problems: 1.96 * sqrt((.396 * .604 + .438 * .562) / 48) = 0.197, so +4.2 is flat
+    v = yue_verdict(task(0.068, 0.180, 0.396, 0.438, 48))
+    assert v.startswith("Reproduced: pass@1 rose by 11.2 points while pass@8 moved +4.2")
+    assert "n=48 problems: pass@8 moves of up to 19.7 points are noise" in v
+    # 1000 problems: 1.96 * sqrt((.25 + .24) / 1000) = 0.0434, so +10 is a real rise
+    v = yue_verdict(task(0.30, 0.40, 0.50, 0.60, 1000))
+    assert v.startswith("Not reproduced: pass@1 rose by 10.0 points and pass@8 also rose by "
+                        "10.0 points") and "up to 4.3 points" in v
+    assert yue_verdict(task(0.30, 0.31, 0.5, 0.5, 48)).startswith("Inconclusive")

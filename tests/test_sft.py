@@ -170,15 +170,18 @@ def test_micro_pipeline_end_to_end_writes_the_summary_contract(tmp_path, corpus,
 @pytest.mark.slow
 def test_sft_really_learns_to_answer(run_dir, echolm_cli):
     """Fine-tuning on the identity family takes held-out accuracy from ~0 to most answers:
-    the loss mask, packing, optimizer and evaluation all have to work for this to pass."""
+    the loss mask, packing, optimizer and evaluation all have to work for this to pass.
+    `sft.tasks` picks the families SFT trains on and evaluates (data.tasks stays as is)."""
     base = ["--reconfigure", "--set", "pretrain.max_steps=10"]
     r = echolm_cli("pretrain", "--out", run_dir, *base)
     assert r.returncode == 0, r.stderr
-    sft = ["--reconfigure", "--set", 'data.tasks=["identity"]', "--set", "data.task_examples=400",
+    sft = ["--reconfigure", "--set", 'sft.tasks=["identity:examples=400"]',
            "--set", "data.eval_problems=24", "--set", "sft.max_steps=60",
            "--set", "sft.micro_batch=16", "--set", "sft.lr_matrix=0.02",
            "--set", "sft.lr_embed=0.05", "--set", "sft.lr_head=0.01"]
     r = echolm_cli("sft", "--out", run_dir, *sft, timeout=300)
     assert r.returncode == 0, r.stderr
-    t = json.loads((run_dir / "summary.json").read_text())["sft"]["tasks"]["identity"]
+    tasks = json.loads((run_dir / "summary.json").read_text())["sft"]["tasks"]
+    assert list(tasks) == ["identity"]
+    t = tasks["identity"]
     assert t["base"] <= 0.1 and t["sft"] >= 0.6, t

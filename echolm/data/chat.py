@@ -172,7 +172,7 @@ def sft_rows(cfg: Config, tok: Tokenizer, rows: int) -> PackedSampler:
     (a 5M model's cannot check a sum) lets the policy drift from right answers while it gains
     elsewhere; the SFT likelihood keeps what SFT taught. A different order from SFT's own."""
     data, sft = cfg.data, cfg.sft
-    convs = load_conversations(data.sft, data.tasks, data.task_examples, sft.seed,
+    convs = load_conversations(data.sft, sft.tasks or data.tasks, data.task_examples, sft.seed,
                                data.open_examples, data.pretrain, data.val_fraction)
     return PackedSampler(encode_conversations(tok, convs, sft.seq_len + 1), tok.pad,
                          sft.seq_len, rows, 1, sft.seed + 1)

@@ -72,13 +72,14 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     check_seq_len("sft", tcfg.seq_len, model.cfg.max_seq_len)
     lora = start_lora(model, tcfg, "sft", log if d.main else _quiet)
 
-    convs = load_conversations(data.sft, data.tasks, data.task_examples, tcfg.seed,
+    specs = tcfg.tasks or data.tasks
+    convs = load_conversations(data.sft, specs, data.task_examples, tcfg.seed,
                                data.open_examples, data.pretrain, data.val_fraction)
     examples = encode_conversations(tok, convs, tcfg.seq_len + 1)
     sampler = PackedSampler(examples, tok.pad, tcfg.seq_len, tcfg.micro_batch, tcfg.grad_accum,
                             tcfg.seed, d.rank, d.world)
     # held-out conversations for a validation loss: the task families' val problems
-    val_convs = [problem_messages(p) for spec in data.tasks
+    val_convs = [problem_messages(p) for spec in specs
                  for p in problems_up_to(task_from_spec(spec), "val", 32, seed=1)]
     val_sampler = PackedSampler(encode_conversations(tok, val_convs, tcfg.seq_len + 1), tok.pad,
                                 tcfg.seq_len, tcfg.micro_batch, 1, 0)
@@ -91,7 +92,7 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         log(f"sft: {len(convs):,} conversations -> {len(sampler._rows(0)):,} packed rows of "
             f"{tcfg.seq_len} tokens; evaluating the base model first")
         t0 = time.perf_counter()
-        trainer.extra["base_eval"] = evaluate_tasks(model, tok, data.tasks, data.eval_problems,
+        trainer.extra["base_eval"] = evaluate_tasks(model, tok, specs, data.eval_problems,
                                                     run_dir / "base" / "model.safetensors",
                                                     run_dir)
         trainer.extra["eval_seconds"] = time.perf_counter() - t0
@@ -130,7 +131,7 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         log("sft: evaluating the fine-tuned model")
         finish_lora(model, out, run_dir / "base")  # merged: a plain model from here on
         save_model(model, out)
-        after = evaluate_tasks(model, tok, data.tasks, data.eval_problems,
+        after = evaluate_tasks(model, tok, specs, data.eval_problems,
                                out / "model.safetensors", run_dir)
         before = trainer.extra["base_eval"]
         tasks = {}
