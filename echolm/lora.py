@@ -81,14 +81,11 @@ class LoRALinear(nn.Module):
     def weight(self) -> Tensor:
         if self.disabled:
             return self.base_layer.weight
-        # base + scaling * (B A) in one pass over the matrix (the CPU decoder reads this for
-        # every weight each time it is rebuilt, i.e. after every update)
+        # W + B A alpha / rank (peft's merge) in one pass over the matrix: the CPU decoder
+        # reads this for every weight each time it is rebuilt (after every update), and the
+        # merges below use it, so there is one definition of the merged weight
         return torch.addmm(self.base_layer.weight, self.lora_B.weight, self.lora_A.weight,
                            alpha=self.scaling)
-
-    def delta_weight(self) -> Tensor:
-        """B A * alpha / rank, as peft's `get_delta_weight` computes it."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
@@ -140,7 +137,7 @@ def merge_lora(model: Transformer) -> None:
     """Fold each adapter into its base weight (W += B A alpha / rank, as peft's merge) and put
     the plain `nn.Linear` back, in place. Parameters keep their requires_grad."""
     for _, parent, attr, layer in list(_lora_layers(model)):
-        layer.base_layer.weight += layer.delta_weight()
+        layer.base_layer.weight.copy_(layer.weight)
         setattr(parent, attr, layer.base_layer)
 
 
@@ -152,7 +149,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
         for name, _, _, layer in _lora_layers(model):
             for k in ("lora_A.weight", "lora_B.weight"):
                 del sd[f"{name}.{k}"]
-            sd[f"{name}.weight"] = layer.base_layer.weight + layer.delta_weight()
+            sd[f"{name}.weight"] = layer.weight
             del sd[f"{name}.base_layer.weight"]
             if layer.base_layer.bias is not None:
                 sd[f"{name}.bias"] = sd.pop(f"{name}.base_layer.bias")

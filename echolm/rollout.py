@@ -78,12 +78,12 @@ def shared_prompts(x: Tensor, y: Tensor, sel: Tensor
     run = (span >= first[:, None]) & (span < (first + n)[:, None])
     if not bool((n > 0).all()) or not bool((sel == run).all()):
         return None
-    plen, firsts, counts = (first + 1).tolist(), first.tolist(), n.tolist()
+    firsts, counts = first.tolist(), n.tolist()  # a prompt is x up to its first target
     index: dict[tuple[int, ...], int] = {}
-    rows = [index.setdefault(tuple(x[i, :plen[i]].tolist()), len(index)) for i in range(B)]
+    rows = [index.setdefault(tuple(x[i, :firsts[i] + 1].tolist()), len(index)) for i in range(B)]
     if len(index) == B:
         return None
-    P, A = max(plen), max(counts)
+    P, A = max(firsts) + 1, max(counts)
     prompts = torch.zeros(len(index), P, dtype=x.dtype, device=x.device)
     real = torch.zeros(len(index), P, dtype=torch.bool, device=x.device)
     for ids, u in index.items():

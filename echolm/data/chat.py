@@ -166,13 +166,18 @@ class PackedSampler:
         return out
 
 
+def sft_task_specs(cfg: Config) -> list[str]:
+    """The task families SFT's mixture holds and SFT evaluates: sft.tasks, else data.tasks."""
+    return cfg.sft.tasks or cfg.data.tasks
+
+
 def sft_rows(cfg: Config, tok: Tokenizer, rows: int) -> PackedSampler:
     """Rows of the SFT mixture, `rows` per micro-batch, for RLHF's and DPO's "ptx" term
     (InstructGPT's PPO-ptx): a reward model or a preference signal that cannot check an answer
     (a 5M model's cannot check a sum) lets the policy drift from right answers while it gains
     elsewhere; the SFT likelihood keeps what SFT taught. A different order from SFT's own."""
     data, sft = cfg.data, cfg.sft
-    convs = load_conversations(data.sft, sft.tasks or data.tasks, data.task_examples, sft.seed,
+    convs = load_conversations(data.sft, sft_task_specs(cfg), data.task_examples, sft.seed,
                                data.open_examples, data.pretrain, data.val_fraction)
     return PackedSampler(encode_conversations(tok, convs, sft.seq_len + 1), tok.pad,
                          sft.seq_len, rows, 1, sft.seed + 1)

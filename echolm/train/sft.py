@@ -19,6 +19,7 @@ from echolm.data.chat import (
     encode_conversations,
     load_conversations,
     problem_messages,
+    sft_task_specs,
 )
 from echolm.evaluate import cached, task_accuracy, wilson_interval
 from echolm.lora import finish_lora, start_lora
@@ -72,7 +73,7 @@ def run_sft(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     check_seq_len("sft", tcfg.seq_len, model.cfg.max_seq_len)
     lora = start_lora(model, tcfg, "sft", log if d.main else _quiet)
 
-    specs = tcfg.tasks or data.tasks
+    specs = sft_task_specs(cfg)
     convs = load_conversations(data.sft, specs, data.task_examples, tcfg.seed,
                                data.open_examples, data.pretrain, data.val_fraction)
     examples = encode_conversations(tok, convs, tcfg.seq_len + 1)
