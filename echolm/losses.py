@@ -307,3 +307,58 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
         weights = m / m.sum().clamp(min=1.0)
     return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten(),
                                      weights, chunk)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """log softmax(h @ w.T)[target] per row; the entropy of each row too when asked.
+
+    What autograd does for `log_softmax(lm_head(h)).gather(...)`, in fewer passes over the
+    (rows, vocab) matrix: the log-probs are made in place in the logits' buffer and kept; the
+    backward turns them into the softmax in place and takes the gradient from there (no
+    zero-filled (rows, vocab) gradient of the gather, no second softmax for the entropy). The
+    weight's gradient comes out of one matrix product, contiguous and unshared, so autograd
+    adds a tied embedding's gradient into it in place. Backward once only (it reuses that
+    buffer). Matmuls run in the autocast dtype when autocast is on, the softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, targets: Tensor, entropy: bool
+                ) -> tuple[Tensor, Tensor | None]:
+        dev = h.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        with torch.autocast(dev, enabled=False):
+            logp = (h.to(dtype) @ w.to(dtype).T).float()
+            logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
+            picked = logp.gather(1, targets[:, None]).squeeze(1)
+            ent = None
+            if entropy:  # a row block at a time: no second (rows, vocab) buffer
+                ent = torch.empty_like(picked)
+                for s in range(0, len(picked), 64):
+                    block = logp[s:s + 64]
+                    ent[s:s + 64] = -(block.exp() * block).sum(-1)
+                ctx.mark_non_differentiable(ent)
+        ctx.dtype, ctx.spent = dtype, False
+        ctx.save_for_backward(h, w, targets, logp)
+        return picked, ent
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_entropy: Tensor | None):
+        if ctx.spent:
+            raise RuntimeError("head_logprobs: backward ran twice (it reuses its buffer)")
+        ctx.spent = True
+        h, w, targets, logp = ctx.saved_tensors
+        # d picked / d logits = onehot(target) - softmax
+        g = logp.exp_().mul_(-grad[:, None]).scatter_add_(1, targets[:, None], grad[:, None])
+        with torch.autocast(h.device.type, enabled=False):
+            g = g.to(ctx.dtype)
+            dh = (g @ w.to(ctx.dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
+            dw = (g.T @ h.to(ctx.dtype)).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None
+
+
+def head_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, entropy: bool = False
+                  ) -> tuple[Tensor, Tensor | None]:
+    """log p(targets) (M,) under the output head `weight` (vocab, C) at the rows of `hidden`
+    (M, C), in fp32, and the entropy of each row's distribution (no gradient) when asked,
+    else None. Values and gradients are those of `log_softmax(hidden @ weight.T)`, gathered."""
+    return _HeadLogprobs.apply(hidden, weight, targets, entropy)

@@ -9,6 +9,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from echolm.engine import SamplingParams, generate_ids
+from echolm.losses import head_logprobs
 from echolm.model import Transformer
 from echolm.tokenizer import Tokenizer
 
@@ -60,8 +61,9 @@ def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad: int
 
 
 def response_logprobs(logits: Tensor, y: Tensor) -> Tensor:
-    """log p(y) at every position of `logits` (..., V) -> (...), in float32: the one place
-    Echo turns logits into the log-probabilities of chosen tokens."""
+    """log p(y) at every position of `logits` (..., V) -> (...), in float32, for logits a
+    caller already has (RLHF's policy and value pass); from hidden states `token_logprobs`
+    uses `losses.head_logprobs`, which makes the logits itself."""
     return F.log_softmax(logits.float(), dim=-1).gather(-1, y[..., None]).squeeze(-1)
 
 
@@ -101,9 +103,9 @@ def token_logprobs(model: Transformer, x: Tensor, y: Tensor, mask: Tensor,
     """log p(y_t | x_<=t) (B, T) at the positions `mask` selects, 0 elsewhere, and (when
     asked) the model's entropy there (no gradient: it is only logged). The output head and
     the vocabulary-wide softmax, the costliest part of a small model's step, run only on the
-    selected positions (an answer's tokens, not its prompt's); a prompt that several rows
-    share (a GRPO group, a DPO pair) is read once (`shared_prompts`). RL, RLHF, DPO and the
-    gold measurement all score answers with it."""
+    selected positions (an answer's tokens, not its prompt's), fused (`head_logprobs`); a
+    prompt that several rows share (a GRPO group, a DPO pair) is read once
+    (`shared_prompts`). RL, RLHF, DPO and the gold measurement all score answers with it."""
     sel = mask.bool()
     shared = shared_prompts(x, y, sel)
     if shared is None:
@@ -111,12 +113,8 @@ def token_logprobs(model: Transformer, x: Tensor, y: Tensor, mask: Tensor,
     else:
         prompts, real, answers, rows, answer_real = shared
         hidden = model.prompt_answer_states(prompts, real, answers, rows)[answer_real]
-    logits = model.lm_head(hidden).float()  # (M, V), row-major order
-    lp = response_logprobs(logits, y[sel])
+    lp, ent = head_logprobs(hidden, model.lm_head.weight, y[sel], entropy)  # row-major order
     out = lp.new_zeros(x.shape).masked_scatter(sel, lp)
-    if not entropy:
+    if ent is None:
         return out, None
-    with torch.no_grad():
-        logp_all = F.log_softmax(logits, dim=-1)
-        ent = -(logp_all.exp() * logp_all).sum(-1)
     return out, ent.new_zeros(x.shape).masked_scatter(sel, ent)

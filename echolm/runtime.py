@@ -76,14 +76,15 @@ def check_seq_len(section: str, seq_len: int, max_seq_len: int) -> None:
         raise EchoError(f"{section}.seq_len={seq_len} exceeds model.max_seq_len={max_seq_len}")
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 def keep_freed_memory() -> bool:
     """Ask glibc's allocator to keep freed memory for reuse instead of returning it to the
     system: a training step frees and reallocates the same activations every step, and each
     fresh page is a page fault (a 135M model's GRPO update touched ~0.9 GB of new pages a
-    step: ~10% of its time here). Blocks up to 32 MiB (glibc's most) come from the heap, and
+    step: ~10% of its time here). Every block comes from the heap, the large ones too (glibc
+    would map a block over 32 MiB afresh each time: a vocabulary-wide gradient or logits), and
     the heap is never trimmed below 1 GiB of free space, so peak memory is unchanged but it is
     not handed back between steps. What PyTorch's CPU tuning guide gets from jemalloc or
     tcmalloc, without preloading a library. Linux with glibc only; elsewhere nothing (False)."""
@@ -95,7 +96,7 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
         return libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and ok
     except (OSError, AttributeError):
         return False

@@ -260,6 +260,51 @@ def test_fused_linear_cross_entropy_equals_the_plain_one():
         assert torch.allclose(fh, gh, atol=1e-6) and torch.allclose(fw, gw, atol=1e-6)
 
 
+from echolm.losses import head_logprobs  # noqa: E402
+
+
+def test_head_logprobs_by_hand():
+    # h = [[ln 2, 0]], w = identity on 3 tokens' first two dims + a zero row: logits
+    # (ln 2, 0, 0), probabilities (1/2, 1/4, 1/4). log p(token 1) = ln(1/4); entropy
+    # = 1/2 ln 2 + 2 * 1/4 ln 4 = 1.5 ln 2. d log p(1) / d logits = onehot - p = (-1/2, 3/4, -1/4)
+    h = torch.tensor([[math.log(2.0), 0.0]], requires_grad=True)
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], requires_grad=True)
+    lp, ent = head_logprobs(h, w, torch.tensor([1]), entropy=True)
+    assert torch.allclose(lp, torch.tensor([math.log(0.25)]), atol=1e-6)
+    assert torch.allclose(ent, torch.tensor([1.5 * math.log(2.0)]), atol=1e-6)
+    lp.sum().backward()
+    g = torch.tensor([[-0.5, 0.75, -0.25]])
+    assert torch.allclose(w.grad, g.T @ h.detach(), atol=1e-6)  # (-ln2/2, 3ln2/4, -ln2/4) x
+    assert torch.allclose(h.grad, g @ w.detach(), atol=1e-6)  # (-1/2, 3/4)
+
+
+def test_head_logprobs_equals_autograd_of_log_softmax():
+    """Values and both gradients against the plain path, a weighted sum of log-probs as a
+    policy loss makes; a frozen weight gets none; a second backward is refused."""
+    torch.manual_seed(0)
+    h = torch.randn(13, 16, requires_grad=True)
+    w = torch.randn(70, 16, requires_grad=True)
+    y, coef = torch.randint(0, 70, (13,)), torch.randn(13)
+    plain = torch.log_softmax(h @ w.T, -1)
+    ref = plain.gather(1, y[:, None]).squeeze(1)
+    gh, gw = torch.autograd.grad((ref * coef).sum(), (h, w))
+    lp, ent = head_logprobs(h, w, y, entropy=True)
+    assert torch.allclose(lp, ref, atol=1e-5)
+    assert torch.allclose(ent, -(plain.exp() * plain).sum(-1), atol=1e-5)
+    assert not ent.requires_grad and head_logprobs(h, w, y)[1] is None
+    loss = (lp * coef).sum()
+    fh, fw = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    assert torch.allclose(fh, gh, atol=1e-5) and torch.allclose(fw, gw, atol=1e-5)
+    try:
+        torch.autograd.grad(loss, (h, w))
+        raise AssertionError("a second backward must be refused")
+    except RuntimeError as e:
+        assert "twice" in str(e)
+    frozen = w.detach()
+    lp2, _ = head_logprobs(h, frozen, y)
+    assert torch.allclose(torch.autograd.grad((lp2 * coef).sum(), h)[0], gh, atol=1e-5)
+
+
 from echolm.losses import explained_variance  # noqa: E402
 
 

@@ -290,7 +290,11 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     per_pair_s = held_s / max(len(held_enc), 1)
     monitor_s = per_pair_s * len(monitor)
     final_s = per_pair_s * (len(held_enc) + 2 * n_train)
-    trainer.plan(reserve_s=final_s + (1.5 * baseline["seconds"] if baseline else 0.0) + 5,
+    # the gold figure: sampling and scoring as for SFT (its answers may run longer: 1.5x),
+    # then its KL pass, both models over every answer (as long as a pair's pass, per answer)
+    gold_s = (1.5 * baseline["seconds"] + per_pair_s * cfg.rlhf.eval_prompts
+              * cfg.rlhf.final_samples) if baseline else 0.0
+    trainer.plan(reserve_s=final_s + gold_s + 5,
                  periodic_s=monitor_s / tcfg.eval_every if tcfg.eval_every else 0.0,
                  every=tcfg.eval_every)
     monitor_ref = ({k: v[:len(monitor)] for k, v in held_ref.items()} if held_ref else None)
