@@ -11,7 +11,7 @@ import resource, sys, torch
 from echolm.runtime import keep_freed_memory
 assert keep_freed_memory()
 counts = []
-for _ in range(8):  # what a training step does: the same activations, freed and made again
+for _ in range(12):  # what a training step does: the same activations, freed and made again
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a = [torch.ones(n << 18) for n in (2, 5, 3, 8)]  # 1-8 MiB activations
     grad = torch.ones(28 << 20)  # 112 MiB: a vocabulary x width gradient (SmolLM2's)
@@ -34,6 +34,8 @@ def test_freed_activations_are_reused_without_new_page_faults():
     counts = eval(r.stdout)
     pages = ((2 * 28 << 20) + (10 << 20) + (36 << 18)) * 4 // 4096  # 76,800 pages of 4 KiB
     assert counts[0] > pages // 2, counts  # the first time the pages are new
-    # from the fifth time on, freed pages are reused; glibc's defaults here, or only a higher
-    # mmap threshold (32 MiB, its most), faulted again every time: [..., 67587, 67587]
-    assert sum(counts[4:]) <= 2048, counts
+    # after that, freed pages are reused: the heap settles within a few times (where it
+    # settles varies from run to run: [76854, 28672, 28672, 28672, 0, ...], [76859, 13824,
+    # 0, ..., 10240, 0, 0, 0]). glibc's defaults here, or only a higher mmap threshold
+    # (32 MiB, its most), faulted ~67,600 pages again every time: ~676k over the last ten.
+    assert sum(counts[2:]) < 2 * pages, counts
