@@ -282,16 +282,15 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             loss = loss + dcfg.ptx_coef * sft_loss
         return loss
 
-    # after training: the policy's side of the held-out pairs, both models' side of a sample
-    # of training pairs (as many, at least TRAIN_SAMPLE), the gold measurement; each timed by
-    # the reference's pass over the held-out pairs (held_s); the periodic one reads
-    # MONITOR_PAIRS
+    # after training, timed by the reference's pass over the held-out pairs (held_s): the
+    # policy's side of the held-out pairs and both models' side of a sample of training pairs
+    # (as many, at least TRAIN_SAMPLE); the periodic check reads MONITOR_PAIRS. Then the gold
+    # figure: sampling and scoring as SFT's took (its answers may run longer: 1.5x), and its
+    # KL pass, both models over every answer (a pair's pass per answer)
     n_train = min(len(train_enc), max(len(held_enc), TRAIN_SAMPLE))
     per_pair_s = held_s / max(len(held_enc), 1)
     monitor_s = per_pair_s * len(monitor)
     final_s = per_pair_s * (len(held_enc) + 2 * n_train)
-    # the gold figure: sampling and scoring as for SFT (its answers may run longer: 1.5x),
-    # then its KL pass, both models over every answer (as long as a pair's pass, per answer)
     gold_s = (1.5 * baseline["seconds"] + per_pair_s * cfg.rlhf.eval_prompts
               * cfg.rlhf.final_samples) if baseline else 0.0
     trainer.plan(reserve_s=final_s + gold_s + 5,
