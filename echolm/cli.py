@@ -153,14 +153,19 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_import(a: argparse.Namespace) -> None:
-    if a.format == "gguf":
-        from echolm.import_gguf import import_gguf
+    from echolm.runlock import run_lock
 
-        import_gguf(a.source, a.out, force=a.force, chat_format=a.chat_format)
-        return
-    from echolm.hf import import_hf
+    # --force onto an earlier import holds its lock, so a stage that started on it meanwhile
+    # is not swapped out from under (refused: "in use by ..."), nor one started during it
+    with run_lock(a.out, "echolm import"):
+        if a.format == "gguf":
+            from echolm.import_gguf import import_gguf
 
-    import_hf(a.source, a.out, force=a.force, chat_format=a.chat_format)
+            import_gguf(a.source, a.out, force=a.force, chat_format=a.chat_format)
+            return
+        from echolm.hf import import_hf
+
+        import_hf(a.source, a.out, force=a.force, chat_format=a.chat_format)
 
 
 def cmd_sandbox(a: argparse.Namespace) -> None:

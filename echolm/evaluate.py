@@ -5,6 +5,7 @@ own evaluation and `echolm eval`'s)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from echolm.losses import bits_per_byte, token_cross_entropy
 from echolm.model import Transformer
 from echolm.runfiles import read_cache
 from echolm.tasks import Problem, Task
+from echolm.tasks.base import answer_line
 from echolm.tasks.code import pass_at_k
 from echolm.tokenizer import Tokenizer
 
@@ -84,6 +86,17 @@ def task_accuracy(model: Transformer, tok: Tokenizer, task: Task, problems: list
     return {"accuracy": correct / len(problems), "correct": correct, "n": len(problems),
             "examples": [{"prompt": p.prompt, "response": r, "answer": p.answer}
                          for p, r in list(zip(problems, responses, strict=True))[:3]]}
+
+
+def one_answer_baseline(task: Task, problems: list[Problem]) -> dict:
+    """The score of giving every problem the same answer, the commonest one among them: what
+    a model scores without reading the question (most letter counts are 1), so an accuracy is
+    read against it. Ties go to the answer met first."""
+    if not problems:
+        return {"answer": None, "accuracy": 0.0}
+    answers = Counter(task.extract(answer_line(p.answer)) for p in problems)
+    answer, count = answers.most_common(1)[0]
+    return {"answer": answer, "accuracy": round(count / len(problems), 4)}
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

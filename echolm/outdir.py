@@ -19,6 +19,7 @@ from pathlib import Path
 
 from echolm.checkpoint import MODEL_STAGES
 from echolm.errors import EchoError
+from echolm.runlock import LOCK_NAME
 
 
 def is_run_dir(folder: Path) -> bool:
@@ -39,6 +40,8 @@ def _unlike(folder: Path, files: frozenset[str], optional: frozenset[str] = froz
             if (rel / name).as_posix() not in dirs:
                 return f"it holds {(rel / name).as_posix()}/"
         for name in sorted(names):
+            if rel == Path(".") and name == LOCK_NAME:  # the lock the command itself holds
+                continue
             if (rel / name).as_posix() not in files:
                 return f"it holds {(rel / name).as_posix()}"
     missing = sorted(f for f in files - optional if not (folder / f).is_file())
@@ -68,7 +71,7 @@ def check_out(out: Path, force: bool, kind: str, files: frozenset[str], source: 
         return
     if not out.is_dir():
         raise EchoError(f"--out {out}: is a file, not a folder; choose another --out")
-    if not any(out.iterdir()):
+    if all(p.name == LOCK_NAME for p in out.iterdir()):
         return
     why = _unlike(out, files, optional)
     if why and is_run_dir(out):

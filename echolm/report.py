@@ -112,6 +112,12 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ⏎ ")
 
 
+def one_answer_note(t: dict) -> str:
+    """'"1" to all: 80.0%' for a task result that knows its one-answer baseline, else ''."""
+    one = t.get("one_answer")
+    return f'"{one["answer"]}" to all: {_pct(one["accuracy"])}' if one else ""
+
+
 def summary_table(evals: dict[str, dict], stages: list[str],
                   extra: dict[str, dict[str, str]] | None = None, n_in_cells: bool = False
                   ) -> list[str]:
@@ -126,10 +132,11 @@ def summary_table(evals: dict[str, dict], stages: list[str],
         for name, t in (ev.get("tasks") or {}).items():
             if "accuracy" in t:
                 cell = f"{_pct(t['accuracy'])} [{_pct(t['ci95'][0])}, {_pct(t['ci95'][1])}]"
+                size = "; ".join(x for x in (f"n={t['n']}", one_answer_note(t)) if x)
                 if n_in_cells:
-                    rows.setdefault(f"{name} accuracy", {})[stage] = f"{cell} (n={t['n']})"
+                    rows.setdefault(f"{name} accuracy", {})[stage] = f"{cell} ({size})"
                 else:
-                    rows.setdefault(f"{name} accuracy (n={t['n']})", {})[stage] = cell
+                    rows.setdefault(f"{name} accuracy ({size})", {})[stage] = cell
             elif "pass@1" in t:
                 rows.setdefault("HumanEval pass@1 (prompts that fit the context)", {})[stage] = (
                     f"{_pct(t['pass@1'])} (n={t['n']})")
@@ -197,13 +204,19 @@ def yue_verdict(t: dict) -> str:
     noise = (1.96 * math.sqrt((before * (1 - before) + after * (1 - after)) / n)) if n else 0.0
     within = max(0.02, noise)
     where = f" (n={n} problems: pass@{kmax} moves of up to {100 * within:.1f} points are noise)"
+    one = t.get("one_answer")
+    # within 2 points of answering one thing to all: the rise may be that answer, not the skill
+    constant = (f" But pass@1 after RL ({_pct(t['pass@1_after'])}) is no higher than "
+                f"{one_answer_note(t)} (+2 points): RL may have taught the commonest answer "
+                "rather than the task." if one and d1 > 0.02
+                and t["pass@1_after"] <= one["accuracy"] + 0.02 else "")
     if d1 > 0.02 and dk <= within:
         return (f"Reproduced: pass@1 rose by {100 * d1:.1f} points while pass@{kmax} moved "
                 f"{100 * dk:+.1f} points{where}: RL sharpened what the starting model could "
-                "already sample rather than adding new solutions.")
+                "already sample rather than adding new solutions." + constant)
     if d1 > 0.02:
         return (f"Not reproduced: pass@1 rose by {100 * d1:.1f} points and pass@{kmax} also "
-                f"rose by {100 * dk:.1f} points at this scale{where}.")
+                f"rose by {100 * dk:.1f} points at this scale{where}." + constant)
     return f"Inconclusive: RL did not raise pass@1 here ({100 * d1:+.1f} points)."
 
 
@@ -366,13 +379,16 @@ def build_report(run_dir: Path, log=print) -> Path:
     r = summary.get("rl")
     if r:
         md += ["## Reinforcement learning on checkable tasks", "",
-               "| task | pass@1 before | pass@1 after | pass@k before | pass@k after | n |",
-               "|---|---|---|---|---|---|"]
+               "| task | pass@1 before | pass@1 after | pass@k before | pass@k after | n | "
+               "one answer to all |", "|---|---|---|---|---|---|---|"]
         for name, t in r["tasks"].items():
             kmax = max(t["pass@k_after"], key=int)
             md.append(f"| {name} | {_pct(t['pass@1_before'])} | {_pct(t['pass@1_after'])} | "
                       f"{_pct(t['pass@k_before'][kmax])} (k={kmax}) | "
-                      f"{_pct(t['pass@k_after'][kmax])} | {t['n']} |")
+                      f"{_pct(t['pass@k_after'][kmax])} | {t['n']} | "
+                      f"{_cell(one_answer_note(t)) or '–'} |")
+        md += ["", "*One answer to all*: the score of answering every problem with the "
+               "commonest answer among them, what a model scores without reading the question."]
         md += ["", "![rl](rl.png)", "", "### Does RL add reasoning beyond SFT? (Yue et al., 2025)",
                ""] + [f"- **{n}**: {yue_verdict(t)}" for n, t in r["tasks"].items()]
         md += ["", "![pass@k](pass_at_k.png)", ""]

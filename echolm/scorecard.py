@@ -22,7 +22,14 @@ from echolm.atomic import atomic_write_json
 from echolm.checkpoint import MODEL_STAGES, file_fingerprint, load_model, model_file, stage_dir
 from echolm.config import Config
 from echolm.data.shards import load_tokens
-from echolm.evaluate import bpb_key, cached, eval_bpb, task_accuracy, wilson_interval
+from echolm.evaluate import (
+    bpb_key,
+    cached,
+    eval_bpb,
+    one_answer_baseline,
+    task_accuracy,
+    wilson_interval,
+)
 from echolm.model import Transformer
 from echolm.runfiles import read_cache
 from echolm.tasks.spec import problems_up_to, task_from_spec, task_label
@@ -132,8 +139,9 @@ def evaluate_stage(cfg: Config, run_dir: Path, stage: str, humaneval: int = 164,
                      partial(task_accuracy, model, tok, task, problems), log)
         lo, hi = wilson_interval(acc["correct"], acc["n"])
         tasks[task_label(spec, cfg.data.tasks)] = {
-            "accuracy": round(acc["accuracy"], 4), "n": acc["n"], "ci95": [round(lo, 4),
-                                                                          round(hi, 4)]}
+            "accuracy": round(acc["accuracy"], 4), "n": acc["n"],
+            "ci95": [round(lo, 4), round(hi, 4)],
+            "one_answer": one_answer_baseline(task, problems)}
     if humaneval > 0:
         try:
             task = task_from_spec("humaneval")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from echolm.errors import EchoError
 from echolm.export_gguf import gguf_tensors
 from echolm.model import Transformer
 from echolm.rank import run_rank
+from echolm.runlock import LOCK_NAME, run_lock
 from echolm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -316,6 +318,14 @@ def test_import_gguf_refusals_are_one_line(smol_tokenizer, tmp_path, capsys):
     assert "not an earlier import as written" in refused(good, keep, "--force")
     assert (keep / "notes.txt").read_text() == "mine"
     assert not any(p.name.startswith(("r", ".")) for p in tmp_path.iterdir())  # nothing half-made
-    # an earlier import is replaced with --force
+    # an earlier import is replaced with --force, and an empty folder is filled
     _import(good, tmp_path / "run")
     _import(good, tmp_path / "run", "--force")
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+    (tmp_path / "empty").mkdir()
+    _import(good, tmp_path / "empty")
+    # ... but not while a stage works in it (here: this process holds its lock)
+    with run_lock(tmp_path / "run", "echolm rl"):
+        err = refused(good, tmp_path / "run", "--force")
+        assert f"{tmp_path / 'run'} is in use by pid {os.getpid()} (echolm rl" in err
+        assert (tmp_path / "run" / "base" / "model.safetensors").exists()

@@ -71,3 +71,45 @@ def test_yue_verdict_counts_only_changes_beyond_sampling_noise():
     assert v.startswith("Not reproduced: pass@1 rose by 10.0 points and pass@8 also rose by "
                         "10.0 points") and "up to 4.3 points" in v
     assert yue_verdict(task(0.30, 0.31, 0.5, 0.5, 48)).startswith("Inconclusive")
+
+
+def test_one_answer_baseline_is_the_commonest_answers_share():
+    from echolm.evaluate import one_answer_baseline
+    from echolm.tasks import Problem, get_task
+
+    task = get_task("letter_count")
+
+    def p(i, answer):
+        return Problem("letter_count", str(i), "How many?", answer, f"Answer: {answer}")
+
+    # answers 1, 1, 2, 1, 0: "1" three times of five; a tie (2 and 0 once each) goes first-met
+    problems = [p(0, "1"), p(1, "1"), p(2, "2"), p(3, "1"), p(4, "0")]
+    assert one_answer_baseline(task, problems) == {"answer": "1", "accuracy": 0.6}
+    assert one_answer_baseline(task, problems[2:3] + problems[4:]) == {"answer": "2",
+                                                                      "accuracy": 0.5}
+    assert one_answer_baseline(task, []) == {"answer": None, "accuracy": 0.0}
+    # the commonest answer really scores its share under the task's own verifier
+    assert sum(task.score(q, "Answer: 1") for q in problems) / len(problems) == 0.6
+
+
+def test_a_gain_no_higher_than_one_answer_to_all_is_called_out():
+    from echolm.report import summary_table, yue_verdict
+
+    def task(p1, p1_after, pk, pk_after, n, one=None):
+        t = {"pass@1_before": p1, "pass@1_after": p1_after, "n": n,
+             "pass@k_before": {"1": p1, "8": pk}, "pass@k_after": {"1": p1_after, "8": pk_after}}
+        return t | ({"one_answer": one} if one else {})
+
+    # letter counts, a third each 0 / 1 / 2+: 2.3% -> 31.8% is answering "1" (33.3%) to all
+    v = yue_verdict(task(0.023, 0.318, 0.188, 0.354, 48, {"answer": "1", "accuracy": 0.3333}))
+    assert 'no higher than "1" to all: 33.3% (+2 points)' in v
+    assert "pass@1 after RL (31.8%)" in v
+    # arithmetic's commonest answer scores 4%: 3.9% -> 19.8% is more than that
+    v = yue_verdict(task(0.039, 0.198, 0.208, 0.354, 48, {"answer": "12", "accuracy": 0.04}))
+    assert "no higher than" not in v
+    # the eval table names the baseline in the row's label
+    evals = {"sft": {"tasks": {"letter_count": {
+        "accuracy": 0.8, "n": 40, "ci95": [0.65, 0.9],
+        "one_answer": {"answer": "1", "accuracy": 0.8}}}}}
+    table = "\n".join(summary_table(evals, ["sft"]))
+    assert '| letter_count accuracy (n=40; "1" to all: 80.0%) | 80.0% [65.0%, 90.0%] |' in table

@@ -57,6 +57,11 @@ def test_run_from_gguf_post_trains_the_imported_model(smol_tokenizer, tmp_path, 
     assert "## Imported model" in report and "chat format: chatml" in report.lower()
     assert f"## Beside `{run_dir}`" in report, r.stdout[-3000:]
     assert f"{run.name}: rl".upper() in report  # one column per model of both runs
+    # every accuracy beside the score of one answer to all (what no reading of the question buys)
+    rl_tasks = json.loads((run / "summary.json").read_text())["rl"]["tasks"]
+    assert all(0 < t["one_answer"]["accuracy"] <= 1 for t in rl_tasks.values()), rl_tasks
+    assert "one answer to all |" in report and " to all: " in report
+    assert all("one_answer" in t for t in evals["rl"]["tasks"].values() if "accuracy" in t)
     # a second run goes on from where it is: nothing imported or trained again
     before = (run / "rl" / "model.safetensors").read_bytes()
     r = echolm_cli(*args, timeout=600)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from echolm.checkpoint import chat_model_dir, load_model, save_model
 from echolm.config import Config, RLConfig
-from echolm.evaluate import task_pass_at_k
+from echolm.evaluate import one_answer_baseline, task_pass_at_k
 from echolm.lora import finish_lora, frozen_reference, start_lora
 from echolm.losses import clipped_policy_loss, group_advantages, kl_k3, overlong_penalty
 from echolm.model import Transformer
@@ -111,7 +111,8 @@ def evaluate_rl(model: Transformer, tok: Tokenizer, specs: list[str], g: RLConfi
         problems = problems_up_to(task, "val", g.eval_problems, seed)
         out[task_label(spec, specs)] = task_pass_at_k(
             model, tok, task, problems, g.eval_samples, ks, temperature=g.temperature,
-            seed=seed, max_tokens=g.max_tokens)
+            seed=seed, max_tokens=g.max_tokens) | {
+                "one_answer": one_answer_baseline(task, problems)}
     return out
 
 
@@ -207,6 +208,7 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                                 "pass@k_before": {k: round(v, 4) for k, v in b["pass@k"].items()},
                                 "pass@k_after": {k: round(v, 4) for k, v in a["pass@k"].items()},
                                 "n": a["n"], "samples_per_problem": a["samples_per_problem"],
+                                "one_answer": a["one_answer"],
                                 "temperature": a["temperature"]}
     save_model(model, out)
     facts["minutes"] = round(trainer.clock.seconds() / 60, 2)
