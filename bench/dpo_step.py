@@ -314,9 +314,10 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=None,
                    help="pairs in the dataset (default 256; SmolLM2: 64)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps first (default 3; SmolLM2: 1)")
+                   help="untimed steps first (default 3; SmolLM2: 3: Echo's heap "
+                   "takes ~4 steps to settle, echolm/runtime.py)")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed steps, median (default 10; SmolLM2: 2)")
+                   help="timed steps, median (default 10; SmolLM2: 3)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (median taken)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per side (default 1, see above; 0: torch's default)")
@@ -330,8 +331,8 @@ def main() -> None:
                    help="run one side only (child mode)")
     p.add_argument("--profile", action="store_true", help="with --side: torch.profiler table")
     args = p.parse_args()
-    resolve_args(p, args, {"batch": (8, 2), "pairs": (256, 64), "warmup": (3, 1),
-                           "steps": (10, 2)})
+    resolve_args(p, args, {"batch": (8, 2), "pairs": (256, 64), "warmup": (3, 3),
+                           "steps": (10, 3)})
     emit_json(run_side(args) if args.side else compare(args))
 
 

@@ -321,9 +321,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32, help="completion tokens (exactly)")
     p.add_argument("--prompts", type=int, default=64, help="prompts in the dataset")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps first (default 2; SmolLM2: 1)")
+                   help="untimed steps first (default 2; SmolLM2: 3: Echo's heap "
+                   "takes ~4 steps to settle, echolm/runtime.py)")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed steps, median (default 6; SmolLM2: 2)")
+                   help="timed steps, median (default 6; SmolLM2: 3)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (median taken)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per side (default 1; 0: torch's default)")
@@ -335,8 +336,8 @@ def main() -> None:
                    help="run one side only (child mode)")
     p.add_argument("--profile", action="store_true", help="with --side: torch.profiler table")
     args = p.parse_args()
-    resolve_args(p, args, {"batch": (8, 2), "group": (8, 4), "warmup": (2, 1),
-                           "steps": (6, 2)})
+    resolve_args(p, args, {"batch": (8, 2), "group": (8, 4), "warmup": (2, 3),
+                           "steps": (6, 3)})
     emit_json(run_side(args) if args.side else compare(args))
 
 

@@ -91,12 +91,13 @@ def task_accuracy(model: Transformer, tok: Tokenizer, task: Task, problems: list
 def one_answer_baseline(task: Task, problems: list[Problem]) -> dict:
     """The score of giving every problem the same answer, the commonest one among them: what
     a model scores without reading the question (most letter counts are 1), so an accuracy is
-    read against it. Ties go to the answer met first."""
+    read against it. Ties go to the answer met first; where no answer repeats (spellings)
+    there is no such answer: None, and the share one right guess would get."""
     if not problems:
         return {"answer": None, "accuracy": 0.0}
     answers = Counter(task.extract(answer_line(p.answer)) for p in problems)
     answer, count = answers.most_common(1)[0]
-    return {"answer": answer, "accuracy": round(count / len(problems), 4)}
+    return {"answer": answer if count > 1 else None, "accuracy": round(count / len(problems), 4)}
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

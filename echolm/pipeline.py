@@ -5,6 +5,7 @@ one resumes from its last checkpoint. `run.stages` picks which stages run; `run.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -344,6 +345,7 @@ def run_pipeline(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
 def _run_stages(cfg: Config, run_dir: Path, force: bool, log: Callable[[str], object],
                 starting: Callable[[str], object]) -> None:
     """The stages in order (`starting(name)` before each), with their times in timings.json."""
+    from echolm.runtime import give_back_freed_memory
     from echolm.staging import ForcePass
 
     redo = ForcePass(run_dir, cfg.to_dict(), force)  # --force run again resumes its pass
@@ -368,6 +370,8 @@ def _run_stages(cfg: Config, run_dir: Path, force: bool, log: Callable[[str], ob
         t0 = time.time()
         fn(cfg, run_dir, force=redo.force(name), log=log)
         redo.done(name)
+        gc.collect()  # the stage's models and optimizer states, then the heap they leave:
+        give_back_freed_memory()  # the next stage starts from what it needs, not beside it
         seconds = time.time() - t0
         if seconds > 1 or name not in timings:  # a skipped (finished) stage keeps its time
             timings[name] = {"seconds": round(seconds, 1), "peak_rss_mb": round(_peak_rss_mb())}

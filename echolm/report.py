@@ -113,9 +113,10 @@ def _cell(text: str) -> str:
 
 
 def one_answer_note(t: dict) -> str:
-    """'"1" to all: 80.0%' for a task result that knows its one-answer baseline, else ''."""
+    """'"1" to all: 80.0%' for a task result whose problems share a commonest answer, else ''
+    (none measured, or no answer repeats)."""
     one = t.get("one_answer")
-    return f'"{one["answer"]}" to all: {_pct(one["accuracy"])}' if one else ""
+    return f'"{one["answer"]}" to all: {_pct(one["accuracy"])}' if one and one["answer"] else ""
 
 
 def summary_table(evals: dict[str, dict], stages: list[str],
@@ -208,7 +209,7 @@ def yue_verdict(t: dict) -> str:
     # within 2 points of answering one thing to all: the rise may be that answer, not the skill
     constant = (f" But pass@1 after RL ({_pct(t['pass@1_after'])}) is no higher than "
                 f"{one_answer_note(t)} (+2 points): RL may have taught the commonest answer "
-                "rather than the task." if one and d1 > 0.02
+                "rather than the task." if one and one["answer"] and d1 > 0.02
                 and t["pass@1_after"] <= one["accuracy"] + 0.02 else "")
     if d1 > 0.02 and dk <= within:
         return (f"Reproduced: pass@1 rose by {100 * d1:.1f} points while pass@{kmax} moved "

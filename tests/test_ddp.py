@@ -4,15 +4,21 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import losses, pretrain_args, subprocess_env, tmp_leftovers
 from safetensors.torch import load_file
+
+from echolm.runlock import LOCK_NAME
 
 STEPS = 10
 COMMON = (f"pretrain.max_steps={STEPS}", "pretrain.ckpt_every=5", "pretrain.eval_every=0",
@@ -56,3 +62,53 @@ def test_two_processes_equal_one_with_grad_accum(run_dir: Path, corpus: Path,
     assert done["world_size"] == 2 and done["steps"] == STEPS
     assert done["tokens"] == json.loads((single / "base" / "done.json").read_text())["tokens"]
     assert tmp_leftovers(ddp) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_saves_the_agreed_step_and_resumes_exactly(
+        run_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches every process of the foreground group: torchrun's agent
+    and both ranks. The ranks agree on the step to stop after (a rank that stopped alone
+    would leave the other waiting in an all-reduce), rank 0 saves it, and the same command
+    resumes from it to the weights of a run never interrupted."""
+    steps = 40
+    ref = tmp_path / "ref"
+    shutil.copytree(run_dir, ref)
+    over = (f"pretrain.max_steps={steps}", "pretrain.ckpt_every=1000", "pretrain.eval_every=0",
+            "pretrain.micro_batch=4", "pretrain.seed=7", "pretrain.grad_accum=1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "echolm"]
+    proc = subprocess.Popen([*torchrun, *pretrain_args(run_dir, corpus, *over)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=subprocess_env(), start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(_steps(run_dir)) < 3:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no steps within 120 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out
+    saved = re.findall(r"echolm: interrupted base: saved a checkpoint at step (\d+)", out)
+    assert len(set(saved)) == 1, out  # every rank names the same step
+    step = int(saved[0])
+    assert 3 <= step < steps, out
+    ckpt = run_dir / "base" / "ckpt"
+    assert (ckpt / "latest").read_text().strip() == f"step_{step:06d}"
+    assert [s for s, _ in losses(run_dir)] == list(range(1, step + 1))
+    assert not (run_dir / LOCK_NAME).exists() and tmp_leftovers(run_dir) == []
+
+    out = _run([*torchrun, *pretrain_args(run_dir, corpus, *over)])
+    assert f"pretrain: resuming from step {step}" in out
+    _run([*torchrun, *pretrain_args(ref, corpus, *over)])
+    assert losses(run_dir) == losses(ref)
+    want = load_file(str(ref / "base" / "model.safetensors"))
+    have = load_file(str(run_dir / "base" / "model.safetensors"))
+    assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want)
+
+
+def _steps(run: Path) -> list[int]:
+    try:
+        return [s for s, _ in losses(run)]
+    except (FileNotFoundError, json.JSONDecodeError):  # a line being written
+        return []

@@ -82,11 +82,15 @@ def test_one_answer_baseline_is_the_commonest_answers_share():
     def p(i, answer):
         return Problem("letter_count", str(i), "How many?", answer, f"Answer: {answer}")
 
-    # answers 1, 1, 2, 1, 0: "1" three times of five; a tie (2 and 0 once each) goes first-met
+    # answers 1, 1, 2, 1, 0: "1" three times of five
     problems = [p(0, "1"), p(1, "1"), p(2, "2"), p(3, "1"), p(4, "0")]
     assert one_answer_baseline(task, problems) == {"answer": "1", "accuracy": 0.6}
-    assert one_answer_baseline(task, problems[2:3] + problems[4:]) == {"answer": "2",
-                                                                      "accuracy": 0.5}
+    # 2, 0, 2, 0: a tie goes to the answer met first
+    tie = [p(0, "2"), p(1, "0"), p(2, "2"), p(3, "0")]
+    assert one_answer_baseline(task, tie) == {"answer": "2", "accuracy": 0.5}
+    # no answer repeats: no commonest answer, and the share of one right guess (1 of 4)
+    assert one_answer_baseline(task, [p(i, str(i)) for i in range(4)]) == {"answer": None,
+                                                                          "accuracy": 0.25}
     assert one_answer_baseline(task, []) == {"answer": None, "accuracy": 0.0}
     # the commonest answer really scores its share under the task's own verifier
     assert sum(task.score(q, "Answer: 1") for q in problems) / len(problems) == 0.6
@@ -111,5 +115,8 @@ def test_a_gain_no_higher_than_one_answer_to_all_is_called_out():
     evals = {"sft": {"tasks": {"letter_count": {
         "accuracy": 0.8, "n": 40, "ci95": [0.65, 0.9],
         "one_answer": {"answer": "1", "accuracy": 0.8}}}}}
+    evals["sft"]["tasks"]["spelling"] = {"accuracy": 0.1, "n": 40, "ci95": [0.04, 0.23],
+                                         "one_answer": {"answer": None, "accuracy": 0.025}}
     table = "\n".join(summary_table(evals, ["sft"]))
     assert '| letter_count accuracy (n=40; "1" to all: 80.0%) | 80.0% [65.0%, 90.0%] |' in table
+    assert "| spelling accuracy (n=40) | 10.0% [4.0%, 23.0%] |" in table  # nothing repeats

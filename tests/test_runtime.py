@@ -39,3 +39,35 @@ def test_freed_activations_are_reused_without_new_page_faults():
     # 0, ..., 10240, 0, 0, 0]). glibc's defaults here, or only a higher mmap threshold
     # (32 MiB, its most), faulted ~67,600 pages again every time: ~676k over the last ten.
     assert sum(counts[2:]) < 2 * pages, counts
+
+
+GIVE_BACK = """
+import torch
+from echolm.runtime import give_back_freed_memory, keep_freed_memory
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+assert keep_freed_memory()
+start = rss_mb()
+blocks = [torch.ones(16 << 20) for _ in range(12)]  # 12 x 64 MiB, every page touched
+keep = blocks[1::2]  # every other one stays: the freed ones are holes inside the heap
+del blocks
+held = rss_mb()
+assert give_back_freed_memory()
+print(round(start), round(held), round(rss_mb()))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's mallopt")
+def test_kept_memory_is_given_back_between_stages():
+    """What `echolm run` does between stages: the 6 x 64 MiB freed inside the heap stay
+    resident while kept, and are handed back by give_back_freed_memory (the 6 held remain)."""
+    r = subprocess.run([sys.executable, "-c", GIVE_BACK], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    start, held, after = map(int, r.stdout.split())
+    assert held - start > 700, (start, held, after)  # all twelve blocks resident
+    assert 330 < after - start < 450, (start, held, after)  # the six kept ones only
