@@ -241,6 +241,8 @@ def record_machine(cfg: Config, run_dir: Path) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = {**describe(measure=True, device=device),
             "dtype": str(resolve_dtype(cfg.pretrain.dtype, device)).removeprefix("torch."),
+            # what `dtype = "auto"` picks here; a stage may set its own (summary.json: dtype)
+            "auto_dtype": str(resolve_dtype("auto", device)).removeprefix("torch."),
             "processes": int(os.environ.get("WORLD_SIZE", "1"))}
     atomic_write_json(run_dir / "machine.json", info)
     return info

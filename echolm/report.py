@@ -207,10 +207,12 @@ def yue_verdict(t: dict) -> str:
     where = f" (n={n} problems: pass@{kmax} moves of up to {100 * within:.1f} points are noise)"
     one = t.get("one_answer")
     # within 2 points of answering one thing to all: the rise may be that answer, not the skill
-    constant = (f" But pass@1 after RL ({_pct(t['pass@1_after'])}) is no higher than "
-                f"{one_answer_note(t)} (+2 points): RL may have taught the commonest answer "
-                "rather than the task." if one and one["answer"] and d1 > 0.02
-                and t["pass@1_after"] <= one["accuracy"] + 0.02 else "")
+    short = one and one["answer"] and t["pass@1_after"] <= one["accuracy"] + 0.02
+    than = ("does not beat" if short and t["pass@1_after"] <= one["accuracy"]
+            else "is within 2 points of")
+    constant = (f" But pass@1 after RL ({_pct(t['pass@1_after'])}) {than} "
+                f"{one_answer_note(t)}: RL may have taught the commonest answer rather than the "
+                "task." if short and d1 > 0.02 else "")
     if d1 > 0.02 and dk <= within:
         return (f"Reproduced: pass@1 rose by {100 * d1:.1f} points while pass@{kmax} moved "
                 f"{100 * dk:+.1f} points{where}: RL sharpened what the starting model could "
@@ -241,8 +243,8 @@ def cut_short_warning(summary: dict) -> list[str]:
 
 def schedule_table(summary: dict) -> list[str]:
     """What each stage planned, what this machine fitted into its budget, what ran."""
-    rows = ["| stage | budget | planned | ran | what happened | time | tokens/s | MFU |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| stage | budget | planned | ran | what happened | time | tokens/s | MFU | dtype |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for stage in (*TRAINING_STAGES, "rank"):
         d = summary.get(stage)
         if not d or "schedule" not in d:
@@ -253,8 +255,9 @@ def schedule_table(summary: dict) -> list[str]:
         minutes = d.get("minutes", (d.get("seconds") or 0) / 60)
         tok_s = f"{d['tok_per_s']:,}" if d.get("tok_per_s") else "–"
         mfu = _pct(d["mfu"]) if "mfu" in d else "–"
+        dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(d.get("dtype"), d.get("dtype", "–"))
         rows.append(f"| {stage} | {budget} | {planned} | {ran} | {d['schedule']} | "
-                    f"{minutes:.1f} min | {tok_s} | {mfu} |")
+                    f"{minutes:.1f} min | {tok_s} | {mfu} | {dtype} |")
     if len(rows) == 2:
         return []
     return ["## Schedules fitted to the time budgets", "",
@@ -283,7 +286,8 @@ def _machine_lines(m: dict) -> list[str]:
              f"- CPU: {m['cpu']} ({m['cores']} cores); instruction sets: "
              f"{', '.join(m['isa']) or 'unknown'}; torch kernels: {m['cpu_capability']}",
              f"- bf16 matmul native: {'yes' if m['native_bf16'] else 'no (emulated)'}; "
-             f"training dtype: {m.get('dtype', '?')}; processes: {m.get('processes', 1)} x "
+             f"dtype \"auto\" trains in {m.get('auto_dtype', m.get('dtype', '?'))} here (each "
+             f"stage's own: Schedules); processes: {m.get('processes', 1)} x "
              f"{m['torch_threads']} torch thread(s)"]
     if peaks:
         lines.append(f"- measured matmul peak ({m['torch_threads']} threads): "

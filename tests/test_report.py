@@ -13,7 +13,8 @@ def _summary() -> dict:
     return {
         "base": {"steps": 142, "planned_steps": 300, "cut_short": False, "budget_minutes": 8.0,
                  "schedule": "planned 300 steps; this machine fits 142 in 8.0 min (2.66 s "
-                             "each): ran 142", "minutes": 6.5, "tok_per_s": 3421, "mfu": 0.49},
+                             "each): ran 142", "minutes": 6.5, "tok_per_s": 3421, "mfu": 0.49,
+                 "dtype": "bfloat16"},
         "rm": {"steps": 58, "planned_steps": 211, "cut_short": True, "budget_minutes": 1.5,
                "schedule": "CUT SHORT by the 1.5 min budget: ran 58 of the 71 steps it had "
                            "planned to (of 211 configured)", "minutes": 1.45},
@@ -36,9 +37,10 @@ def test_the_schedule_table_has_one_row_per_budgeted_stage() -> None:
     assert rows[0].startswith("| stage | budget | planned | ran |")
     base, rm, rank = rows[1:]
     assert base == ("| base | 8 min | 300 | 142 | planned 300 steps; this machine fits 142 in "
-                    "8.0 min (2.66 s each): ran 142 | 6.5 min | 3,421 | 49.0% |")
+                    "8.0 min (2.66 s each): ran 142 | 6.5 min | 3,421 | 49.0% | bf16 |")
     assert "| rm | 1.5 min | 211 | 58 | CUT SHORT" in rm
     assert rank.startswith("| rank | 2.5 min | 1000 | 992 |") and "| 2.4 min |" in rank
+    assert rm.endswith("| – | – |") and rank.endswith("| – | – | – |")  # no dtype recorded
     assert schedule_table({}) == []
 
 
@@ -50,7 +52,7 @@ def test_the_machine_section_names_the_cpu_its_instruction_sets_and_peaks(tmp_pa
         "peak_tflops": {"fp32": 0.169, "bf16": 0.0013}}))
     text = "\n".join(machine_section(tmp_path))
     assert "AMD EPYC (2 cores); instruction sets: AVX2" in text
-    assert "bf16 matmul native: no (emulated); training dtype: float32" in text
+    assert 'bf16 matmul native: no (emulated); dtype "auto" trains in float32 here' in text
     assert "fp32 169 GFLOP/s, bf16 1.3 GFLOP/s" in text
     assert machine_section(tmp_path / "none") == []
 
@@ -106,11 +108,13 @@ def test_a_gain_no_higher_than_one_answer_to_all_is_called_out():
 
     # letter counts, a third each 0 / 1 / 2+: 2.3% -> 31.8% is answering "1" (33.3%) to all
     v = yue_verdict(task(0.023, 0.318, 0.188, 0.354, 48, {"answer": "1", "accuracy": 0.3333}))
-    assert 'no higher than "1" to all: 33.3% (+2 points)' in v
-    assert "pass@1 after RL (31.8%)" in v
+    assert 'pass@1 after RL (31.8%) does not beat "1" to all: 33.3%: RL may have taught' in v
+    # 34.5% is above it, but by less than 2 points
+    v = yue_verdict(task(0.023, 0.345, 0.188, 0.354, 48, {"answer": "1", "accuracy": 0.3333}))
+    assert 'pass@1 after RL (34.5%) is within 2 points of "1" to all: 33.3%' in v
     # arithmetic's commonest answer scores 4%: 3.9% -> 19.8% is more than that
     v = yue_verdict(task(0.039, 0.198, 0.208, 0.354, 48, {"answer": "12", "accuracy": 0.04}))
-    assert "no higher than" not in v
+    assert "commonest answer" not in v
     # the eval table names the baseline in the row's label
     evals = {"sft": {"tasks": {"letter_count": {
         "accuracy": 0.8, "n": 40, "ci95": [0.65, 0.9],

@@ -124,8 +124,8 @@ def test_the_refit_can_shrink_a_first_fit_that_was_too_optimistic():
     6 steps) promised too many, it can still cut the count and keep the warmdown whole.
     By hand: 574 steps, warmdown 0.4 (229 steps) -> constant until 345, refit after step
     int(0.8 * 345) - 1 = 275. At 240 s of 480 with 8.47 s kept for after training, steps of
-    0.86 s (+5%) and 0.0419 s of periodic evaluation each: 231.53 s left / 0.9449 s = 245
-    more steps, 520 in all; the warmdown then starts at 520 - 208 = 312, after step 275."""
+    0.86 s (+10%) and 0.0419 s of periodic evaluation each: 231.53 s left / 0.9879 s = 234
+    more steps, 509 in all; the warmdown then starts at 509 - 203 = 306, after step 275."""
     from echolm.schedule import Schedule, fitted
 
     first = Schedule(planned=800, steps=574, warmup=20, warmdown_frac=0.4, final_lr_frac=0.05,
@@ -133,6 +133,25 @@ def test_the_refit_can_shrink_a_first_fit_that_was_too_optimistic():
                      reserve_s=8.47, fitted_at=10.0, final=False)
     assert first.refit_step == 275
     got = fitted(first, 275, 240.0, 0.86, final=True)
-    assert got.final and got.steps == 520
+    assert got.final and got.steps == 509
     assert got.steps - got.warmdown > 275  # the warmdown is still ahead, whole
     assert got.lr_multiplier(275) == first.lr_multiplier(275) == 1.0
+
+
+def test_a_schedule_too_short_to_refine_before_its_warmdown_is_fitted_once() -> None:
+    """The smollm2-cpu rm stage on a 2-core Xeon: 68 steps planned, 4 min, 73 s kept for
+    scoring after training, 6 steps in 45 s. By hand: (240 - 45 - 73) / (7.4 x 1.1) = 14.99
+    more, 20 in all; warmdown int(0.5 x 20) = 10, from step 10. The refit would come at
+    max(12, int(0.8 x 10) - 1) = 12, after the warmdown began, and could only keep 12 / 0.5 =
+    24 steps (the run was cut 2 short of them): so the first fit is final."""
+    from echolm.schedule import Schedule, fitted
+
+    plan = Schedule(planned=68, steps=68, warmup=3, warmdown_frac=0.5, final_lr_frac=0.05,
+                    budget_s=240.0, reserve_s=73.0)
+    got = fitted(plan, 6, 45.0, 7.4)
+    assert got.steps == 20 and got.warmdown == 10 and got.refit_step == 12
+    assert got.final  # nothing left to refine: 20 steps, no 24
+    # steps of 2 s: 122 / 2.2 = 55.45 more, 61 in all, warmdown 30 from step 31: refit at
+    # max(12, int(0.8 x 31) - 1) = 23, before it
+    longer = fitted(plan, 6, 45.0, 2.0)
+    assert longer.steps == 61 and longer.refit_step == 23 and not longer.final
