@@ -19,6 +19,7 @@ accuracy and margins), and summary.json's `dpo`.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,13 @@ from echolm.rankings import (
     step_indices,
 )
 from echolm.rollout import pad_batch, token_logprobs
-from echolm.runtime import autocast, check_seq_len, resolve_dtype, single_process
+from echolm.runtime import (
+    autocast,
+    check_seq_len,
+    give_back_freed_memory,
+    resolve_dtype,
+    single_process,
+)
 from echolm.schedule import capped_steps
 from echolm.staging import StageOutput
 from echolm.tokenizer import Tokenizer
@@ -326,6 +333,11 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
               "rankings": {"annotator": cfg.data.rankings_annotator,
                            "heldout_fraction": cfg.data.rankings_heldout_fraction}}
     if baseline is not None:
+        # the gold figure loads the saved model, SFT's and the reward model: the trained one,
+        # its reference and the heap training kept are not needed any more
+        del model, policy, reference, trainer
+        gc.collect()
+        give_back_freed_memory()
         result.update(gold_win_rate(cfg, run_dir, "dpo", baseline, log=log, model_dir=out))
     result["minutes"] = round((time.perf_counter() - started) / 60, 2)
     stage.commit(result)
