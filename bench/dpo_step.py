@@ -43,7 +43,7 @@ sides' step time and peak RSS and the ratios; the JSON's top level is the first 
 
     python bench/dpo_step.py                        # 7M: 2 rounds, 3 + 10 steps per side
     python bench/dpo_step.py --rounds 1 --steps 5 --peer-precompute --ours-adamw
-    python bench/dpo_step.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --lora 16  # 4 min on a 2-core Xeon (AMX)
+    python bench/dpo_step.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --lora 16  # 4 min, 2 cores
     python bench/dpo_step.py --side echo --profile  # where Echo's step time goes
 
 The last line of stdout is one JSON object (see ``emit_json``).

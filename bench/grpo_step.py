@@ -41,7 +41,7 @@ may be shared); rounds alternate the order. Within a child: ``--warmup`` untimed
 The result is the median over rounds.
 
     python bench/grpo_step.py                        # 7M: 2 rounds, 2 + 6 steps per side
-    python bench/grpo_step.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --lora 16  # 6 min on a 2-core Xeon (AMX)
+    python bench/grpo_step.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --lora 16  # 6 min, 2 cores
     python bench/grpo_step.py --side echo --profile  # where Echo's step time goes
 
 The last line of stdout is one JSON object (see ``emit_json``).
