@@ -86,6 +86,7 @@ from policy_model import (  # noqa: E402
     peft_config,
     prepared,
     resolve_args,
+    side_or_compare,
     special_ids,
     trainable_params,
     vocab_size,
@@ -333,11 +334,7 @@ def main() -> None:
     args = p.parse_args()
     resolve_args(p, args, {"batch": (8, 2), "pairs": (256, 64), "warmup": (3, 3),
                            "steps": (10, 3)})
-    if args.side and args.gguf is not None:  # one side by hand: import the file first
-        with prepared(args):
-            emit_json(run_side(args))
-    else:
-        emit_json(run_side(args) if args.side else compare(args))
+    emit_json(side_or_compare(args, run_side, compare))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ from policy_model import (  # noqa: E402
     peft_config,
     prepared,
     resolve_args,
+    side_or_compare,
     special_ids,
     trainable_params,
     vocab_size,
@@ -338,11 +339,7 @@ def main() -> None:
     args = p.parse_args()
     resolve_args(p, args, {"batch": (8, 2), "group": (8, 4), "warmup": (2, 3),
                            "steps": (6, 3)})
-    if args.side and args.gguf is not None:  # one side by hand: import the file first
-        with prepared(args):
-            emit_json(run_side(args))
-    else:
-        emit_json(run_side(args) if args.side else compare(args))
+    emit_json(side_or_compare(args, run_side, compare))
 
 
 if __name__ == "__main__":

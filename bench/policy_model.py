@@ -37,7 +37,7 @@ import math
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,18 @@ def prepared(args: argparse.Namespace) -> Iterator[None]:
         args.hf = Path(tmp) / "hf"
         _echolm("export", "hf", "--run", str(args.run), "--stage", "sft", "--out", str(args.hf))
         yield
+
+
+def side_or_compare(args: argparse.Namespace, run_side: Callable[[argparse.Namespace], dict],
+                    compare: Callable[[argparse.Namespace], dict]) -> dict:
+    """`--side`: one side (a child, given `--run`/`--hf` by its parent; or by hand with
+    `--gguf`, which is imported first); otherwise the whole comparison."""
+    if not args.side:
+        return compare(args)
+    if args.gguf is None:
+        return run_side(args)
+    with prepared(args):
+        return run_side(args)
 
 
 def child_model_argv(args: argparse.Namespace, lora: int) -> list[str]:

@@ -5,7 +5,6 @@ one resumes from its last checkpoint. `run.stages` picks which stages run; `run.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import sys
@@ -231,7 +230,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def record_machine(cfg: Config, run_dir: Path) -> dict:
+def record_machine(run_dir: Path) -> dict:
     """DIR/machine.json: what the run trains on (the report's Machine section)."""
     import torch
 
@@ -240,8 +239,7 @@ def record_machine(cfg: Config, run_dir: Path) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = {**describe(measure=True, device=device),
-            "dtype": str(resolve_dtype(cfg.pretrain.dtype, device)).removeprefix("torch."),
-            # what `dtype = "auto"` picks here; a stage may set its own (summary.json: dtype)
+            # what `dtype = "auto"` picks here; each stage's own is in summary.json (dtype)
             "auto_dtype": str(resolve_dtype("auto", device)).removeprefix("torch."),
             "processes": int(os.environ.get("WORLD_SIZE", "1"))}
     atomic_write_json(run_dir / "machine.json", info)
@@ -351,7 +349,7 @@ def _run_stages(cfg: Config, run_dir: Path, force: bool, log: Callable[[str], ob
     from echolm.staging import ForcePass
 
     redo = ForcePass(run_dir, cfg.to_dict(), force)  # --force run again resumes its pass
-    record_machine(cfg, run_dir)
+    record_machine(run_dir)
     timings_path = run_dir / "timings.json"
     timings = read_json(timings_path, TIMINGS_FIX, values=dict, default={})
     if cfg.run.source:
@@ -372,7 +370,6 @@ def _run_stages(cfg: Config, run_dir: Path, force: bool, log: Callable[[str], ob
         t0 = time.time()
         fn(cfg, run_dir, force=redo.force(name), log=log)
         redo.done(name)
-        gc.collect()  # the stage's models and optimizer states, then the heap they leave:
         give_back_freed_memory()  # the next stage starts from what it needs, not beside it
         seconds = time.time() - t0
         if seconds > 1 or name not in timings:  # a skipped (finished) stage keeps its time

@@ -205,14 +205,13 @@ def yue_verdict(t: dict) -> str:
     noise = (1.96 * math.sqrt((before * (1 - before) + after * (1 - after)) / n)) if n else 0.0
     within = max(0.02, noise)
     where = f" (n={n} problems: pass@{kmax} moves of up to {100 * within:.1f} points are noise)"
-    one = t.get("one_answer")
+    one, p1 = t.get("one_answer"), t["pass@1_after"]
     # within 2 points of answering one thing to all: the rise may be that answer, not the skill
-    short = one and one["answer"] and t["pass@1_after"] <= one["accuracy"] + 0.02
-    than = ("does not beat" if short and t["pass@1_after"] <= one["accuracy"]
-            else "is within 2 points of")
-    constant = (f" But pass@1 after RL ({_pct(t['pass@1_after'])}) {than} "
-                f"{one_answer_note(t)}: RL may have taught the commonest answer rather than the "
-                "task." if short and d1 > 0.02 else "")
+    constant = ""
+    if one and one["answer"] and d1 > 0.02 and p1 <= one["accuracy"] + 0.02:
+        than = "does not beat" if p1 <= one["accuracy"] else "is within 2 points of"
+        constant = (f" But pass@1 after RL ({_pct(p1)}) {than} {one_answer_note(t)}: RL may "
+                    "have taught the commonest answer rather than the task.")
     if d1 > 0.02 and dk <= within:
         return (f"Reproduced: pass@1 rose by {100 * d1:.1f} points while pass@{kmax} moved "
                 f"{100 * dk:+.1f} points{where}: RL sharpened what the starting model could "

@@ -5,7 +5,10 @@ echolm/staging.py)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +83,24 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc on Linux (mallopt's parameters above are glibc's)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _mallopt(libc: ctypes.CDLL, mmap_max: int, trim_threshold: int) -> bool:
+    try:
+        ok = libc.mallopt(_M_MMAP_MAX, mmap_max) == 1
+        return libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1 and ok
+    except AttributeError:
+        return False
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc's allocator to keep freed memory for reuse instead of returning it to the
     system: a training step frees and reallocates the same activations every step, and each
@@ -89,38 +110,23 @@ def keep_freed_memory() -> bool:
     the heap is never trimmed below 1 GiB of free space, so peak memory is unchanged but it is
     not handed back between steps. What PyTorch's CPU tuning guide gets from jemalloc or
     tcmalloc, without preloading a library. Linux with glibc only; elsewhere nothing (False)."""
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
-        return libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and ok
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and _mallopt(libc, 0, 1 << 30)
 
 
 def give_back_freed_memory() -> bool:
-    """Undo `keep_freed_memory` once its training is over: glibc's defaults again, and every
-    free page of the heap handed back (malloc_trim). The heap a stage kept is fragmented by
-    the time the stage ends, so the next stage in the same process (`echolm run`) could not
-    reuse it for its own large blocks and grew beside it: the smollm2-cpu eval stage after
-    DPO peaked at 7.2 GB where it needs 2.7 GB alone. False where there is nothing to undo
-    (not glibc)."""
-    import ctypes
-    import ctypes.util
-    import platform
+    """Undo `keep_freed_memory` once its training is over: unreachable objects collected
+    (models, optimizer states), glibc's defaults again, and every free page of the heap
+    handed back (malloc_trim). The heap a stage kept is fragmented by the time the stage
+    ends, so the next stage in the same process (`echolm run`) could not reuse it for its own
+    large blocks and grew beside it: the smollm2-cpu eval stage after DPO peaked at 7.2 GB
+    where it needs 2.7 GB alone. False where there is nothing to undo (not glibc)."""
+    import gc
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    gc.collect()
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX) == 1
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD) == 1 and ok
-        libc.malloc_trim(0)  # returns 1 if memory was released, 0 if there was none to release
-        return ok
-    except (OSError, AttributeError):
-        return False
+    ok = _mallopt(libc, _DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD)
+    libc.malloc_trim(0)  # returns 1 if memory was released, 0 if there was none to release
+    return ok

@@ -19,7 +19,6 @@ accuracy and margins), and summary.json's `dpo`.
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,7 +335,6 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         # the gold figure loads the saved model, SFT's and the reward model: the trained one,
         # its reference and the heap training kept are not needed any more
         del model, policy, reference, trainer
-        gc.collect()
         give_back_freed_memory()
         result.update(gold_win_rate(cfg, run_dir, "dpo", baseline, log=log, model_dir=out))
     result["minutes"] = round((time.perf_counter() - started) / 60, 2)
