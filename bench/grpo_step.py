@@ -35,6 +35,11 @@ Optimizers: Echo's is ``--ours-optimizer``: by default Muon (hidden matrices) + 
 preset, cpu); TRL's AdamW. With LoRA both train the adapters with AdamW. ``--ours-adamw``
 adds Echo with AdamW for everything.
 
+Dtype: fp32 on both sides by default (the smollm2-cpu preset's). ``--dtype bf16`` trains both
+under bf16 autocast (Echo's stage ``dtype = "bf16"``, TRL's ``bf16=True``); ``--dtype auto``
+picks bf16 where the CPU multiplies bf16 natively (AMX, AVX512-BF16), as Echo's ``"auto"``
+does. Echo's stage samples in fp32 whatever its training dtype (as ``echolm rl`` does).
+
 Each side runs in its own subprocess (``--side``), one torch thread by default (the machine
 may be shared); rounds alternate the order. Within a child: ``--warmup`` untimed steps, then
 ``--steps`` timed ones, timed from the end of one step to the end of the next (median).
@@ -87,6 +92,7 @@ from policy_model import (  # noqa: E402
     resolve_args,
     side_or_compare,
     special_ids,
+    train_dtype,
     trainable_params,
     vocab_size,
 )
@@ -125,7 +131,7 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
                  temperature=1.0, scale_by_std=True, aggregation="token", clip_low=CLIP_LOW,
                  clip_high=CLIP_HIGH, kl_beta=0.0, epochs=1, minibatches=1,
                  dynamic_sampling=False, max_steps=10**6, warmup_steps=0, warmdown_frac=0.0,
-                 dtype="fp32", grad_clip=1.0,
+                 dtype=train_dtype(args), grad_clip=1.0,
                  optimizer="adamw" if args.side == "echo_adamw" else args.ours_optimizer,
                  **echo_lora_fields(args.lora))
     tcfg = g
@@ -206,7 +212,8 @@ def trl_side(args: argparse.Namespace) -> dict[str, Any]:
                      loss_type="dapo", scale_rewards="group",
                      max_steps=args.warmup + args.steps, learning_rate=1e-5,
                      max_grad_norm=1.0, report_to="none", save_strategy="no",
-                     logging_strategy="no", log_completions=False, use_cpu=True, bf16=False,
+                     logging_strategy="no", log_completions=False, use_cpu=True,
+                     bf16=train_dtype(args) == "bf16",
                      fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=args.seed)
     t0 = time.perf_counter()
     trainer = GRPOTrainer(model=model, reward_funcs=parity_reward, args=cfg, train_dataset=ds,
@@ -290,7 +297,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "reward_mean_peer": last_peer["reward_mean"],
         "peer_setup_s": round(last_peer["setup_s"], 3),
         "prompts_per_step": args.batch, "group_size": args.group,
-        "completion_tokens": args.tokens, "prompt_tokens": "16-32", "dtype": "fp32",
+        "completion_tokens": args.tokens, "prompt_tokens": "16-32", "dtype": train_dtype(args),
         "kl_beta": 0.0, "clip": [CLIP_LOW, CLIP_HIGH], "aggregation": "token (dapo)",
         "reward": "1.0 if the completion holds an even number of even token ids, else 0.0",
         "warmup_steps": args.warmup, "timed_steps": args.steps, "rounds": args.rounds,

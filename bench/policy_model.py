@@ -61,6 +61,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="also time both sides with LoRA rank R (alpha 2R) on all seven "
                         "projections; in a child: this side trains LoRA")
     p.add_argument("--lora-only", action="store_true", help="with --lora: skip full tuning")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="fp32",
+                   help="training dtype on both sides (default fp32): bf16 is autocast, Echo's "
+                        "stage `dtype = \"bf16\"` and TRL's `bf16=True`; auto: bf16 where this "
+                        "CPU multiplies bf16 natively (AMX / AVX512-BF16), else fp32, as "
+                        "Echo's `dtype = \"auto\"` picks")
     p.add_argument("--ours-optimizer", choices=["muon", "adamw"], default=None,
                    help="Echo's optimizer (default: muon, Echo's config default, for the 7M; "
                         "adamw for SmolLM2, what `echolm rl` and `echolm dpo` use under the "
@@ -123,7 +128,16 @@ def side_or_compare(args: argparse.Namespace, run_side: Callable[[argparse.Names
 
 def child_model_argv(args: argparse.Namespace, lora: int) -> list[str]:
     argv = ["--run", str(args.run), "--hf", str(args.hf)] if imported(args) else []
-    return argv + (["--lora", str(lora)] if lora else [])
+    return argv + (["--lora", str(lora)] if lora else []) + ["--dtype", args.dtype]
+
+
+def train_dtype(args: argparse.Namespace) -> str:
+    """The dtype both sides train in, "fp32" or "bf16" (`--dtype auto` resolved here)."""
+    if args.dtype != "auto":
+        return args.dtype
+    from echolm.runtime import resolve_dtype
+
+    return "bf16" if resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16 else "fp32"
 
 
 def vocab_size(args: argparse.Namespace) -> int:
