@@ -53,6 +53,10 @@ class Schedule:
     reserve_s: float = 0.0  # seconds kept for what follows training (final eval, save)
     fitted_at: float | None = None  # stage seconds when the schedule was fitted
     final: bool = False  # fitted for good (refined, or too short to refine)
+    # the steps taken when it was first fitted, and the planned warmup: the steps before ran
+    # the plan, and a run resumed from a checkpoint among them replays them as they ran
+    fit_step: int | None = None
+    plan_warmup: int | None = None
 
     @property
     def refit_step(self) -> int:
@@ -66,6 +70,9 @@ class Schedule:
         return int(self.warmdown_frac * self.steps)
 
     def lr_multiplier(self, step: int) -> float:
+        if self.fit_step is not None and step < self.fit_step:  # it ran the plan then
+            plan = replace(self, steps=self.planned, warmup=self.plan_warmup, fit_step=None)
+            return plan.lr_multiplier(step)
         if step < self.warmup:
             return (step + 1) / self.warmup
         left = self.steps - step
@@ -111,7 +118,9 @@ def fitted(schedule: Schedule, done: int, elapsed_s: float, step_s: float,
     out = Schedule(schedule.planned, steps, warmup, schedule.warmdown_frac,
                    schedule.final_lr_frac, schedule.budget_s, True, round(step_s, 4),
                    round(schedule.periodic_s, 4), round(schedule.reserve_s, 2),
-                   round(elapsed_s, 2), final)
+                   round(elapsed_s, 2), final,
+                   schedule.fit_step if schedule.fitted else done,
+                   schedule.plan_warmup if schedule.fitted else schedule.warmup)
     # Too short to refine: this is the fit. A refit must come before the warmdown begins (the
     # refined count may not end before it), and it comes no earlier than 2 x FIT_AFTER steps:
     # for a short schedule that is past the warmdown's start (19 steps, warmdown 0.5: refit at
@@ -146,8 +155,10 @@ class StageClock:
         return self.before + time.perf_counter() - self.start
 
     def restore(self, seconds: float) -> None:
-        """Continue from `seconds` (a checkpoint's stage time) from now on."""
-        self.before, self.start = seconds, time.perf_counter()
+        """Continue from `seconds` (a checkpoint's stage time) plus this process's time so
+        far: what it did before resuming (loading, a reference's pass over held-out data) is
+        done again on every resume, and the budget covers it."""
+        self.before = seconds
 
 
 def capped_steps(tcfg: BatchConfig, epochs: float, n_examples: int) -> BatchConfig:

@@ -1,6 +1,6 @@
 """The training toolbox every stage's loop uses: the model placed on its processes (one,
 DDP or FSDP2), its optimizers, one `update` (accumulation, clipping, the scheduled learning
-rate), the step counter and schedule fitted to the time budget (train/schedule.py), exact
+rate), the step counter and schedule fitted to the time budget (echolm/schedule.py), exact
 checkpoints, metrics and a progress bar. The loop itself is the stage's own, in plain sight:
 
     trainer = Trainer(model, tcfg, out, "sft", run_dir, d)
@@ -18,7 +18,7 @@ import contextlib
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -357,21 +357,37 @@ class Trainer:
 
     def _fit(self) -> None:
         """Fit the schedule to the measured time per step: first after FIT_AFTER steps timed
-        here (the first not counted: it pays for warm-up), then once more, refined, just
-        before the warmdown would start. Periodic evaluations are timed apart. Rank 0 decides
-        for every process."""
+        here (the first not counted: it pays for warm-up), then once more, refined, at its
+        `refit_step` (80% of the constant learning rate). Periodic evaluations are timed
+        apart. Rank 0 decides for every process.
+
+        A resumed process has timed few steps when it reaches the refit: it refines from
+        those after its first, and if its warmdown has already begun (resumed
+        just before it), it keeps the schedule as it is: a refit then could only lengthen the
+        run to keep the warmdown whole, past the budget, and would restart the warmdown."""
         sched = self.schedule
         if not sched.fitted and len(self._marks) >= FIT_AFTER:
             first = self._marks[0]
-        elif sched.fitted and self.step >= sched.refit_step and len(self._marks) > FIT_AFTER:
-            first = self._marks[FIT_AFTER - 1]  # settled steps only
+        elif sched.fitted and self.step >= sched.refit_step:
+            if self.step >= sched.steps - sched.warmdown:
+                self._adopt(replace(sched, final=True))
+                return
+            if len(self._marks) > FIT_AFTER:
+                first = self._marks[FIT_AFTER - 1]  # settled steps only
+            elif len(self._marks) >= 3:  # the steps after this process's first: two at least
+                first = self._marks[0]
+            else:
+                return
         else:
             return
         (s0, t0, e0), (s1, t1, e1) = first, self._marks[-1]
         step_s = (t1 - t0 - (e1 - e0)) / (s1 - s0)
         if self._every and self.eval_times:
             sched.periodic_s = sum(self.eval_times) / len(self.eval_times) / self._every
-        sched = fitted(sched, self.step, t1, step_s, final=sched.fitted)
+        self._adopt(fitted(sched, self.step, t1, step_s, final=sched.fitted))
+
+    def _adopt(self, sched: Schedule) -> None:
+        """Follow `sched` from now on (rank 0's, in every process): saved, logged, shown."""
         if self.d.world > 1:
             box = [sched]
             dist.broadcast_object_list(box, src=0)

@@ -155,3 +155,82 @@ def test_a_schedule_too_short_to_refine_before_its_warmdown_is_fitted_once() -> 
     # max(12, int(0.8 x 31) - 1) = 23, before it
     longer = fitted(plan, 6, 45.0, 2.0)
     assert longer.steps == 61 and longer.refit_step == 23 and not longer.final
+
+
+def test_a_run_resumed_before_its_first_fit_replays_the_planned_warmup() -> None:
+    """The first fit, after 3 steps with 500 s of 600 gone, keeps 19 steps and shrinks the
+    warmup to 19 // 4 = 4; steps 0-2 had run the plan's warmup of 20. A run resumed from a
+    checkpoint at step 2 reads the fitted schedule and must replay step 2 as it ran: 3 / 20,
+    not 3 / 4. The refit keeps the record of where the plan ended."""
+    plan = Schedule(planned=300, steps=300, warmup=20, warmdown_frac=0.4, final_lr_frac=0.05,
+                    budget_s=600.0, periodic_s=0.2, reserve_s=60.0)
+    got = fitted(plan, done=3, elapsed_s=500.0, step_s=2.0)
+    assert (got.steps, got.warmup, got.fit_step, got.plan_warmup) == (19, 4, 3, 20)
+    assert [got.lr_multiplier(s) for s in range(3)] == [plan.lr_multiplier(s) for s in range(3)]
+    assert got.lr_multiplier(2) == pytest.approx(3 / 20)
+    assert got.lr_multiplier(3) == 1.0  # (3 + 1) / 4: the fitted warmup from the fit on
+    again = fitted(got, done=12, elapsed_s=560.0, step_s=2.0, final=True)
+    assert (again.fit_step, again.plan_warmup) == (3, 20)
+    assert Schedule.from_dict(again.to_dict()) == again
+
+
+def _fake_clock_trainer(tmp: Path, cfg: BatchConfig, budget_s: float, now: list[float]
+                        ) -> Trainer:
+    """A Trainer whose stage clock reads `now[0]` (seconds), so a test sets each step's time."""
+    t = _trainer(tmp, cfg, budget_s)
+    t.clock.seconds = lambda: now[0]  # type: ignore[method-assign]
+    t.clock.restore = lambda s: now.__setitem__(0, s)  # type: ignore[method-assign]
+    return t
+
+
+@pytest.mark.parametrize(("budget_s", "kill_at", "steps"), [(35.0, None, 32), (35.0, 11, 33),
+                                                          (29.5, 11, 27)])
+def test_a_run_resumed_near_its_refit_keeps_a_whole_warmdown_within_budget(
+        tmp_path: Path, budget_s: float, kill_at: int | None, steps: int) -> None:
+    """Steps of 1 s, warmdown half the run. By hand, a 35 s budget: the first fit (6 steps in
+    6 s, the last 5 timed) keeps 6 + floor(29 / 1.1) = 32 steps, warmdown 16 from step 16,
+    refit at max(12, int(0.8 x 16) - 1) = 12. Uninterrupted, the refit at 12 keeps
+    12 + floor(23 / 1.1) = 32. Killed after the checkpoint at step 11, the resumed process
+    refines once it has timed two steps (at 14: 14 + floor(21 / 1.1) = 33, the warmdown from
+    17, still ahead). With 29.5 s: 6 + floor(23.5 / 1.1) = 27 steps, warmdown 13 from 14,
+    refit at 12; resumed at 11, the process reaches step 14 before it has timed two steps,
+    and the warmdown has begun: the 27 steps are kept as they are. Before, a resumed process
+    waited for 7 timed steps (step 18, past the warmdown's start), and a refit that kept the
+    warmdown whole needed 18 / 0.5 = 36 steps: the run was cut short by the budget, its
+    learning rate back up to 1 mid-warmdown."""
+    cfg = BatchConfig(max_steps=10_000, warmup_steps=2, warmdown_frac=0.5, final_lr_frac=0.05,
+                      ckpt_every=kill_at or 1000, dtype="fp32", seq_len=8, micro_batch=2)
+    now = [0.0]
+    t = _fake_clock_trainer(tmp_path, cfg, budget_s, now)
+    t.resume()
+    lrs = []
+    while t.running():
+        if t.step == kill_at:
+            t = _fake_clock_trainer(tmp_path, cfg, budget_s, now)  # killed: a new process
+            assert t.resume() and t.step == kill_at
+            kill_at = None
+            continue
+        lrs.append(t.schedule.lr_multiplier(t.step))
+        rows = torch.randint(512, (2, 9), generator=torch.Generator().manual_seed(t.step))
+        t.update([rows], lambda m, b: m(b[:, :-1], targets=b[:, 1:]), 16)
+        now[0] += 1.0  # the step took 1 s
+        t.end_step({"loss": 0.0})
+    facts = t.finish()
+    assert (facts["steps"], facts["scheduled_steps"], facts["cut_short"]) == (steps, steps, False)
+    assert t.schedule.final and now[0] <= budget_s
+    after_warmup = lrs[cfg.warmup_steps:]  # constant, then only down
+    assert all(b <= a for a, b in zip(after_warmup, after_warmup[1:], strict=False))
+
+
+def test_a_resumed_stage_clock_counts_what_the_new_process_did_before_resuming(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from echolm.schedule import StageClock
+
+    now = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    clock = StageClock(start=100.0)  # the stage started in this process at 100 s
+    now[0] = 130.0  # 30 s of loading and a reference's pass, then the checkpoint is read
+    clock.restore(50.0)  # the killed process had run 50 s
+    assert clock.seconds() == 80.0
+    now[0] = 140.0
+    assert clock.seconds() == 90.0
