@@ -66,8 +66,9 @@ def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: 
     gold = [sum(scores[i * samples:(i + 1) * samples]) / samples for i in range(len(items))]
     kl = 0.0
     if reference is not None:
-        x, y, mask = pad_batch([q for q in prompts for _ in range(samples)],
-                               [r for r, _ in sampled], tok.pad)
+        device = next(model.parameters()).device
+        x, y, mask = (t.to(device) for t in pad_batch([q for q in prompts for _ in range(samples)],
+                                                      [r for r, _ in sampled], tok.pad))
         kl_seq = []
         for i in range(0, len(x), 64):  # 1,024 answers' logits at once: ~2 GB per model
             xs, ys, ms = x[i:i + 64], y[i:i + 64], mask[i:i + 64]
@@ -143,4 +144,5 @@ def gold_win_rate(cfg: Config, run_dir: Path, stage: str, baseline: dict | None 
     return {"gold_win_rate_vs_sft": round(ev.win_rate, 4), "gold_reward": round(ev.gold, 4),
             "sft_gold": round(baseline["mean_gold"], 4),
             "proxy_reward": None if ev.proxy is None else round(ev.proxy, 4),
-            "kl": round(ev.kl, 4), "n": len(items), "samples_per_prompt": p.final_samples}
+            "kl": round(ev.kl, 4), "n": len(items), "samples_per_prompt": p.final_samples,
+            "temperature": p.temperature}

@@ -331,13 +331,14 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
               "lora": lora,
               "rankings": {"annotator": cfg.data.rankings_annotator,
                            "heldout_fraction": cfg.data.rankings_heldout_fraction}}
+    clock = trainer.clock  # the stage's time, earlier runs of it included (a resumed one)
     if baseline is not None:
         # the gold figure loads the saved model, SFT's and the reward model: the trained one,
         # its reference and the heap training kept are not needed any more
         del model, policy, reference, trainer
         give_back_freed_memory()
         result.update(gold_win_rate(cfg, run_dir, "dpo", baseline, log=log, model_dir=out))
-    result["minutes"] = round((time.perf_counter() - started) / 60, 2)
+    result["minutes"] = round(clock.seconds() / 60, 2)
     stage.commit(result)
     held = held_m["reward_accuracy"]
     log(f"dpo: implicit-reward accuracy {train_m['reward_accuracy']:.1%} on {len(sample):,} "

@@ -127,7 +127,7 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     g = cfg.rl
     tok = Tokenizer.load(run_dir / "tokenizer")
     start = chat_model_dir(run_dir) if g.init == "sft" else run_dir / g.init
-    model = load_model(start)
+    model = load_model(start, d.device)  # on its device first: the reference copies it
     lora = start_lora(model, g, "rl", log)
     # the KL's reference: with LoRA the policy's base (adapters off), else a frozen copy
     reference = frozen_reference(model) if g.kl_beta > 0 else None
@@ -151,7 +151,8 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     while trainer.running():
         step = trainer.step
         rng = random.Random(f"{g.seed}:{step}")  # the batch is a function of (seed, step)
-        groups: list[list[Rollout]] = []
+        groups: list[list[Rollout]] = []  # learned from
+        seen: list[Rollout] = []  # every answer sampled this step, what the step logs
         n_sampled = n_flat = 0
         for attempt in range(1 + (g.max_refills if g.dynamic_sampling else 0)):
             need = g.prompts_per_step - len(groups)
@@ -159,20 +160,20 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             new = sample_groups(model, tok, items, g, seed=g.seed * 1_000_003 + step * 97
                                 + attempt)
             n_sampled += len(new)
+            seen += [r for grp in new for r in grp]
             flat = [grp for grp in new if len({r.reward for r in grp}) == 1]
             n_flat += len(flat)
             groups += [grp for grp in new if not (g.dynamic_sampling and grp in flat)]
             if len(groups) >= g.prompts_per_step:
                 break
         rollouts = [r for grp in groups for r in grp]
-        rewards_all = [r.reward for grp in groups for r in grp]
         rec: dict = {"groups_sampled": n_sampled,
                      "zero_variance_frac": round(n_flat / max(n_sampled, 1), 4)}
         if groups:
             rewards = torch.tensor([[r.reward for r in grp] for grp in groups])
-            adv = group_advantages(rewards, g.scale_by_std).flatten()
-            x, y, mask = pad_batch([r.prompt for r in rollouts], [r.response for r in rollouts],
-                                    tok.pad)
+            adv = group_advantages(rewards, g.scale_by_std).flatten().to(d.device)
+            x, y, mask = (t.to(d.device) for t in pad_batch(
+                [r.prompt for r in rollouts], [r.response for r in rollouts], tok.pad))
             with torch.no_grad(), ctx:
                 old = (token_logprobs(model, x, y, mask)[0] if g.epochs * g.minibatches > 1
                        else None)
@@ -186,13 +187,16 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             rec["loss"] = sum(losses) / len(losses)
             rec.update({k: round(sum(v) / len(v), 5) for k, v in stats.items()})
         # else: every group was all-right or all-wrong: nothing to learn from this step
+        # over every answer sampled, the groups dynamic sampling dropped too: the policy's
+        # reward, not the share of it left after dropping the all-right and all-wrong groups
+        rewards_all = [r.reward for r in seen]
         rec.update({
-            "reward_mean": round(sum(rewards_all) / max(len(rewards_all), 1), 4),
+            "reward_mean": round(sum(rewards_all) / len(rewards_all), 4),
             "reward_std": round(float(torch.tensor(rewards_all).std()) if len(rewards_all) > 1
                                 else 0.0, 4),
-            "response_len": round(sum(len(r.response) for r in rollouts)
-                                  / max(len(rollouts), 1), 2),
-            "stopped_frac": round(sum(r.stopped for r in rollouts) / max(len(rollouts), 1), 4)})
+            "response_len": round(sum(len(r.response) for r in seen) / len(seen), 2),
+            "stopped_frac": round(sum(r.stopped for r in seen) / len(seen), 4),
+            "updated": bool(groups)})
         trainer.end_step(rec, show=("reward_mean", "response_len", "zero_variance_frac"))
     facts = trainer.finish()
     finish_lora(model, out, start)  # adapter saved, then merged: a plain model from here on

@@ -140,11 +140,11 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: RLHFConfig,
     run's), else it is measured first. `log_dir`: where metrics.jsonl is (default DIR)."""
     d = single_process(stage, "generation is not sharded")
     tok = Tokenizer.load(run_dir / "tokenizer")
-    policy = load_model(chat_model_dir(run_dir))
+    policy = load_model(chat_model_dir(run_dir), d.device)  # first: the reference copies it
     lora = start_lora(policy, p, stage, log)  # before the value head: it stays trainable
     # with LoRA the policy's own base (adapters off, no second copy), else a frozen copy
     reference = frozen_reference(policy)
-    rm = load_reward_model(run_dir / "rm")
+    rm = load_reward_model(run_dir / "rm", d.device)
     model: nn.Module = PolicyWithValue(policy) if p.algorithm == "ppo" else policy
     train_items = rlhf_prompts("train", p.train_prompts, p.seed)
     eval_items = rlhf_prompts("val", p.eval_prompts, 0)
@@ -191,8 +191,9 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: RLHFConfig,
                            [bool(f) for f in finished.tolist()]).float()
         moments.update(raw.tolist())
         score = (raw - moments.mean) / (moments.std + 1e-6) if p.normalize_reward else raw
-        score = score - p.unfinished_penalty * (1 - finished)
-        x, y, mask = pad_batch(flat_prompts, [r for r, _ in sampled], tok.pad)
+        score = (score - p.unfinished_penalty * (1 - finished)).to(d.device)
+        x, y, mask = (t.to(d.device) for t in pad_batch(flat_prompts, [r for r, _ in sampled],
+                                                        tok.pad))
         with torch.no_grad(), ctx:
             if p.algorithm == "ppo":
                 logits, values_old = model(x)
@@ -205,7 +206,7 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: RLHFConfig,
         if p.algorithm == "ppo":
             last = mask.cumsum(1).argmax(1)  # position of each row's last response token
             rewards = -p.kl_beta * kl_tok
-            rewards[torch.arange(len(sampled)), last] += score
+            rewards[torch.arange(len(sampled), device=d.device), last] += score
             adv, returns = gae(rewards, values_old * mask, mask, p.gamma, p.lam)
             m = mask.bool()
             adv = (adv - adv[m].mean()) / (adv[m].std() + 1e-8) * mask  # whitened
