@@ -16,6 +16,7 @@ from tqdm import tqdm
 from echolm.atomic import atomic_write_json
 from echolm.checkpoint import file_fingerprint
 from echolm.engine import SamplingParams, generate
+from echolm.errors import EchoError
 from echolm.losses import bits_per_byte, token_cross_entropy
 from echolm.model import Transformer
 from echolm.runfiles import read_cache
@@ -31,10 +32,16 @@ def eval_bpb(model: Transformer, tok: Tokenizer, tokens: np.ndarray, seq_len: in
     """Bits per byte of held-out `tokens`, read in order in rows of seq_len + 1.
 
     Special tokens (BOS) are excluded as targets: they spell no bytes. The result does not
-    depend on the vocabulary, so models with different tokenizers compare fairly.
+    depend on the vocabulary, so models with different tokenizers compare fairly. A text
+    shorter than one row is read as one shorter row; `tokens` in the result says how many
+    were scored.
     """
     import contextlib
 
+    if len(tokens) < 2:
+        raise EchoError(f"bits per byte: the held-out text is {len(tokens)} token(s) long; "
+                        "scoring needs 2 at least (more held-out text, data.pretrain)")
+    seq_len = min(seq_len, len(tokens) - 1)
     device = next(model.parameters()).device
     n_rows = max(1, min(max_tokens, len(tokens) - 1) // seq_len)
     n_rows = min(n_rows, (len(tokens) - 1) // seq_len)
@@ -116,19 +123,21 @@ def task_pass_at_k(model: Transformer, tok: Tokenizer, task: Task, problems: lis
                    n_samples: int, ks: list[int], temperature: float = 1.0, seed: int = 0,
                    batch: int = 128, max_tokens: int | None = None) -> dict:
     """pass@k for each k in `ks` (<= n_samples), averaged over problems, from n_samples
-    sampled answers per problem; also the mean reward (= pass@1 estimate)."""
+    sampled answers per problem. Each batch of samples has its own seed (seed + its first
+    sample's index): with one seed, a problem whose samples span two batches would get the
+    same random draws twice."""
     if max_tokens is None:
         max_tokens = max(len(tok.encode(p.solution)) for p in problems) + 16
     prompts = [tok.render_user(p.prompt) for p in problems]
     flat = [(i, pr) for i, pr in enumerate(prompts) for _ in range(n_samples)]
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
-                            stop_ids=tok.stop_ids)
     was_training = model.training
     model.eval()
     correct = [0] * len(problems)
     for i in tqdm(range(0, len(flat), batch), desc=f"{task.name}: pass@k samples", leave=False,
                   unit="batch", dynamic_ncols=True):
         chunk = flat[i:i + batch]
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i,
+                                stop_ids=tok.stop_ids)
         outs = generate(model, tok, [pr for _, pr in chunk], params)
         for (j, _), o in zip(chunk, outs, strict=True):
             correct[j] += int(task.score(problems[j], tok.decode(o)))

@@ -113,7 +113,8 @@ def plot_pass_at_k(run_dir: Path) -> Path | None:
     tasks = done["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
     for ax, (name, t) in zip(axes[0], tasks.items(), strict=True):
-        for key, label in (("pass@k_before", "before RL (SFT)"), ("pass@k_after", "after RL")):
+        before = f"before RL ({done.get('init', 'sft').upper()})"
+        for key, label in (("pass@k_before", before), ("pass@k_after", "after RL")):
             ks = sorted(t[key], key=int)
             ax.plot([int(k) for k in ks], [t[key][k] for k in ks], marker="o", label=label)
         ax.set(xscale="log", xlabel="k (samples)", ylabel="pass@k", ylim=(0, 1),

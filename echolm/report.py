@@ -26,8 +26,10 @@ MEMORY_BUDGET_MB = 6 * 1024
 
 
 def _n_answers(d: dict) -> str:
-    k = d.get("samples_per_prompt", 1)
-    return f"n={d['n']} prompts" + (f" x {k} answers" if k > 1 else "")
+    """'n=48 prompts x 4 answers, sampled at temperature 1' (older summaries: no temperature)."""
+    k, t = d.get("samples_per_prompt", 1), d.get("temperature")
+    return (f"n={d['n']} prompts" + (f" x {k} answers" if k > 1 else "")
+            + (f", sampled at temperature {t:g}" if t is not None else ""))
 
 
 def _win(d: dict) -> str:
@@ -129,7 +131,12 @@ def summary_table(evals: dict[str, dict], stages: list[str],
     for stage in stages:
         ev = evals.get(stage) or {}
         if "val_bpb" in ev:
-            rows.setdefault("held-out bits/byte", {})[stage] = f"{ev['val_bpb']['value']:.3f}"
+            bpb = ev["val_bpb"]
+            cell, size = f"{bpb['value']:.3f}", f"{bpb['tokens']:,} tokens"
+            if n_in_cells:
+                rows.setdefault("held-out bits/byte", {})[stage] = f"{cell} ({size})"
+            else:
+                rows.setdefault(f"held-out bits/byte ({size})", {})[stage] = cell
         for name, t in (ev.get("tasks") or {}).items():
             if "accuracy" in t:
                 cell = f"{_pct(t['accuracy'])} [{_pct(t['ci95'][0])}, {_pct(t['ci95'][1])}]"
@@ -336,8 +343,8 @@ def build_report(run_dir: Path, log=print) -> Path:
 
     md = [f"# Echo run report: `{run_dir.name}`", "",
           f"Preset `{cfg.get('preset', '?')}`, written {time.strftime('%Y-%m-%d %H:%M')}. "
-          "Every figure below comes with its sample size; proportions carry a 95% Wilson "
-          "interval.", ""]
+          "Every figure below comes with its sample size; the Summary's accuracies and the "
+          "win rates carry a 95% Wilson interval.", ""]
     md += status_banner(run_dir, status)
     md += cut_short_warning(summary)
     md += ["## Summary", ""] + summary_table(evals, stages) + [""]
@@ -393,21 +400,28 @@ def build_report(run_dir: Path, log=print) -> Path:
                       f"{_cell(one_answer_note(t)) or '–'} |")
         md += ["", "*One answer to all*: the score of answering every problem with the "
                "commonest answer among them, what a model scores without reading the question."]
-        md += ["", "![rl](rl.png)", "", "### Does RL add reasoning beyond SFT? (Yue et al., 2025)",
-               ""] + [f"- **{n}**: {yue_verdict(t)}" for n, t in r["tasks"].items()]
+        first = next(iter(r["tasks"].values()), {})
+        if first.get("samples_per_problem"):
+            md[-1] += (f" pass@k from {first['samples_per_problem']} answers per problem (n "
+                       "problems)" + (f", sampled at temperature {first['temperature']:g}"
+                                      if first.get("temperature") is not None else "") + ".")
+        start = r.get("init", "sft").upper()
+        md += ["", "![rl](rl.png)", "", f"### Does RL add reasoning beyond {start}? "
+               "(Yue et al., 2025)", ""] + [f"- **{n}**: {yue_verdict(t)}"
+                                             for n, t in r["tasks"].items()]
         md += ["", "![pass@k](pass_at_k.png)", ""]
     rm = summary.get("rm")
     if rm:
         md += ["## Reward model", "", f"Held-out pairwise accuracy **{_pct(rm['heldout_accuracy'])}"
                f"** (n={rm['n']} pairs)" + (f", calibration error {rm['ece']:.3f}"
-                                            if "ece" in rm else "") + ".", ""]
+                                            if rm.get("ece") is not None else "") + ".", ""]
     h = summary.get("rlhf")
     if h:
         md += ["## RLHF", "", f"{h.get('algorithm', 'ppo').upper()}, KL beta "
                f"{h.get('kl_beta', '?')}, SFT-loss (ptx) weight {h.get('ptx_coef', 0)}. "
                f"Gold reward {h.get('sft_gold', float('nan')):.3f} (SFT) -> "
                f"{h['gold_reward']:.3f}; win rate against SFT by the gold annotator "
-               f"{_win(h)} ({_n_answers(h)}, sampled at temperature 1); "
+               f"{_win(h)} ({_n_answers(h)}); "
                f"proxy {h['proxy_reward']:.3f}; KL {h['kl']:.2f}; step kept by gold: "
                f"{h.get('best_step', '?')} (0 = the SFT model itself); guard stopped the run: "
                f"{h['guard_stopped']}. Measured afresh (another sampling seed) after the step "
@@ -416,8 +430,7 @@ def build_report(run_dir: Path, log=print) -> Path:
     dpo = summary.get("dpo")
     if dpo and "gold_win_rate_vs_sft" in dpo:
         md += ["## DPO", "", f"Win rate against SFT by the gold annotator "
-               f"{_win(dpo)} ({_n_answers(dpo)}, sampled at "
-               f"temperature 1); gold reward "
+               f"{_win(dpo)} ({_n_answers(dpo)}); gold reward "
                f"{dpo.get('sft_gold', float('nan')):.3f} (SFT) -> "
                f"{dpo.get('gold_reward', float('nan')):.3f}.", ""]
     if answers:

@@ -277,13 +277,14 @@ def test_eval_results_follow_the_model_file_they_measured(run, capsys):
 def test_the_report_leaves_out_results_of_a_model_replaced_since(run, capsys):
     (run / "eval" / "sft.json").unlink()
     assert echolm(capsys, run, "eval", *EVAL)[0] == 0
-    base = json.loads((run / "eval" / "base.json").read_text())["val_bpb"]["value"]
+    bpb = json.loads((run / "eval" / "base.json").read_text())["val_bpb"]
+    base, tokens = bpb["value"], bpb["tokens"]
     shutil.copyfile(run / "base" / "model.safetensors", run / "sft" / "model.safetensors")
     code, out, err = echolm(capsys, run, "report")
     assert code == 0, err
     assert f"{run / 'eval' / 'sft.json'} measured other model files" in out
     report = (run / "report" / "report.md").read_text()
-    assert f"| held-out bits/byte | {base:.3f} | – |" in report
+    assert f"| held-out bits/byte ({tokens:,} tokens) | {base:.3f} | – |" in report
 
 
 def test_metrics_log_skips_lines_it_cannot_read(tmp_path):

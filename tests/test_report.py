@@ -124,3 +124,26 @@ def test_a_gain_no_higher_than_one_answer_to_all_is_called_out():
     table = "\n".join(summary_table(evals, ["sft"]))
     assert '| letter_count accuracy (n=40; "1" to all: 80.0%) | 80.0% [65.0%, 90.0%] |' in table
     assert "| spelling accuracy (n=40) | 10.0% [4.0%, 23.0%] |" in table  # nothing repeats
+
+
+def test_the_report_of_a_run_with_edge_case_results_says_what_was_measured(tmp_path: Path
+                                                                          ) -> None:
+    """A reward model with no held-out pairs (no calibration error), RL started from the
+    base model, DPO's answers sampled at 0.7: the report is written and says so."""
+    from echolm.report import build_report
+
+    task = {"pass@1_before": 0.1, "pass@1_after": 0.3, "pass@k_before": {"1": 0.1, "4": 0.3},
+            "pass@k_after": {"1": 0.3, "4": 0.5}, "n": 40, "samples_per_problem": 4,
+            "temperature": 1.0}
+    rl = {"tasks": {"arithmetic": task}, "init": "base"}
+    summary = {"rl": rl, "rm": {"heldout_accuracy": None, "n": 0, "ece": None},
+               "dpo": {"gold_win_rate_vs_sft": 0.6, "gold_reward": 0.5, "sft_gold": 0.4,
+                       "n": 48, "samples_per_prompt": 4, "temperature": 0.7}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "rl" / "done.json").write_text(json.dumps(rl))
+    text = build_report(tmp_path, log=lambda _m: None).read_text()
+    assert "Held-out pairwise accuracy **–** (n=0 pairs)." in text
+    assert "Does RL add reasoning beyond BASE?" in text
+    assert "pass@k from 4 answers per problem (n problems), sampled at temperature 1." in text
+    assert "(n=48 prompts x 4 answers, sampled at temperature 0.7)" in text

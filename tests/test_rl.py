@@ -62,3 +62,4 @@ def test_policy_loss_logs_clip_fraction_and_approx_kl_per_update():
     assert stats["approx_kl"][0] == pytest.approx(0.005171, abs=1e-5)
     assert stats["approx_kl"][1] == pytest.approx(0.0, abs=1e-6)
     assert stats["clip_frac"] == [0.0, 0.0] and len(stats["entropy"]) == 2
+

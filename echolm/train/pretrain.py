@@ -149,9 +149,11 @@ def run_pretrain(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
     if d.main and ev is not None and whole is not None:
         samples = sample_texts(whole, tok, SAMPLE_PROMPTS)
         save_model(whole, out)
-        # `echolm eval` measures the same bits per byte of the same file: it reads this one
-        cached(run_dir / "eval" / "cache", out / "model.safetensors",
-               bpb_key(tcfg.seq_len, tcfg.eval_tokens), lambda: ev)
+        # `echolm eval` measures the same bits per byte of the same file, in fp32: it reads
+        # this one when it was measured in fp32 too (not under bf16 autocast)
+        if trainer.dtype == torch.float32:
+            cached(run_dir / "eval" / "cache", out / "model.safetensors",
+                   bpb_key(tcfg.seq_len, tcfg.eval_tokens), lambda: ev)
         facts["minutes"] = round(trainer.clock.seconds() / 60, 2)
         result = {"val_bpb": round(ev["bpb"], 4), "val_loss": round(ev["loss"], 4),
                   "params": whole.num_params(), "params_non_embedding": whole.num_params(True),
