@@ -138,8 +138,9 @@ def _jinja(template: str, where: str) -> Any:
     def raise_exception(msg: str) -> None:
         raise ValueError(msg)
 
+    # as transformers' own sandbox: {% break %} / {% continue %} (loopcontrols) parse too
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation])
+                                        extensions=[Generation, "jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(template)
@@ -229,8 +230,12 @@ def _check(fmt: ChatFormat, tmpl: Any, bos_token: str, eos_token: str, where: st
     for pairs in cases:
         msgs = [{"role": r, "content": c} for r, c in pairs]
         for gen in (False, True):
-            theirs = tmpl.render(messages=msgs, add_generation_prompt=gen, bos_token=bos_token,
-                                 eos_token=eos_token)
+            try:  # a template may refuse a shape (raise_exception): it then is not this format
+                theirs = tmpl.render(messages=msgs, add_generation_prompt=gen,
+                                     bos_token=bos_token, eos_token=eos_token)
+            except Exception as e:  # jinja2's errors and what the template raises
+                raise EchoError(f"{where}: the chat template fails on a {len(msgs)}-message "
+                                f"conversation ({e})") from None
             if theirs != fmt.text(msgs, gen):
                 raise EchoError(f"{where}: the chat template lays out {len(msgs)}-message "
                                 "conversations differently from its first ones")

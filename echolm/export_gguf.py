@@ -13,7 +13,8 @@ pre-tokenizers, named in ``tokenizer.ggml.pre``: Echo's split pattern (GPT-4's w
 digits) selects exactly the same pieces as Qwen2's (only possessive quantifiers differ, which
 never change a match here), so Echo's tokenizers are ``qwen2``; an imported tokenizer must use
 Qwen2's, Llama 3's, GPT-2's or SmolLM's split (``smollm``: every digit alone, then GPT-2's),
-anything else is refused. ``<|bos|>`` is added to every text (``add_bos_token``); the chat
+anything else is refused. ``<|bos|>`` is added to every text (``add_bos_token``) when the
+run's chat format starts with it (Echo's; an import's ChatML does not: as the source file); the chat
 template and end of generation are those the model knows (`chat_format`): the run's chat format
 (Echo's, `echolm.chat_format.ECHO_TEMPLATE`, or an import's own) and its end of turn, or
 ``<|bos|>`` (the end of a document) for an Echo base model; an imported base model keeps its
@@ -42,6 +43,7 @@ from echolm.config import ModelConfig
 from echolm.errors import EchoError
 from echolm.hf import hf_architecture
 from echolm.model import Transformer
+from echolm.runfiles import read_json
 from echolm.tokenizer import SPLIT_PATTERN, Tokenizer
 
 DTYPES = ("f32", "f16", "q8_0")
@@ -163,9 +165,13 @@ def chat_format(run_dir: Path, stage: str, tok: Tokenizer) -> tuple[str, int]:
     if stage != "base":
         return tok.chat.template, tok.assistant_end
     imported = run_dir / "import.json"
-    source = json.loads(imported.read_text()).get("source_chat") if imported.exists() else None
+    source = (read_json(imported, "re-import the model").get("source_chat")
+              if imported.exists() else None)
     if not source:
         return ECHO_TEMPLATE, tok.bos
+    if not isinstance(source, dict) or not isinstance(source.get("template"), str):
+        raise EchoError(f"{imported}: 'source_chat' should hold the source's chat template "
+                        "('template'); re-import the model")
     eos = tok.hf.token_to_id(source["eos_token"]) if source.get("eos_token") else None
     return source["template"], tok.bos if eos is None else eos
 
@@ -206,7 +212,10 @@ def write_gguf(path: Path, model: Transformer, tok: Tokenizer, *, dtype: str, na
     w.add_eos_token_id(chat[1])
     w.add_eot_token_id(chat[1] if chat[1] != tok.bos else tok.assistant_end)
     w.add_pad_token_id(tok.pad)
-    w.add_add_bos_token(True)
+    # <|bos|> first where the chat format starts with it (Echo's); an imported format without
+    # one (ChatML) starts at its first turn, and llama.cpp, which drops a leading BOS only
+    # when the rendered template starts with it, would otherwise put <|bos|> before it
+    w.add_add_bos_token(bool(tok.chat.bos))
     w.add_add_eos_token(False)
     w.add_chat_template(chat[0])
     for tname, t in gguf_tensors(model, arch).items():

@@ -8,10 +8,10 @@ Export writes a folder that `transformers` loads with ``AutoModelForCausalLM`` a
 also has q/k/v biases), ``Qwen3ForCausalLM`` when it is on. Weights are fp32 safetensors; the
 tokenizer is the run's own ``tokenizer.json`` (same vocabulary, merges and split) plus a
 post-processor that starts every text with ``<|bos|>`` as Echo starts every document
-(``add_bos_token``, as Llama's tokenizers), and a Jinja chat template that renders exactly
-Echo's chat format (the template writes its ``<|bos|>``; ``apply_chat_template`` tokenizes
-without special tokens, so there is one). ``generation_config.json`` stops at
-``<|assistant_end|>`` (a base model also at ``<|bos|>``, its end of document). The folder is
+(``add_bos_token``, as Llama's tokenizers), and the Jinja chat template of the run's chat
+format: Echo's (the template writes its ``<|bos|>``; ``apply_chat_template`` tokenizes without
+special tokens, so there is one) or an import's own. ``generation_config.json`` stops at the
+format's end of turn (an Echo base model also at ``<|bos|>``, its end of document). The folder is
 written under a temporary name and renamed. Import takes that post-processor off again.
 
 Import takes a local Llama / Qwen2 / Qwen3 checkpoint folder (config.json, safetensors, a fast
@@ -29,8 +29,9 @@ head) gets rows for them: a new token's row is the mean of the existing tokens' 
 ``<|bos|>``, which copies the source model's BOS row when it has one (Echo starts every
 document and conversation with ``<|bos|>``, so the model keeps its usual first token). New rows
 beyond the source's vocabulary extend the matrices. The model's own chat template (ChatML,
-Llama 3's headers, ...) is not used: SFT then teaches the model Echo's format, and an export
-of the result carries Echo's template. Echo's `Tokenizer` encodes such a tokenizer through
+Llama 3's headers, ...) is kept as the run's chat format when Echo can read it (`--chat-format
+auto`, echolm/chat_format.py; else Echo's format, which SFT then teaches the model), and an
+export carries the run's format. Echo's `Tokenizer` encodes such a tokenizer through
 `tokenizers` itself (not tiktoken), since its split pattern differs from Echo's.
 
 Import reads the folder into an `echolm.import_run.ImportSource`; `write_import` (shared with
@@ -55,7 +56,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
 from echolm.atomic import atomic_write_json
-from echolm.checkpoint import load_model, read_weights, stage_dir
+from echolm.checkpoint import imported_instruct, load_model, read_weights, stage_dir
 from echolm.config import ModelConfig
 from echolm.errors import EchoError
 from echolm.import_run import (
@@ -180,7 +181,9 @@ def export_hf(run_dir: Path, out: Path, stage: str | None = None, force: bool = 
         save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", config)
         eos: int | list[int] = tok.assistant_end
-        if folder.name == "base":  # a base model ends a document with <|bos|>, never a turn
+        # a base model ends a document with <|bos|>, never a turn (an instruct import's base
+        # stage is a chat model: as its source, it ends a turn)
+        if folder.name == "base" and not imported_instruct(run_dir):
             eos = list(tok.stop_ids)
         atomic_write_json(tmp / "generation_config.json", {
             "bos_token_id": tok.bos, "eos_token_id": eos, "pad_token_id": tok.pad})

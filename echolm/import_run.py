@@ -120,6 +120,12 @@ def choose_format(src: ImportSource, choice: str, log=print) -> ChatFormat:
     try:
         fmt = from_template(src.chat["template"], src.chat.get("eos_token"), bos or "",
                             where=f"{src.where}: chat template")
+        specials = {t.content for t in src.tokenizer.get_added_tokens_decoder().values()
+                    if t.special}
+        for t in (fmt.end_of_turn, *fmt.stops):  # what generation stops at must be one token
+            if t not in specials:
+                raise EchoError(f"{src.where}: chat template: its end of turn {t!r} is not a "
+                                "special token of the file's tokenizer")
     except EchoError as e:
         if choice == "source":
             raise

@@ -107,12 +107,29 @@ def test_echo_template_reads_as_echo_format(run_dir):
      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "end-of-turn token"),
     ("{% for m in messages %}{{ m['content'][:3] }}{% endfor %}", "drops or changes"),
     ("{% for m in messages %}", "does not parse"),
+    # refuses a shape its first conversations did not have (a raw ValueError before)
+    ("{% if add_generation_prompt and messages | length > 4 and messages[-1]['role'] == "
+     "'assistant' %}{{ raise_exception('the last message must be the user') }}{% endif %}"
+     "{% for m in messages %}<|im_start|>"
+     "{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+     "fails on a 5-message conversation (the last message must be the user)"),
 ])
 def test_unreadable_templates_are_refused_in_one_line(template, why):
     with pytest.raises(EchoError) as e:
         from_template(template, "<|im_end|>", where="x.gguf: chat template")
     assert why in str(e.value) and str(e.value).startswith("x.gguf: chat template")
     assert "\n" not in str(e.value)
+
+
+def test_templates_with_loop_controls_read_as_transformers_reads_them():
+    """{% break %} and {% continue %} parse in transformers' sandbox (jinja2's loopcontrols):
+    here too."""
+    template = ("{% for m in messages %}{% if m['content'] == '' %}{% continue %}{% endif %}"
+                "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fmt = from_template(template, "<|im_end|>")
+    assert fmt.name == "chatml" and fmt.end_of_turn == "<|im_end|>"
 
 
 def test_imported_run_keeps_its_format_everywhere(smol_tokenizer, tmp_path,  # noqa: F811
@@ -167,3 +184,24 @@ def test_damaged_format_file_is_one_line(tmp_path: Path, text, why):
     with pytest.raises(EchoError) as e:
         load_format(tmp_path)
     assert why in str(e.value) and "chat_format.json" in str(e.value)
+
+
+def test_an_end_of_turn_that_is_not_a_special_token_keeps_echos_format(smol_tokenizer  # noqa: F811
+                                                                       ):
+    """A file whose template ends turns with text its tokenizer does not treat as one special
+    token: `auto` keeps Echo's format (and says why, naming the file); `source` refuses."""
+    from types import SimpleNamespace
+
+    from echolm.import_run import choose_format
+
+    hf = HFTokenizer.from_str(smol_tokenizer.to_str())
+    hf.add_tokens(["<|my_end|>"])  # added, but not special
+    template = CHATML.replace("<|im_end|>", "<|my_end|>")
+    src = SimpleNamespace(chat={"template": template, "eos_token": "<|my_end|>"}, tokenizer=hf,
+                          bos=None, where="odd.gguf")
+    said: list[str] = []
+    assert choose_format(src, "auto", said.append) is ECHO
+    assert "odd.gguf: chat template: its end of turn '<|my_end|>' is not a special token" in (
+        said[0])
+    with pytest.raises(EchoError, match="is not a special token of the file's tokenizer"):
+        choose_format(src, "source")

@@ -190,6 +190,20 @@ def test_import_foreign_q4_1_file(smol_tokenizer, tmp_path, tie, capsys):
     reader = gguf.GGUFReader(again)
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
     assert reader.fields["tokenizer.chat_template"].contents() == CHATML
+    # ChatML starts at its first turn: no <|bos|> before it (llama.cpp would add one)
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False
+    # and to Hugging Face: still an instruct model (it ends a turn, not a document)
+    hf_out = tmp_path / "hf"
+    assert main(["export", "hf", "--run", str(run), "--out", str(hf_out)]) == 0
+    gen = json.loads((hf_out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.assistant_end
+    # a damaged import.json: a one-line error naming it, nothing written
+    (run / "import.json").write_text('{"source_chat": ')
+    capsys.readouterr()
+    assert main(["export", "gguf", "--run", str(run), "--out", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'import.json'}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_imported_gguf_chats_at_once(smol_tokenizer, tmp_path, echolm_cli):
