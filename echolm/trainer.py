@@ -133,6 +133,8 @@ class Trainer:
         self.extra = state.get("extra", {})
         self._saved_at = self.step
         torch.set_rng_state(state["rng_torch"])
+        if state.get("rng_cuda") is not None and torch.cuda.is_available():  # LoRA dropout
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
         np.random.set_state(state["rng_numpy"])
         random.setstate(state["rng_python"])
         self.metrics.truncate_after(self.step)
@@ -189,6 +191,7 @@ class Trainer:
             "step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
             "stage_seconds": self.clock.seconds(), "schedule": self.schedule.to_dict(),
             "rng_torch": torch.get_rng_state(), "rng_numpy": np.random.get_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "rng_python": random.getstate(), "extra": self.extra,
             "train_config": asdict(self.cfg),
         }
@@ -243,8 +246,10 @@ class Trainer:
             self.eval_times.append(time.perf_counter() - t0)
 
     def running(self) -> bool:
-        """True while the schedule has steps left and the budget has time for one more (less
-        what is reserved for after training). A loop the clock stops is `cut_short`. A loop
+        """True while the schedule has steps left and the budget is not spent (less what is
+        reserved for after training): a step started just before the budget runs out may end
+        after it, by a step's time (the fitted schedule ends well before it; this catches a
+        machine that slowed down). A loop the clock stops is `cut_short`. A loop
         a signal (Ctrl-C, SIGTERM) asked to stop saves a checkpoint at the last finished
         step and raises `Interrupted` (echolm/interrupt.py): the step in progress when the
         signal came has finished, so the checkpoint is the one `end_step` would have saved."""

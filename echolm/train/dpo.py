@@ -265,7 +265,7 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             f"{tcfg.max_steps} steps planned ({tcfg.max_steps * per_step / len(train_enc):.2f} "
             "epochs)")
     model = trainer.model
-    stats: dict[str, float] = {}
+    stats: dict[str, list[float]] = {}  # this step's, one value per micro-batch
     avg_len = sum(len(e.chosen) + len(e.rejected) - 2 for e in train_enc) / len(train_enc)
 
     ptx = sft_rows(cfg, tok, dcfg.ptx_rows) if dcfg.ptx_coef > 0 else None
@@ -280,12 +280,15 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     def loss_fn(_m: torch.nn.Module, item: tuple[PairBatch, tuple | None]) -> Tensor:
         b, rows = item
         b = PairBatch(b.x.to(d.device), b.y.to(d.device), b.mask.to(d.device), b.index)
-        loss = dpo_batch_loss(model, b, reference_logps(reference, b), dcfg, stats)
+        micro: dict[str, float] = {}
+        loss = dpo_batch_loss(model, b, reference_logps(reference, b), dcfg, micro)
         if rows is not None:  # + the SFT loss on rows of the SFT mixture (see sft_rows)
             x, y, m = (t.to(d.device) for t in rows)
             sft_loss = model(x, targets=y, loss_mask=m)
-            stats["ptx_loss"] = float(sft_loss.detach())
+            micro["ptx_loss"] = float(sft_loss.detach())
             loss = loss + dcfg.ptx_coef * sft_loss
+        for k, v in micro.items():
+            stats.setdefault(k, []).append(v)
         return loss
 
     # after training, timed by the reference's pass over the held-out pairs (held_s): the
@@ -307,7 +310,8 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
         loss = trainer.update(batches(trainer.step), loss_fn, int(per_step * avg_len))
         record: dict = {"loss": loss, "epoch": round((trainer.step + 1) * per_step
                                                      / len(train_enc), 4),
-                        **{k: round(v, 5) for k, v in stats.items()}}
+                        **{k: round(sum(v) / len(v), 5) for k, v in stats.items()}}
+        stats.clear()
         if monitor and tcfg.eval_every and (trainer.step + 1) % tcfg.eval_every == 0:
             with trainer.evaluating():
                 h = implicit_rewards(model, monitor, monitor_ref, tok.pad, dcfg, ctx)
