@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from echolm.atomic import atomic_write_text
-from echolm.checkpoint import MODEL_STAGES, load_model
+from echolm.checkpoint import MODEL_STAGES, chat_model_dir, file_fingerprint, load_model
 from echolm.errors import EchoError
 from echolm.plots import plot_all
 from echolm.runfiles import CONFIG_FIX, TIMINGS_FIX, read_json
@@ -304,6 +304,20 @@ def _machine_lines(m: dict) -> list[str]:
     return lines + [""]
 
 
+def replaced_start(run_dir: Path, stage: str, result: dict) -> list[str]:
+    """A warning when `stage`'s result was measured from a start model (SFT's, or RL's
+    `init`) that has been replaced since (`echolm sft --force`): its before/after figures
+    and win rates compare with a model the run no longer has. Results without the record
+    (older runs) get none."""
+    recorded = result.get("start_fingerprint")
+    init = result.get("init", "sft") if stage == "rl" else "sft"
+    start = (chat_model_dir(run_dir) if init == "sft" else run_dir / init) / "model.safetensors"
+    if not recorded or (start.exists() and file_fingerprint(start) == recorded):
+        return []
+    return [f"> **Stale:** these figures compare with the {init.upper()} model this stage "
+            f"started from, replaced since; run `echolm {stage} --force` to measure again.", ""]
+
+
 def status_banner(run_dir: Path, status: dict) -> list[str]:
     """How the last command that wrote the run ended (DIR/status.json), unless it succeeded."""
     from echolm.runlock import in_use
@@ -389,7 +403,8 @@ def build_report(run_dir: Path, log=print) -> Path:
         md += ["", "![sft](sft.png)", ""]
     r = summary.get("rl")
     if r:
-        md += ["## Reinforcement learning on checkable tasks", "",
+        md += ["## Reinforcement learning on checkable tasks", ""] + replaced_start(
+            run_dir, "rl", r) + [
                "| task | pass@1 before | pass@1 after | pass@k before | pass@k after | n | "
                "one answer to all |", "|---|---|---|---|---|---|---|"]
         for name, t in r["tasks"].items():
@@ -417,7 +432,8 @@ def build_report(run_dir: Path, log=print) -> Path:
                                             if rm.get("ece") is not None else "") + ".", ""]
     h = summary.get("rlhf")
     if h:
-        md += ["## RLHF", "", f"{h.get('algorithm', 'ppo').upper()}, KL beta "
+        md += ["## RLHF", ""] + replaced_start(run_dir, "rlhf", h) + [
+               f"{h.get('algorithm', 'ppo').upper()}, KL beta "
                f"{h.get('kl_beta', '?')}, SFT-loss (ptx) weight {h.get('ptx_coef', 0)}. "
                f"Gold reward {h.get('sft_gold', float('nan')):.3f} (SFT) -> "
                f"{h['gold_reward']:.3f}; win rate against SFT by the gold annotator "
@@ -429,7 +445,8 @@ def build_report(run_dir: Path, log=print) -> Path:
                "![rlhf](rlhf_overoptimisation.png)", ""]
     dpo = summary.get("dpo")
     if dpo and "gold_win_rate_vs_sft" in dpo:
-        md += ["## DPO", "", f"Win rate against SFT by the gold annotator "
+        md += ["## DPO", ""] + replaced_start(run_dir, "dpo", dpo) + [
+               "Win rate against SFT by the gold annotator "
                f"{_win(dpo)} ({_n_answers(dpo)}); gold reward "
                f"{dpo.get('sft_gold', float('nan')):.3f} (SFT) -> "
                f"{dpo.get('gold_reward', float('nan')):.3f}.", ""]

@@ -147,3 +147,23 @@ def test_the_report_of_a_run_with_edge_case_results_says_what_was_measured(tmp_p
     assert "Does RL add reasoning beyond BASE?" in text
     assert "pass@k from 4 answers per problem (n problems), sampled at temperature 1." in text
     assert "(n=48 prompts x 4 answers, sampled at temperature 0.7)" in text
+
+
+def test_figures_measured_from_a_replaced_sft_model_are_called_stale(tmp_path: Path) -> None:
+    from echolm.checkpoint import file_fingerprint
+    from echolm.report import replaced_start
+
+    weights = tmp_path / "sft" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"the SFT model DPO started from")
+    dpo = {"gold_win_rate_vs_sft": 0.6, "start_fingerprint": file_fingerprint(weights)}
+    assert replaced_start(tmp_path, "dpo", dpo) == []
+    assert replaced_start(tmp_path, "dpo", {"gold_win_rate_vs_sft": 0.6}) == []  # older run
+    weights.unlink()
+    weights.write_bytes(b"an SFT model trained again with --force")
+    note = replaced_start(tmp_path, "dpo", dpo)
+    assert "replaced since" in note[0] and "`echolm dpo --force`" in note[0]
+    rl = {"init": "base", "start_fingerprint": dpo["start_fingerprint"]}  # RL from base
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"the SFT model DPO started from")
+    assert replaced_start(tmp_path, "rl", rl) == []

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from echolm.checkpoint import chat_model_dir, load_model, save_model
+from echolm.checkpoint import chat_model_dir, file_fingerprint, load_model, save_model
 from echolm.config import Config, RLConfig
 from echolm.evaluate import one_answer_baseline, task_pass_at_k
 from echolm.lora import finish_lora, frozen_reference, start_lora
@@ -216,7 +216,9 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                                 "temperature": a["temperature"]}
     save_model(model, out)
     facts["minutes"] = round(trainer.clock.seconds() / 60, 2)
-    result = {"tasks": tasks_summary, "init": g.init, **facts, "lora": lora,
+    result = {"tasks": tasks_summary, "init": g.init,
+              "start_fingerprint": file_fingerprint(start / "model.safetensors"),
+              **facts, "lora": lora,
               "algorithm": {k: getattr(g, k) for k in (
                   "group_size", "prompts_per_step", "scale_by_std", "aggregation", "clip_low",
                   "clip_high", "kl_beta", "epochs", "minibatches", "dynamic_sampling",
