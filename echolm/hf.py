@@ -222,7 +222,18 @@ def _rope_theta(hf: dict[str, Any], where: str) -> float:
     factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if factor not in (None, 1, 1.0):
         raise EchoError(f"{where}: partial_rotary_factor={factor} is not supported")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    if not isinstance(theta, int | float) or isinstance(theta, bool) or not 0 < theta < 1e30:
+        raise EchoError(f"{where}: rope_theta must be a positive number, got {theta!r}")
+    return float(theta)
+
+
+# Echo's model fields and the Hugging Face config.json keys they are read from
+HF_NAMES = {"n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
+            "n_embd": "hidden_size", "n_layer": "num_hidden_layers", "vocab_size": "vocab_size",
+            "head_dim": "head_dim", "mlp_hidden": "intermediate_size",
+            "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta",
+            "norm_eps": "rms_norm_eps", "init_std": "initializer_range"}
 
 
 def echo_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
@@ -232,11 +243,23 @@ def echo_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
         raise EchoError(f"{where}: model_type={model_type!r} is not supported (Echo imports "
                         f"{', '.join(SUPPORTED)})")
 
-    def need(key: str) -> int:
+    def need(key: str, default: int | None = None) -> int:
+        """A positive whole number; `default` where the key is absent or null."""
         v = hf.get(key)
+        if v is None and default is not None:
+            return default
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise EchoError(f"{where}: {key} must be a positive integer, got {v!r}")
         return v
+
+    def number(key: str, default: float) -> float:
+        """A positive finite number; `default` where the key is absent or null."""
+        v = hf.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v < float("inf"):
+            raise EchoError(f"{where}: {key} must be a positive number, got {v!r}")
+        return float(v)
 
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
@@ -253,22 +276,18 @@ def echo_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
         odd = sorted({t for t in layer_types if t != "full_attention"})
         raise EchoError(f"{where}: layer_types {odd} are not supported (only full_attention)")
     n_embd, n_head = need("hidden_size"), need("num_attention_heads")
-    n_kv = hf.get("num_key_value_heads") or n_head
-    if model_type == "qwen3":
-        head_dim = hf.get("head_dim") or 128  # Qwen3Config's default
-    else:
-        head_dim = hf.get("head_dim") or n_embd // n_head
+    n_kv = need("num_key_value_heads", n_head)
+    # Qwen3Config's default head_dim is 128
+    head_dim = need("head_dim", 128 if model_type == "qwen3" else max(1, n_embd // n_head))
     intermediate = need("intermediate_size")
     cfg = ModelConfig(
         vocab_size=need("vocab_size"), n_layer=need("num_hidden_layers"), n_embd=n_embd,
         n_head=n_head, n_kv_head=n_kv, head_dim=head_dim, mlp_hidden=intermediate,
-        max_seq_len=hf.get("max_position_embeddings") or (2048 if model_type == "llama"
-                                                          else 32768),
+        max_seq_len=need("max_position_embeddings", 2048 if model_type == "llama" else 32768),
         rope_theta=_rope_theta(hf, where), qk_norm=model_type == "qwen3",
         attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias")),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        init_std=float(hf.get("initializer_range", 0.02)))
+        norm_eps=number("rms_norm_eps", 1e-6), init_std=number("initializer_range", 0.02))
     # Echo's defaults where they give the same numbers, so an Echo export round-trips exactly
     if n_embd % n_head == 0 and head_dim == n_embd // n_head:
         cfg.head_dim = 0
@@ -276,8 +295,11 @@ def echo_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
         cfg.mlp_hidden = 0
     try:
         cfg.validate()
-    except EchoError as e:
-        raise EchoError(f"{where}: {e}") from None
+    except EchoError as e:  # in the source's own names, not Echo's
+        msg = str(e)
+        for ours, theirs in HF_NAMES.items():
+            msg = msg.replace(f"model.{ours}=", f"{theirs}=")
+        raise EchoError(f"{where}: {msg}") from None
     return cfg
 
 

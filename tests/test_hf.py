@@ -418,7 +418,11 @@ def llama_source(foreign_tokenizer, tmp_path_factory) -> Path:
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"mlp_bias": True}, "mlp_bias=true"),
     ({"hidden_size": None}, "hidden_size must be a positive integer"),
-    ({"num_key_value_heads": 3}, "multiple of model.n_kv_head=3"),
+    ({"num_key_value_heads": 3}, "num_attention_heads=4 must be a multiple of "
+                                 "num_key_value_heads=3"),  # the file's names, not Echo's
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),
+    ({"rope_parameters": None, "rope_theta": "x"}, "rope_theta must be a positive number"),
+    ({"rms_norm_eps": None, "initializer_range": "big"}, "initializer_range must be a positive"),
     ({"intermediate_size": 100}, "mlp.gate_proj.weight has shape"),
 ])
 def test_import_refuses_what_echo_cannot_compute(llama_source, tmp_path, capsys, changes,
