@@ -297,6 +297,7 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
     main_budget = (baseline["seconds"] + (budget - baseline["seconds"]) * share) if budget else 0
     ex, policy, facts = optimise(cfg, run_dir, out, p, "rlhf", started, main_budget,
                                  reserve_s=final_s, log=log, log_dir=stage.log_dir)
+    guarded_end = time.perf_counter()  # facts["minutes"]: the stage's clock then (resumes too)
     # the model the stage hands on: the best by gold when the guard is on
     best = max(ex["history"], key=lambda h: h["gold"]) if p.guard else ex["history"][-1]
     adapter = None  # LoRA: the kept model's adapter (none when SFT itself is kept)
@@ -329,7 +330,7 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
         curve, _, curve_facts = optimise(cfg, run_dir, stage.folder("rlhf_unguarded"), free,
                                          "rlhf_unguarded", started, budget, sft_eval=ex,
                                          log=log, log_dir=stage.log_dir)
-    minutes = round((time.perf_counter() - started) / 60, 2)
+    minutes = round(facts["minutes"] + (time.perf_counter() - guarded_end) / 60, 2)
     result = {**final, "guard_stopped": ex["stopped_by_guard"], "best_step": best["step"],
               "start_fingerprint": file_fingerprint(chat_model_dir(run_dir) / "model.safetensors"),
               "selection": {k: round(best[k], 4) for k in ("gold", "win_rate", "proxy", "kl")},
