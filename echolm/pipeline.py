@@ -65,6 +65,13 @@ def import_source(cfg: Config, run_dir: Path, log=print) -> dict:
         # (a missing source was refused before any stage: _check_inputs)
         how = import_gguf if src.is_file() else import_hf
         how(src, tmp, chat_format=cfg.run.chat_format, log=log)
+    else:  # an import killed while it was moved in: finish the move if it is this model's
+        staged = tmp / "import.json" if (tmp / "import.json").exists() else info_file
+        then = read_json(staged, f"delete {tmp} and run again").get("source")
+        if Path(then or "") != src.resolve():
+            raise EchoError(f"{tmp}: a stopped import of {then} was being moved into the run, "
+                            f"not of run.source={cfg.run.source}; delete {tmp} and use a new "
+                            "run directory for another model")
     for name in ("tokenizer", "base", "import.json"):
         if (tmp / name).exists():
             os.replace(tmp / name, run_dir / name)

@@ -101,3 +101,28 @@ def test_missing_source_is_one_line(tmp_path: Path, echolm_cli):
     r = echolm_cli("run", "--preset", "micro", "--from", tmp_path / "nope.gguf", "--out",
                    tmp_path / "run")
     assert r.returncode == 2 and "no such file" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_stopped_import_of_another_model_is_not_moved_in(tmp_path: Path):
+    """An import killed while its entries were moved into the run is finished by the next
+    run, but only for the same model: a staged import of another one is refused, named, and
+    left where it is."""
+    from echolm.pipeline import import_source
+    from echolm.settings import load_config
+
+    src = tmp_path / "b.gguf"
+    src.write_bytes(b"not read: the staged import is checked first")
+    run = tmp_path / "run"
+    run.mkdir()
+    staged = tmp_path / ".run.import"
+    (staged / "tokenizer").mkdir(parents=True)
+    (staged / "import.json").write_text(json.dumps({"source": str(tmp_path / "a.gguf")}))
+    cfg = load_config("smollm2-cpu", [f"run.source={src}"])
+    with pytest.raises(EchoError, match=r"\.run\.import: a stopped import of .*a\.gguf"):
+        import_source(cfg, run, log=lambda _m: None)
+    assert (staged / "tokenizer").is_dir() and not (run / "tokenizer").exists()
+    # the same model's stopped import is moved in
+    (staged / "import.json").write_text(json.dumps({"source": str(src.resolve())}))
+    assert import_source(cfg, run, log=lambda _m: None)["source"] == str(src.resolve())
+    assert (run / "tokenizer").is_dir() and (run / "import.json").exists()
+    assert not staged.exists()
