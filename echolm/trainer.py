@@ -119,8 +119,8 @@ class Trainer:
         """Load the newest checkpoint in `out` if there is one; True if resumed."""
         self._load_schedule()
         path = latest_checkpoint(self.out)
-        if path is None:
-            self.metrics.truncate_after(0)  # records of an earlier start are replayed
+        if path is None:  # a fresh start: an earlier attempt's records (step 0's too) go
+            self.metrics.truncate_after(-1)
             return False
         state = load_training_state(path)
         if (path / "dcp").is_dir():  # written with parallel="fsdp": any world size loads it

@@ -131,3 +131,27 @@ def test_sigkill_then_resume_is_exact(run_dir: Path, corpus: Path, tmp_path: Pat
     assert tmp_leftovers(run) == []
     assert len(list(ckpt.glob("step_*"))) <= 2
     assert (run / "base" / "done.json").exists()
+
+
+def test_a_fresh_start_drops_an_earlier_attempts_records(tmp_path):
+    """A stage killed before its first checkpoint starts again from step 0: its earlier
+    records go, step 0's too (SFT and the reward model log step 0 again: the plots had it
+    twice); other stages' records stay."""
+    import json
+
+    from echolm.config import BatchConfig
+    from echolm.model import Transformer
+    from echolm.runtime import Dist
+    from echolm.settings import load_config
+    from echolm.trainer import Trainer
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"stage": "base", "step": 40, "loss": 2.0}, {"stage": "sft", "step": 0, "val": 1.0},
+        {"stage": "sft", "step": 3, "loss": 1.5}, {"stage": "sft", "note": "no step"}]))
+    model = Transformer(load_config("micro").model)
+    t = Trainer(model, BatchConfig(dtype="fp32", seq_len=8, micro_batch=2), tmp_path / "out",
+                "sft", tmp_path, Dist())
+    assert not t.resume()
+    kept = [json.loads(line) for line in log.read_text().splitlines()]
+    assert kept == [{"stage": "base", "step": 40, "loss": 2.0}]
