@@ -222,10 +222,15 @@ def _rope_theta(hf: dict[str, Any], where: str) -> float:
     factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if factor not in (None, 1, 1.0):
         raise EchoError(f"{where}: partial_rotary_factor={factor} is not supported")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
-    if not isinstance(theta, int | float) or isinstance(theta, bool) or not 0 < theta < 1e30:
-        raise EchoError(f"{where}: rope_theta must be a positive number, got {theta!r}")
-    return float(theta)
+    return _positive_number(params.get("rope_theta", hf.get("rope_theta", 10_000.0)),
+                            "rope_theta", where)
+
+
+def _positive_number(v: Any, key: str, where: str) -> float:
+    """`v` (config key `key`) as a positive finite float, or a one-line refusal."""
+    if not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v < float("inf"):
+        raise EchoError(f"{where}: {key} must be a positive number, got {v!r}")
+    return float(v)
 
 
 # Echo's model fields and the Hugging Face config.json keys they are read from
@@ -255,11 +260,7 @@ def echo_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
     def number(key: str, default: float) -> float:
         """A positive finite number; `default` where the key is absent or null."""
         v = hf.get(key)
-        if v is None:
-            return default
-        if not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v < float("inf"):
-            raise EchoError(f"{where}: {key} must be a positive number, got {v!r}")
-        return float(v)
+        return default if v is None else _positive_number(v, key, where)
 
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):

@@ -37,7 +37,7 @@ from echolm.config import ModelConfig
 from echolm.errors import EchoError
 from echolm.model import Transformer
 from echolm.outdir import replacing
-from echolm.tokenizer import BOS, SPECIAL_TOKENS, Tokenizer
+from echolm.tokenizer import BOS, SPECIAL_TOKENS, Tokenizer, special_tokens
 
 # What an import writes: `--force` replaces a folder only when it holds exactly this (an
 # earlier import nothing was added to), so it never deletes anything else.
@@ -120,8 +120,7 @@ def choose_format(src: ImportSource, choice: str, log=print) -> ChatFormat:
     try:
         fmt = from_template(src.chat["template"], src.chat.get("eos_token"), bos or "",
                             where=f"{src.where}: chat template")
-        specials = {t.content for t in src.tokenizer.get_added_tokens_decoder().values()
-                    if t.special}
+        specials = special_tokens(src.tokenizer)
         for t in (fmt.end_of_turn, *fmt.stops):  # what generation stops at must be one token
             if t not in specials:
                 raise EchoError(f"{src.where}: chat template: its end of turn {t!r} is not a "

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from echolm.atomic import atomic_write_text
-from echolm.checkpoint import MODEL_STAGES, chat_model_dir, file_fingerprint, load_model
+from echolm.checkpoint import MODEL_STAGES, file_fingerprint, load_model, model_file
 from echolm.errors import EchoError
 from echolm.plots import plot_all
 from echolm.runfiles import CONFIG_FIX, TIMINGS_FIX, read_json
@@ -311,7 +311,7 @@ def replaced_start(run_dir: Path, stage: str, result: dict) -> list[str]:
     (older runs) get none."""
     recorded = result.get("start_fingerprint")
     init = result.get("init", "sft") if stage == "rl" else "sft"
-    start = (chat_model_dir(run_dir) if init == "sft" else run_dir / init) / "model.safetensors"
+    start = model_file(run_dir, init)
     if not recorded or (start.exists() and file_fingerprint(start) == recorded):
         return []
     return [f"> **Stale:** these figures compare with the {init.upper()} model this stage "

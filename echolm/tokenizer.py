@@ -101,6 +101,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(hf)
 
 
+
+def special_tokens(hf: HFTokenizer) -> dict[str, int]:
+    """The tokenizer's special (added, never split) tokens: text -> id."""
+    return {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+
 class Tokenizer:
     def __init__(self, hf: HFTokenizer, chat: ChatFormat = ECHO) -> None:
         self.hf = hf
@@ -114,8 +119,7 @@ class Tokenizer:
         if not self.native:  # imported: encode with `tokenizers`, special-token text stays text
             hf.encode_special_tokens = True
         self.chat = chat
-        self._specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items()
-                          if t.special}
+        self._specials = special_tokens(hf)
         for t in (chat.end_of_turn, *chat.stops):
             if t not in self._specials:
                 raise EchoError(f"chat format {chat.name!r}: {t!r} is not a special token of "

@@ -26,7 +26,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from echolm.checkpoint import chat_model_dir, file_fingerprint, load_model, save_model
+from echolm.checkpoint import (
+    chat_model_dir,
+    file_fingerprint,
+    load_model,
+    model_file,
+    save_model,
+)
 from echolm.config import Config, DPOConfig
 from echolm.data.chat import sft_rows
 from echolm.errors import EchoError
@@ -328,7 +334,7 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     finish_lora(model, out, chat_model_dir(run_dir))  # last use of the reference was above
     save_model(model, out)
     result = {**train_m, "train_pairs": len(train_enc),
-              "start_fingerprint": file_fingerprint(chat_model_dir(run_dir) / "model.safetensors"),
+              "start_fingerprint": file_fingerprint(model_file(run_dir, "sft")),
               "heldout_reward_accuracy": held_m["reward_accuracy"],
               "heldout_margin": held_m["margin"], "heldout_n_pairs": held_m["n_pairs"],
               "objective": dcfg.loss, "beta": dcfg.beta,

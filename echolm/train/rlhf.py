@@ -27,7 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from echolm.atomic import atomic_write_json
-from echolm.checkpoint import chat_model_dir, file_fingerprint, load_model, save_model
+from echolm.checkpoint import (
+    chat_model_dir,
+    file_fingerprint,
+    load_model,
+    model_file,
+    save_model,
+)
 from echolm.config import Config, RLHFConfig
 from echolm.data.chat import sft_rows
 from echolm.data.prompts import rlhf_prompts
@@ -332,7 +338,7 @@ def run_rlhf(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict
                                          log=log, log_dir=stage.log_dir)
     minutes = round(facts["minutes"] + (time.perf_counter() - guarded_end) / 60, 2)
     result = {**final, "guard_stopped": ex["stopped_by_guard"], "best_step": best["step"],
-              "start_fingerprint": file_fingerprint(chat_model_dir(run_dir) / "model.safetensors"),
+              "start_fingerprint": file_fingerprint(model_file(run_dir, "sft")),
               "selection": {k: round(best[k], 4) for k in ("gold", "win_rate", "proxy", "kl")},
               "algorithm": p.algorithm, "kl_beta": p.kl_beta, "ptx_coef": p.ptx_coef,
               **facts, "minutes": minutes, "budget_minutes": round(budget / 60, 2),
