@@ -61,11 +61,10 @@ def clipped_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask
     logp, logp_old, mask: (B, T) per response token (mask 1 on tokens the policy generated);
     advantages: (B,) one per sequence (GRPO, RLOO) or (B, T) one per token (PPO with GAE).
     ratio = exp(logp - logp_old); per token -min(ratio * A, clip(ratio, 1 - clip_low,
-    1 + clip_high) * A). DAPO's "clip-higher" is clip_high > clip_low. Aggregation over tokens:
-      "token"    sum over all tokens / number of tokens (DAPO: long answers weigh more),
-      "sequence" mean within each sequence, then mean over sequences (original GRPO),
-      "constant" sum / (B * max_tokens) (Dr. GRPO: no length bias at all).
-    Returns the loss and statistics: clip fraction, mean ratio, and approx_kl, the k3 estimate
+    1 + clip_high) * A). DAPO's "clip-higher" is clip_high > clip_low. Aggregated over tokens
+    by `aggregate_tokens` ("token", "sequence" or "constant").
+    Returns the loss and statistics: clip fraction (the share of tokens whose gradient the
+    clip cut off), mean ratio, and approx_kl, the k3 estimate
     of KL(old || new) per token, mean((ratio - 1) - log ratio): how far this update has moved
     the policy from the one that sampled (cleanRL's diagnostic; >~0.05 means steps too big).
     """
@@ -75,22 +74,35 @@ def clipped_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
-    if aggregation == "token":
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
-    elif aggregation == "sequence":
-        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
-        loss = per_seq.mean()
-    elif aggregation == "constant":
-        denom = logp.shape[0] * (max_tokens if max_tokens is not None else logp.shape[1])
-        loss = (per_token * mask).sum() / denom
-    else:
-        raise ValueError(f"aggregation must be token, sequence or constant, got {aggregation!r}")
+    loss = aggregate_tokens(per_token, mask, aggregation, max_tokens)
     n = mask.sum().clamp(min=1)
     log_ratio = (logp - logp_old).detach()
-    stats = {"clip_frac": ((clipped != unclipped).to(logp.dtype) * mask).sum() / n,
+    # clipped: the tokens whose gradient the clip cut off (TRL's clip_ratio): the ratio past
+    # the bound on the side the advantage pushes it. A ratio past a bound on the other side
+    # keeps its gradient (the minimum picks the unclipped term), so it is not counted.
+    cut = ((ratio > 1 + clip_high) & (adv > 0)) | ((ratio < 1 - clip_low) & (adv < 0))
+    stats = {"clip_frac": (cut.detach().to(logp.dtype) * mask).sum() / n,
              "ratio": (ratio.detach() * mask).sum() / n,
              "approx_kl": (((log_ratio.exp() - 1) - log_ratio) * mask).sum() / n}
     return loss, stats
+
+
+def aggregate_tokens(per_token: Tensor, mask: Tensor, aggregation: str = "token",
+                     max_tokens: int | None = None) -> Tensor:
+    """A per-token term (B, T) over the tokens `mask` selects, as one number:
+      "token"    sum over all tokens / number of tokens (DAPO: long answers weigh more),
+      "sequence" mean within each sequence, then mean over sequences (original GRPO),
+      "constant" sum / (B * max_tokens) (Dr. GRPO: no length bias at all; max_tokens None:
+                 T). GRPO's surrogate and its KL penalty are both aggregated this way."""
+    mask = mask.to(per_token.dtype)
+    if aggregation == "token":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if aggregation == "sequence":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if aggregation == "constant":
+        denom = per_token.shape[0] * (max_tokens if max_tokens is not None else per_token.shape[1])
+        return (per_token * mask).sum() / denom
+    raise ValueError(f"aggregation must be token, sequence or constant, got {aggregation!r}")
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:

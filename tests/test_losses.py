@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from echolm.losses import bits_per_byte, masked_cross_entropy, token_cross_entropy
@@ -47,6 +48,7 @@ def test_bits_per_byte_by_hand():
 
 # ---- GRPO family -----------------------------------------------------------------------
 from echolm.losses import (  # noqa: E402
+    aggregate_tokens,
     clipped_policy_loss,
     group_advantages,
     kl_k3,
@@ -87,6 +89,31 @@ def test_clipped_policy_loss_by_hand():
     # clip-higher (DAPO): clip_high 0.6 lets ratio 1.5 through unclipped
     loss, _ = clipped_policy_loss(logp, logp_old, adv, mask, 0.2, 0.6, "token")
     assert abs(loss.item() - (-1.5 - 1.0 + 0.8) / 3) < 1e-6
+
+
+def test_clip_fraction_counts_only_tokens_whose_gradient_the_clip_cut():
+    """Ratios 1.5, 1.5, 0.5, 0.5 (clip 0.2) with advantages +1, -1, -1, +1: the clip cuts the
+    gradient of the first (past 1.2, pushed up) and third (under 0.8, pushed down) only; the
+    second and fourth are past a bound on the side the advantage pulls away from, where the
+    minimum keeps the unclipped term (and its gradient): clip_frac = 2 / 4."""
+    logp = torch.tensor([[math.log(1.5)], [math.log(1.5)], [math.log(0.5)], [math.log(0.5)]],
+                        requires_grad=True)
+    loss, stats = clipped_policy_loss(logp, torch.zeros(4, 1), torch.tensor([1.0, -1.0, -1.0, 1.0]),
+                                      torch.ones(4, 1), 0.2, 0.2, "token")
+    assert abs(stats["clip_frac"].item() - 0.5) < 1e-6
+    loss.backward()
+    assert (logp.grad.flatten() == 0).tolist() == [True, False, True, False]
+
+
+def test_aggregate_tokens_by_hand():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert aggregate_tokens(per_token, mask, "token").item() == pytest.approx(10 / 4)
+    assert aggregate_tokens(per_token, mask, "sequence").item() == pytest.approx((2 + 4) / 2)
+    assert aggregate_tokens(per_token, mask, "constant", 5).item() == pytest.approx(10 / 10)
+    assert aggregate_tokens(per_token, mask, "constant").item() == pytest.approx(10 / 6)
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate_tokens(per_token, mask, "mean")
 
 
 def test_clipped_policy_loss_gradient_is_reinforce_at_ratio_one():

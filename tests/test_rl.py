@@ -1,5 +1,7 @@
 """RL pieces that are not pure objectives: answer-only log-probs and batch assembly."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,3 +65,30 @@ def test_policy_loss_logs_clip_fraction_and_approx_kl_per_update():
     assert stats["approx_kl"][1] == pytest.approx(0.0, abs=1e-6)
     assert stats["clip_frac"] == [0.0, 0.0] and len(stats["entropy"]) == 2
 
+
+
+def test_policy_loss_kl_penalty_is_aggregated_as_the_surrogate():
+    """With advantages 0 the surrogate is 0 and the loss is beta * the KL term alone. The
+    reference is 1 nat below the policy on every token of row 0 (5 tokens) and equal on row 1
+    (4 tokens): k3 = e^-1 + 1 - 1 = 0.367879 on row 0, 0 on row 1. "token": 5 * 0.367879 / 9
+    = 0.204377; "sequence" (GRPO): (0.367879 + 0) / 2 = 0.183940; "constant" with
+    max_tokens 10: 5 * 0.367879 / (2 * 10) = 0.091970. The logged kl is per token (0.204377)."""
+    from echolm.config import RLConfig
+    from echolm.train.grpo import PolicyBatch, policy_loss
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, n_kv_head=2))
+    x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    mask = torch.tensor([[0] * 3 + [1] * 5, [0] * 3 + [1] * 4 + [0]])
+    with torch.no_grad():
+        now = token_logprobs(m, x, y, mask)[0]
+    ref = now - torch.tensor([[1.0], [0.0]]) * mask
+    batch = PolicyBatch(x, y, mask, torch.zeros(2), None, ref)
+    k3 = math.exp(-1.0)
+    for agg, want in (("token", 5 * k3 / 9), ("sequence", k3 / 2),
+                      ("constant", 5 * k3 / 20)):
+        stats: dict = {}
+        g = RLConfig(kl_beta=0.5, aggregation=agg, max_tokens=10)
+        loss = policy_loss(m, (batch, torch.arange(2)), g, stats)
+        assert loss.item() == pytest.approx(0.5 * want, abs=1e-5), agg
+        assert stats["kl"] == [pytest.approx(5 * k3 / 9, abs=1e-5)]

@@ -23,7 +23,13 @@ from echolm.checkpoint import chat_model_dir, file_fingerprint, load_model, save
 from echolm.config import Config, RLConfig
 from echolm.evaluate import one_answer_baseline, task_pass_at_k
 from echolm.lora import finish_lora, frozen_reference, start_lora
-from echolm.losses import clipped_policy_loss, group_advantages, kl_k3, overlong_penalty
+from echolm.losses import (
+    aggregate_tokens,
+    clipped_policy_loss,
+    group_advantages,
+    kl_k3,
+    overlong_penalty,
+)
 from echolm.model import Transformer
 from echolm.rollout import pad_batch, sample_responses, token_logprobs
 from echolm.runtime import autocast, single_process
@@ -92,10 +98,10 @@ def policy_loss(model: torch.nn.Module, item: tuple[PolicyBatch, Tensor], g: RLC
                                    g.clip_high, g.aggregation, g.max_tokens)
     mk = mask.float()
     n = mk.sum().clamp(min=1)
-    if b.logp_ref is not None:
-        kl = (kl_k3(logp, b.logp_ref[idx]) * mk).sum() / n
-        loss = loss + g.kl_beta * kl
-        stats.setdefault("kl", []).append(float(kl.detach()))
+    if b.logp_ref is not None:  # the penalty aggregated as the surrogate is; logged per token
+        kl = kl_k3(logp, b.logp_ref[idx])
+        loss = loss + g.kl_beta * aggregate_tokens(kl, mask, g.aggregation, g.max_tokens)
+        stats.setdefault("kl", []).append(float((kl.detach() * mk).sum() / n))
     for k in ("clip_frac", "approx_kl"):  # approx_kl: 0 on a step's first update (old = new)
         stats.setdefault(k, []).append(float(st[k]))
     stats.setdefault("entropy", []).append(float((entropy.detach() * mk).sum() / n))
