@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from echolm.config_checks import (
     at_least,
@@ -151,7 +151,8 @@ class LoopConfig:
     final_lr_frac: float = 0.05
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     dtype: str = "auto"  # auto | fp32 | bf16 (autocast); auto = bf16 where it is faster
-    compile: bool = False  # torch.compile the model (slower to start; faster steps on GPUs)
+    # torch.compile the model (slower to start; faster steps on GPUs): pretrain, sft, rm
+    compile: bool = False
     # under torchrun: "ddp" (every process holds the whole model) or "fsdp" (FSDP2: parameters,
     # gradients and optimizer state sharded; checkpoints through torch.distributed.checkpoint)
     parallel: str = "ddp"
@@ -169,7 +170,16 @@ class LoopConfig:
     # o_proj gate_proj up_proj down_proj
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
+    # whether `compile` reaches this stage's training passes: RL, RLHF and DPO score answers
+    # through the model's hidden-state methods (rollout.token_logprobs), not the forward that
+    # torch.compile wraps, so there it would do nothing and is refused
+    compiles: ClassVar[bool] = True
+
     def validate(self, section: str) -> None:
+        if self.compile and not self.compiles:
+            raise EchoError(f"{section}.compile=true has no effect in this stage (it scores "
+                            "answers through the model's hidden states, which torch.compile "
+                            "of the module does not reach); set it false")
         if self.ckpt_every <= 0:
             raise EchoError(f"{section}.ckpt_every={self.ckpt_every} must be positive")
         at_least(section, self, ("max_steps", "warmup_steps"), 0)
@@ -253,6 +263,8 @@ class RLConfig(LoopConfig):
     """RL on checkable tasks: GRPO and the variants people ask for. One step = one batch of
     prompts_per_step x group_size rollouts, scored by the tasks' verifiers and learned from
     in epochs x minibatches updates."""
+
+    compiles: ClassVar[bool] = False
 
     # task specs to train on ("spelling:max_len=7"); rewards come from their verifiers
     tasks: list[str] = field(default_factory=lambda: ["arithmetic:difficulty=2"])
@@ -360,6 +372,8 @@ class RLHFConfig(LoopConfig):
     step = one batch of prompts_per_step x samples_per_prompt rollouts, scored by the reward
     model and learned from in epochs x minibatches updates."""
 
+    compiles: ClassVar[bool] = False
+
     # ppo (value head + GAE, InstructGPT) | rloo | grpo (critic-free) | best (rejection
     # sampling: a likelihood step on the reward model's best of each group, as Llama 2)
     algorithm: str = "ppo"
@@ -418,6 +432,8 @@ class RLHFConfig(LoopConfig):
 class DPOConfig(BatchConfig):
     """DPO / IPO straight from the rankings (the reward model's: data.rankings_*), against the
     frozen SFT model. One step = one optimizer update on micro_batch preference pairs."""
+
+    compiles: ClassVar[bool] = False
 
     micro_batch: int = 8  # preference pairs per process per micro-step
     max_steps: int = 200  # the planned steps (capped at `epochs` passes over the pairs)

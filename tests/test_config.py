@@ -21,6 +21,11 @@ def test_overrides_are_typed():
     assert cfg.model.d_head == 32  # derived from the overridden width
 
 
+def test_compile_is_accepted_where_it_reaches_the_training_forward():
+    cfg = load_config("micro", ["pretrain.compile=true", "sft.compile=true", "rm.compile=true"])
+    assert cfg.pretrain.compile and cfg.sft.compile and cfg.rm.compile
+
+
 def test_round_trip_through_dict():
     cfg = load_config("cpu", ["pretrain.max_steps=3"])
     assert config_from_dict(cfg.to_dict()) == cfg
@@ -66,6 +71,10 @@ def test_unknown_preset_lists_known():
     ("rlhf.max_tokens=-1", "rlhf.max_tokens=-1 must be >= 1"),
     ("rlhf.algorithm=rloo", "needs rlhf.samples_per_prompt >= 2"),
     ("rlhf.lam=2", "rlhf.lam=2.0 must be in"),
+    # compile would not reach the hidden-state passes these stages train through
+    ("dpo.compile=true", "dpo.compile=true has no effect in this stage"),
+    ("rl.compile=true", "rl.compile=true has no effect in this stage"),
+    ("rlhf.compile=true", "rlhf.compile=true has no effect in this stage"),
 ])
 def test_training_settings_are_validated(bad, words):
     with pytest.raises(EchoError, match=words):
