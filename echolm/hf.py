@@ -180,9 +180,11 @@ def export_hf(run_dir: Path, out: Path, stage: str | None = None, force: bool = 
     with replacing(out) as tmp:
         save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", config)
-        eos: int | list[int] = tok.assistant_end
-        # a base model ends a document with <|bos|>, never a turn (an instruct import's base
-        # stage is a chat model: as its source, it ends a turn)
+        # a chat model ends a turn (and at its format's other stops: a Qwen import's
+        # <|endoftext|>), never at <|bos|>; a base model ends a document with <|bos|> (an
+        # instruct import's base stage is a chat model: as its source, it ends a turn)
+        ends = [i for i in tok.stop_ids if i != tok.bos]
+        eos: int | list[int] = ends[0] if len(ends) == 1 else ends
         if folder.name == "base" and not imported_instruct(run_dir):
             eos = list(tok.stop_ids)
         atomic_write_json(tmp / "generation_config.json", {
@@ -354,13 +356,19 @@ def import_tokenizer(folder: Path) -> tuple[HFTokenizer, list[str]]:
     return hf, add_echo_specials(hf)
 
 
-def _instruct(src: Path, hf: dict[str, Any], chat: dict[str, Any] | None) -> bool:
-    """A chat model: it has a chat template and its generation does not end at its BOS (an
-    Echo base model's export ends documents with <|bos|>)."""
+def _end_ids(src: Path, hf: dict[str, Any]) -> list[Any]:
+    """The ids the source's generation ends at: generation_config.json's eos_token_id (one id
+    or a list: Llama 3.1 Instruct's <|end_of_text|>, <|eom_id|>, <|eot_id|>), else
+    config.json's."""
     gen = src / "generation_config.json"
     eos = (_read_json(gen) if gen.exists() else {}).get("eos_token_id", hf.get("eos_token_id"))
-    eos = eos if isinstance(eos, list) else [eos]
-    return chat is not None and hf.get("bos_token_id") not in eos
+    return eos if isinstance(eos, list) else [eos]
+
+
+def _instruct(src: Path, hf: dict[str, Any], chat: dict[str, Any] | None) -> bool:
+    """A chat model by its metadata: it has a chat template and its generation does not end
+    at its BOS (an Echo base model's export ends documents with <|bos|>)."""
+    return chat is not None and hf.get("bos_token_id") not in _end_ids(src, hf)
 
 
 def import_hf(src: Path, run_dir: Path, force: bool = False, chat_format: str = "auto",
@@ -384,6 +392,8 @@ def import_hf(src: Path, run_dir: Path, force: bool = False, chat_format: str = 
         tensors=_read_hf_tensors(src),
         has_o_bias=bool(hf.get("attention_bias")) and hf["model_type"] != "qwen2",
         bos=_source_bos(src, hf, hf_tok), chat=chat, instruct=_instruct(src, hf, chat),
+        end_tokens=tuple(t for i in _end_ids(src, hf) if isinstance(i, int)
+                         and (t := hf_tok.id_to_token(i)) is not None),
         tokenizer_json=tok_json, info={"format": "hf", "architectures": hf.get("architectures")},
     ), run_dir, chat_format, log)
 

@@ -21,9 +21,10 @@ applies for the file's ``tokenizer.ggml.pre`` (`PRE_TOKENIZERS`): ``gpt-2`` (GPT
 refused: the split decides the ids, and a guessed one would feed the model pieces it never saw.
 
 Chat. The file's ``tokenizer.chat_template`` and end-of-turn token (``eot_token_id``, else
-``eos_token_id``) are kept in import.json (``source_chat``). A file with a chat template whose
-end of generation is not its BOS is an instruct model (``"instruct": true``); an Echo base
-model's export ends documents with <|bos|>, and is not.
+``eos_token_id``) are kept in import.json (``source_chat``); the eos, eot and eom tokens all
+stop decoding (`ImportSource.end_tokens`). A file with a chat template whose end of generation
+is not its BOS, and whose template ends assistant turns with that token, is an instruct model
+(``"instruct": true``); an Echo base model's export ends documents with <|bos|>, and is not.
 """
 
 from __future__ import annotations
@@ -230,8 +231,10 @@ def import_gguf(file: Path, run_dir: Path, force: bool = False, chat_format: str
         i = f.get(f"tokenizer.ggml.{key}_token_id", None)
         return i if isinstance(i, int) and 0 <= i < len(tokens) else None
 
-    bos, eos = token_id("bos"), token_id("eos")
-    end = token_id("eot") if token_id("eot") is not None else eos
+    bos, eos, eot = token_id("bos"), token_id("eos"), token_id("eot")
+    end = eot if eot is not None else eos
+    # what llama.cpp ends generation at (its end-of-generation ids): eos, eot, eom
+    ends = tuple(tokens[i] for i in (eos, eot, token_id("eom")) if i is not None)
     template = f.get("tokenizer.chat_template", None)
     chat = ({"template": template, "eos_token": tokens[end] if end is not None else None}
             if isinstance(template, str) and template else None)
@@ -240,7 +243,7 @@ def import_gguf(file: Path, run_dir: Path, force: bool = False, chat_format: str
     return write_import(ImportSource(
         path=file, where=str(file), model_type=arch, cfg=cfg, tokenizer=hf_tok, tensors=tensors,
         has_o_bias="blk.0.attn_output.bias" in names, bos=bos, chat=chat,
-        instruct=chat is not None and eos != bos,
+        instruct=chat is not None and eos != bos, end_tokens=ends,
         info={"format": "gguf", "architectures": hf["architectures"],
               "name": f.get("general.name", None), "pre_tokenizer": pre,
               "tensor_types": dict(sorted(types.items()))}), run_dir, chat_format, log)

@@ -8,21 +8,21 @@ Echo's special tokens added to the tokenizer, embedding rows for them (see echol
 "Foreign tokenizers"), and DIR/tokenizer, DIR/base (finished) and DIR/import.json written
 under a temporary name and swapped in once complete (`echolm.outdir.replacing`).
 
-An imported model that ships a chat template and ends its turns with a token other than its
-BOS is an instruct (chat) model: import.json and base/done.json say ``"instruct": true``, and
-until the run has an sft stage of its own, the stages that start from or compare with the SFT
-model (rl, rank, rm, rlhf, dpo, `--stage sft`) take its base model
-(`echolm.checkpoint.chat_model_dir`). import.json keeps its own chat template and end-of-turn
-token (``source_chat``). The run renders conversations in that format when Echo can read it off
-the template (`echolm.chat_format.from_template`; ``--chat-format auto``, the default) or when
-asked (``source``: an error if it cannot); ``--chat-format echo`` keeps Echo's own format, as for
-a base model to be fine-tuned from scratch in Echo's format.
+An imported model that ships a chat template Echo can read (`source_format`), whose turns end
+with the token its generation ends at (not its BOS), is an instruct (chat) model: import.json
+and base/done.json say ``"instruct": true``, and until the run has an sft stage of its own, the
+stages that start from or compare with the SFT model (rl, rank, rm, rlhf, dpo, `--stage sft`)
+take its base model (`echolm.checkpoint.chat_model_dir`). import.json keeps its own chat
+template and end-of-turn token (``source_chat``). The run renders conversations in that format
+when Echo can read it off the template (`echolm.chat_format.from_template`; ``--chat-format
+auto``, the default) or when asked (``source``: an error if it cannot); ``--chat-format echo``
+keeps Echo's own format, as for a base model to be fine-tuned from scratch in Echo's format.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +60,14 @@ class ImportSource:
     has_o_bias: bool  # the source stores o_proj biases (they must be zero)
     bos: int | None  # the source's BOS id: Echo's <|bos|> row copies it
     chat: dict[str, Any] | None  # {"template", "eos_token"}: its own chat format
-    instruct: bool  # a chat (instruct) model, not a base model
+    # a chat (instruct) model by its metadata: a chat template, and generation does not end at
+    # its BOS; `write_import` also requires the template to end assistant turns with that token
+    instruct: bool
     tokenizer_json: str | None = None  # written as is when no token is added (byte-exact)
     info: dict[str, Any] = field(default_factory=dict)  # more for import.json
+    # every token the source's generation ends at (its eos, a GGUF's eot/eom, the ids of
+    # generation_config.json's eos_token_id): besides the end of turn, decoding stops there
+    end_tokens: tuple[str, ...] = ()
 
 
 def add_echo_specials(hf: HFTokenizer) -> list[str]:
@@ -105,32 +110,47 @@ def echo_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, has_o_bias:
     return out
 
 
-def choose_format(src: ImportSource, choice: str, log=print) -> ChatFormat:
-    """The chat format the imported run renders conversations in (`choice`: CHAT_FORMATS)."""
+def source_format(src: ImportSource) -> ChatFormat:
+    """The chat format the source's own template describes, read off it
+    (`from_template`), with the source's other end-of-generation tokens as stops (a Qwen model
+    ends turns with <|im_end|> and documents with <|endoftext|>); EchoError if it cannot be
+    read (no template, a layout Echo does not know, an end of turn that is not one special
+    token)."""
+    if src.chat is None:
+        raise EchoError(f"{src.where}: the model has no chat template")
+    bos = src.tokenizer.id_to_token(src.bos) if src.bos is not None else None
+    fmt = from_template(src.chat["template"], src.chat.get("eos_token"), bos or "",
+                        where=f"{src.where}: chat template")
+    specials = special_tokens(src.tokenizer)
+    if fmt.end_of_turn not in specials:  # what generation stops at must be one token
+        raise EchoError(f"{src.where}: chat template: its end of turn {fmt.end_of_turn!r} is "
+                        "not a special token of the file's tokenizer")
+    # a stop must never be written by the format itself (a turn's prefix, the BOS)
+    written = {bos, fmt.bos, *(part for role in fmt.turns.values() for part in role)}
+    stops = tuple(t for t in dict.fromkeys(src.end_tokens)
+                  if t in specials and t != fmt.end_of_turn
+                  and not any(t in w for w in written if w))
+    return replace(fmt, stops=stops)
+
+
+def choose_format(src: ImportSource, choice: str, log=print) -> tuple[ChatFormat, bool]:
+    """The chat format the imported run renders conversations in (`choice`: CHAT_FORMATS),
+    and whether the source's own format could be read (an instruct model needs that: a base
+    model's template, such as Llama 3.1's or Qwen2.5's, ends turns with a token its
+    generation does not end at, so it does not read)."""
     if choice not in CHAT_FORMATS:
         raise EchoError(f"--chat-format must be one of {CHAT_FORMATS}, got {choice!r}")
-    if choice == "echo":
-        return ECHO
-    if src.chat is None:
-        if choice == "source":
-            raise EchoError(f"{src.where}: --chat-format source, but the model has no chat "
-                            "template")
-        return ECHO
-    bos = src.tokenizer.id_to_token(src.bos) if src.bos is not None else None
     try:
-        fmt = from_template(src.chat["template"], src.chat.get("eos_token"), bos or "",
-                            where=f"{src.where}: chat template")
-        specials = special_tokens(src.tokenizer)
-        for t in (fmt.end_of_turn, *fmt.stops):  # what generation stops at must be one token
-            if t not in specials:
-                raise EchoError(f"{src.where}: chat template: its end of turn {t!r} is not a "
-                                "special token of the file's tokenizer")
+        fmt, readable = source_format(src), True
     except EchoError as e:
         if choice == "source":
             raise
-        log(f"import: keeping Echo's chat format: {e}")
-        return ECHO
-    return ECHO if fmt.is_echo() else fmt
+        if src.chat is not None and choice == "auto":
+            log(f"import: keeping Echo's chat format: {e}")
+        fmt, readable = ECHO, False
+    if choice == "echo" or fmt.is_echo():
+        return ECHO, readable
+    return fmt, readable
 
 
 def write_import(src: ImportSource, run_dir: Path, chat_format: str = "auto",
@@ -138,7 +158,8 @@ def write_import(src: ImportSource, run_dir: Path, chat_format: str = "auto",
     """Make `run_dir` (tokenizer + finished base stage + import.json) from `src`, rendering
     chats in `chat_format` (CHAT_FORMATS). The caller has checked `run_dir`
     (`echolm.outdir.check_out` with IMPORT_FILES)."""
-    fmt = choose_format(src, chat_format, log)
+    fmt, readable = choose_format(src, chat_format, log)
+    instruct = src.instruct and readable
     cfg = src.cfg
     hf_tok = src.tokenizer
     added = add_echo_specials(hf_tok)
@@ -189,7 +210,7 @@ def write_import(src: ImportSource, run_dir: Path, chat_format: str = "auto",
         n_params = sum(t.numel() for t in sd.values())
         info = {
             "source": source, "model_type": src.model_type, **src.info,
-            "source_dtypes": src_dtypes, "instruct": src.instruct,
+            "source_dtypes": src_dtypes, "instruct": instruct,
             "added_special_tokens": {t: vocab[t] for t in added},
             "vocab_size": {"source": src_vocab, "echo": size},
             "bos_row_from": bos_src, "native_tokenizer": tok.native,
@@ -201,8 +222,8 @@ def write_import(src: ImportSource, run_dir: Path, chat_format: str = "auto",
             "vocab_size": tok.vocab_size, "imported_from": source})
         atomic_write_json(base / "done.json", {
             "imported_from": source, "model_type": src.model_type, "params": n_params,
-            "instruct": src.instruct})
-    log(f"import: {src.model_type} {'instruct' if src.instruct else 'base'} model "
+            "instruct": instruct})
+    log(f"import: {src.model_type} {'instruct' if instruct else 'base'} model "
         f"({n_params:,} parameters) from {src.path} -> {run_dir}, chat format {fmt.name}"
         + (f"; added {len(added)} Echo special tokens (vocab {src_vocab} -> {size})"
            if added else ""))

@@ -198,9 +198,9 @@ def test_an_end_of_turn_that_is_not_a_special_token_keeps_echos_format(smol_toke
     hf.add_tokens(["<|my_end|>"])  # added, but not special
     template = CHATML.replace("<|im_end|>", "<|my_end|>")
     src = SimpleNamespace(chat={"template": template, "eos_token": "<|my_end|>"}, tokenizer=hf,
-                          bos=None, where="odd.gguf")
+                          bos=None, where="odd.gguf", end_tokens=())
     said: list[str] = []
-    assert choose_format(src, "auto", said.append) is ECHO
+    assert choose_format(src, "auto", said.append) == (ECHO, False)
     assert "odd.gguf: chat template: its end of turn '<|my_end|>' is not a special token" in (
         said[0])
     with pytest.raises(EchoError, match="is not a special token of the file's tokenizer"):

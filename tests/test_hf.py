@@ -6,6 +6,7 @@ bit-exact. The largest logit difference of every comparison is printed (pytest -
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -364,6 +365,34 @@ def test_import_then_sft_starts_from_the_imported_run(foreign_tokenizer, tmp_pat
     diff = _max_diff(load_model(run / "sft"), _hf_model(out), ids)
     print(f"\nimport -> sft -> export qwen3: max |logit diff| = {diff:.3g}")
     assert diff <= TOL
+
+
+@pytest.mark.parametrize("eos, instruct", [("<|im_end|>", True), ("<|endoftext|>", False)])
+def test_import_reads_every_end_of_generation_and_whether_it_chats(foreign_tokenizer, tmp_path,
+                                                                   eos, instruct):
+    """A Qwen-like checkpoint: a ChatML template, no BOS, generation_config's eos_token_id a
+    list (<|im_end|>, <|endoftext|>). With tokenizer_config's eos_token <|im_end|> (Qwen2.5
+    Instruct) it is an instruct model in ChatML whose decoding also stops at <|endoftext|>;
+    with <|endoftext|> (Qwen2.5 base: the template never writes it after an answer) it is a
+    base model in Echo's format."""
+    from test_gguf import CHATML
+
+    tok = copy.deepcopy(foreign_tokenizer)
+    tok.chat_template = CHATML
+    tok.bos_token, tok.eos_token = None, eos
+    src = _hf_source("qwen2", tmp_path / "src", tok, bos_token_id=None, eos_token_id=2)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    (src / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}))
+    run = tmp_path / "run"
+    assert main(["import", "hf", str(src), "--out", str(run)]) == 0
+    assert json.loads((run / "import.json").read_text())["instruct"] is instruct
+    ours = Tokenizer.load(run / "tokenizer")
+    if instruct:
+        assert ours.chat.name == "chatml" and ours.chat.stops == ("<|endoftext|>",)
+        assert set(ours.stop_ids) == {*ids.values(), ours.bos}
+    else:
+        assert ours.chat.is_echo()
 
 
 @pytest.mark.parametrize("variant", ["llama-tied", "qwen3", "qwen2-bias", "qwen3-bias"])

@@ -88,7 +88,8 @@ def smol_tokenizer(corpus) -> HFTokenizer:
 
 
 def write_smol(path: Path, hf: HFTokenizer, *, arch: str = "llama", pre: str = "smollm",
-               kind: str = "gpt2", tie: bool = True, seed: int = 0) -> Transformer:
+               kind: str = "gpt2", tie: bool = True, seed: int = 0, eos: str = "<|im_end|>",
+               eot: str | None = None) -> Transformer:
     """A GGUF as llama.cpp's converter writes one for a SmolLM-like chat model: matrices Q4_1
     (rows of whole blocks), the rest f32. Returns the Echo model it holds (before rounding)."""
     n_vocab = hf.get_vocab_size()
@@ -122,7 +123,9 @@ def write_smol(path: Path, hf: HFTokenizer, *, arch: str = "llama", pre: str = "
     w.add_token_types(types)
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     w.add_bos_token_id(vocab["<|im_start|>"])
-    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_eos_token_id(vocab[eos])
+    if eot is not None:
+        w.add_eot_token_id(vocab[eot])
     w.add_add_bos_token(False)
     w.add_chat_template(CHATML)
     for name, t in gguf_tensors(model, arch).items():
@@ -204,6 +207,42 @@ def test_import_foreign_q4_1_file(smol_tokenizer, tmp_path, tie, capsys):
     err = capsys.readouterr().err
     assert f"{run / 'import.json'}" in err and err.count("\n") == 1, err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_base_models_chat_template_does_not_make_it_instruct(smol_tokenizer, tmp_path,
+                                                              capsys):
+    """A base model whose file carries a chat template (Qwen2.5 and Llama 3.1 base models do)
+    ends generation at its end of document (<|endoftext|>), which the template never writes
+    after an answer: it is a base model, kept in Echo's format, and says why."""
+    src = tmp_path / "base.gguf"
+    write_smol(src, smol_tokenizer, eos="<|endoftext|>")
+    run = tmp_path / "run"
+    _import(src, run)
+    out = capsys.readouterr().out
+    assert "import: llama base model" in out and "chat format echo" in out, out
+    assert "'<|endoftext|>' does not follow an assistant message" in out
+    assert json.loads((run / "import.json").read_text())["instruct"] is False
+    assert chat_model_dir(run) == run / "sft"  # not the base: it has no sft stage yet
+
+
+def test_every_end_of_generation_token_stops_decoding(smol_tokenizer, tmp_path, capsys):
+    """A Qwen-like file: turns end with <|im_end|> (eot), documents with <|endoftext|> (eos).
+    Both stop decoding (llama.cpp stops at both); the format is still ChatML, trained to end
+    turns with <|im_end|>, and an HF export lists both as eos_token_id (a chat model never
+    ends at <|bos|>)."""
+    src = tmp_path / "qwenish.gguf"
+    write_smol(src, smol_tokenizer, eos="<|endoftext|>", eot="<|im_end|>")
+    run = tmp_path / "run"
+    _import(src, run)
+    assert "import: llama instruct model" in capsys.readouterr().out
+    tok = Tokenizer.load(run / "tokenizer")
+    end, doc = (smol_tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>"))
+    assert tok.chat.name == "chatml" and tok.chat.stops == ("<|endoftext|>",)
+    assert tok.assistant_end == end and set(tok.stop_ids) == {end, doc, tok.bos}
+    hf_out = tmp_path / "hf"
+    assert main(["export", "hf", "--run", str(run), "--out", str(hf_out)]) == 0
+    gen = json.loads((hf_out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [end, doc]
 
 
 def test_imported_gguf_chats_at_once(smol_tokenizer, tmp_path, echolm_cli):
