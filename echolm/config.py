@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from echolm.config_checks import (
     at_least,
@@ -21,6 +21,7 @@ from echolm.config_checks import (
     finite,
     fraction,
     numbers,
+    one_of,
 )
 from echolm.errors import EchoError
 from echolm.run_config import RunConfig
@@ -170,13 +171,8 @@ class LoopConfig:
     # o_proj gate_proj up_proj down_proj
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
-    # whether `compile` reaches this stage's training passes: RL, RLHF and DPO score answers
-    # through the model's hidden-state methods (rollout.token_logprobs), not the forward that
-    # torch.compile wraps, so there it would do nothing and is refused
-    compiles: ClassVar[bool] = True
-
     def validate(self, section: str) -> None:
-        if self.compile and not self.compiles:
+        if self.compile and section in ("rl", "rlhf", "dpo"):  # rollout.token_logprobs' passes
             raise EchoError(f"{section}.compile=true has no effect in this stage (it scores "
                             "answers through the model's hidden states, which torch.compile "
                             "of the module does not reach); set it false")
@@ -191,15 +187,10 @@ class LoopConfig:
         finite(section, self, ("weight_decay", "grad_clip", "max_minutes"))
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise EchoError(f"{section}.adam_betas={list(self.adam_betas)} must be in [0, 1)")
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise EchoError(f"{section}.dtype='{self.dtype}': expected auto, fp32 or bf16")
-        if self.muon_dtype not in ("auto", "fp32", "bf16"):
-            raise EchoError(f"{section}.muon_dtype='{self.muon_dtype}': expected auto, fp32 "
-                            "or bf16")
-        if self.optimizer not in ("muon", "adamw"):
-            raise EchoError(f"{section}.optimizer='{self.optimizer}': expected muon or adamw")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise EchoError(f"{section}.parallel='{self.parallel}': expected ddp or fsdp")
+        for name in ("dtype", "muon_dtype"):
+            one_of(section, self, name, ("auto", "fp32", "bf16"))
+        one_of(section, self, "optimizer", ("muon", "adamw"))
+        one_of(section, self, "parallel", ("ddp", "fsdp"))
         if self.parallel == "fsdp" and section != "pretrain":
             raise EchoError(f"{section}.parallel='fsdp': FSDP is implemented for pretraining "
                             "only; expected ddp")
@@ -263,8 +254,6 @@ class RLConfig(LoopConfig):
     """RL on checkable tasks: GRPO and the variants people ask for. One step = one batch of
     prompts_per_step x group_size rollouts, scored by the tasks' verifiers and learned from
     in epochs x minibatches updates."""
-
-    compiles: ClassVar[bool] = False
 
     # task specs to train on ("spelling:max_len=7"); rewards come from their verifiers
     tasks: list[str] = field(default_factory=lambda: ["arithmetic:difficulty=2"])
@@ -361,8 +350,7 @@ class RMConfig(BatchConfig):
 
     def validate(self, section: str = "rm") -> None:
         super().validate(section)
-        if self.loss not in ("bt", "pl"):
-            raise EchoError(f"{section}.loss='{self.loss}': expected bt or pl")
+        one_of(section, self, "loss", ("bt", "pl"))
         finite(section, self, ("margin", "center_coef", "epochs"))
 
 
@@ -371,8 +359,6 @@ class RLHFConfig(LoopConfig):
     """RLHF: optimise the SFT policy against the reward model, with a KL penalty to SFT. One
     step = one batch of prompts_per_step x samples_per_prompt rollouts, scored by the reward
     model and learned from in epochs x minibatches updates."""
-
-    compiles: ClassVar[bool] = False
 
     # ppo (value head + GAE, InstructGPT) | rloo | grpo (critic-free) | best (rejection
     # sampling: a likelihood step on the reward model's best of each group, as Llama 2)
@@ -433,8 +419,6 @@ class DPOConfig(BatchConfig):
     """DPO / IPO straight from the rankings (the reward model's: data.rankings_*), against the
     frozen SFT model. One step = one optimizer update on micro_batch preference pairs."""
 
-    compiles: ClassVar[bool] = False
-
     micro_batch: int = 8  # preference pairs per process per micro-step
     max_steps: int = 200  # the planned steps (capped at `epochs` passes over the pairs)
     lr_matrix: float = 0.002  # Muon, 2-D hidden matrices
@@ -459,8 +443,7 @@ class DPOConfig(BatchConfig):
 
     def validate(self, section: str = "dpo") -> None:
         super().validate(section)
-        if self.loss not in ("sigmoid", "ipo"):
-            raise EchoError(f"{section}.loss='{self.loss}': expected sigmoid or ipo")
+        one_of(section, self, "loss", ("sigmoid", "ipo"))
         finite(section, self, ("beta",), strict=True)
         finite(section, self, ("epochs", "ptx_coef", "nll_coef"))
         at_least(section, self, ("ptx_rows",), 1)

@@ -34,6 +34,14 @@ def fraction(section: str, obj: Any, name: str, high_open: bool = False) -> None
         raise EchoError(f"{section}.{name}={v} must be in [0, 1{')' if high_open else ']'}")
 
 
+def one_of(section: str, obj: Any, name: str, options: tuple[str, ...]) -> None:
+    """`section.name` must be one of `options`: "dpo.loss='x': expected sigmoid or ipo"."""
+    value = getattr(obj, name)
+    if value not in options:
+        said = ", ".join(options[:-1]) + f" or {options[-1]}"
+        raise EchoError(f"{section}.{name}='{value}': expected {said}")
+
+
 def numbers(section: str, obj: Any, kind: type) -> None:
     """Every number of a section of this kind, whatever its field: floats finite (nan and inf
     are never a setting), whole numbers within 2^53 (JSON's exact range; larger overflow

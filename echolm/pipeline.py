@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from echolm.atomic import atomic_write_json
 from echolm.config import Config
 from echolm.errors import EchoError
 from echolm.runfiles import CONFIG_FIX, TIMINGS_FIX, read_json
+from echolm.runlock import LOCK_NAME
 from echolm.settings import apply_overrides, config_changes, config_from_dict, load_config
 from echolm.summary import read_summary
 
@@ -349,6 +351,28 @@ def run_pipeline(cfg: Config, run_dir: Path, force: bool = False, log=print) -> 
     return summary
 
 
+# written by the pipeline or the lock around every stage, not by a stage's work
+_BOOKKEEPING = frozenset({"timings.json", STATUS_FILE, "machine.json", LOCK_NAME})
+
+
+def output_stamp(run_dir: Path) -> tuple[int, int]:
+    """(newest modification time in ns, number of files) over the files a stage writes when
+    it works: DIR/* and DIR/*/* (done.json, model files, eval/<stage>.json, metrics.jsonl, the
+    rankings), the pipeline's own bookkeeping left out. Unchanged across a stage = it had
+    nothing to do."""
+    newest, count = 0, 0
+    for path in (*run_dir.glob("*"), *run_dir.glob("*/*")):
+        if path.name in _BOOKKEEPING:
+            continue
+        try:
+            st = path.stat()
+        except FileNotFoundError:  # removed while we looked (a stage's temporary file)
+            continue
+        if stat.S_ISREG(st.st_mode):
+            newest, count = max(newest, st.st_mtime_ns), count + 1
+    return newest, count
+
+
 def _run_stages(cfg: Config, run_dir: Path, force: bool, log: Callable[[str], object],
                 starting: Callable[[str], object]) -> None:
     """The stages in order (`starting(name)` before each), with their times in timings.json."""
@@ -374,12 +398,14 @@ def _run_stages(cfg: Config, run_dir: Path, force: bool, log: Callable[[str], ob
             continue
         starting(name)
         log(f"== {name} ==")
-        t0 = time.time()
+        t0, before = time.time(), output_stamp(run_dir)
         fn(cfg, run_dir, force=redo.force(name), log=log)
         redo.done(name)
         give_back_freed_memory()  # the next stage starts from what it needs, not beside it
         seconds = time.time() - t0
-        if seconds > 1 or name not in timings:  # a skipped (finished) stage keeps its time
+        # a stage with nothing to do (finished; eval's results still current) keeps the time
+        # its work took, however long its checks took (eval hashes every model: seconds)
+        if output_stamp(run_dir) != before or name not in timings:
             timings[name] = {"seconds": round(seconds, 1), "peak_rss_mb": round(_peak_rss_mb())}
             atomic_write_json(timings_path, timings)
     redo.finish()

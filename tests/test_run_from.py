@@ -126,3 +126,29 @@ def test_a_stopped_import_of_another_model_is_not_moved_in(tmp_path: Path):
     assert import_source(cfg, run, log=lambda _m: None)["source"] == str(src.resolve())
     assert (run / "tokenizer").is_dir() and (run / "import.json").exists()
     assert not staged.exists()
+
+
+def test_a_stage_with_nothing_to_do_keeps_the_time_its_work_took(run_dir, monkeypatch):
+    """`echolm run` again on a finished run: a stage whose checks alone take over a second
+    (eval hashes every model's files: seconds for 135M models) has not done its work again,
+    so timings.json keeps the time the work took; a stage that does work (--force) records
+    its new time."""
+    import time
+
+    import echolm.pipeline as pipeline
+    from echolm.pipeline import _run_stages, resolve_run_config
+    from echolm.train.tokenize import run_tokenizer
+
+    def slow_check(cfg, run, force=False, log=print):
+        time.sleep(1.2)  # as long as hashing the models takes
+        return run_tokenizer(cfg, run, force=force, log=log)
+
+    monkeypatch.setattr(pipeline, "stages", lambda: [("tokenizer", slow_check)])
+    monkeypatch.setattr(pipeline, "record_machine", lambda run: {})
+    cfg = resolve_run_config(run_dir, None, ['run.stages=["tokenizer"]'], reconfigure=True)
+    (run_dir / "timings.json").write_text(json.dumps(
+        {"tokenizer": {"seconds": 7.0, "peak_rss_mb": 1}}))
+    _run_stages(cfg, run_dir, False, lambda *_: None, lambda _s: None)
+    assert json.loads((run_dir / "timings.json").read_text())["tokenizer"]["seconds"] == 7.0
+    _run_stages(cfg, run_dir, True, lambda *_: None, lambda _s: None)  # redone: a new time
+    assert json.loads((run_dir / "timings.json").read_text())["tokenizer"]["seconds"] != 7.0
