@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
@@ -64,6 +65,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.disabled = False
+        self._cast: tuple[Tensor, int, Tensor] | None = None  # (weight, version, its cast)
 
     @property
     def in_features(self) -> int:
@@ -87,8 +89,25 @@ class LoRALinear(nn.Module):
         return torch.addmm(self.base_layer.weight, self.lora_B.weight, self.lora_A.weight,
                            alpha=self.scaling)
 
+    def _frozen_cast(self, x: Tensor) -> Tensor:
+        """The base layer under autocast, its weight cast once, not at every call. Autocast
+        caches the casts of weights that require grad only, so a frozen base (all of
+        LoRA's) was re-cast to bf16 at every forward: a LoRA step in bf16 cost as much as a
+        full one. The copy is remade when the weight changes (its version counter)."""
+        w, dt = self.base_layer.weight, torch.get_autocast_dtype(x.device.type)
+        cast = self._cast
+        if cast is None or cast[0] is not w or cast[1] != w._version or cast[2].dtype != dt:
+            self._cast = cast = (w, w._version, w.detach().to(dt))
+        b = self.base_layer.bias
+        return F.linear(x.to(dt), cast[2], None if b is None else b.to(dt))
+
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)
+        frozen = not self.base_layer.weight.requires_grad
+        if frozen and torch.is_autocast_enabled(x.device.type) and \
+                torch.get_autocast_dtype(x.device.type) != self.base_layer.weight.dtype:
+            y = self._frozen_cast(x)
+        else:
+            y = self.base_layer(x)
         if self.disabled:
             return y
         # scaled at rank width (r columns, not out_features): the same numbers as peft's
@@ -102,6 +121,14 @@ def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRALi
         for attr, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 yield f"{parent_name}.{attr}" if parent_name else attr, parent, attr, child
+
+
+def free_casts(model: nn.Module) -> None:
+    """Drop the LoRA layers' bf16 copies of their frozen weights (`_frozen_cast`): sampling
+    reads the weights through the decoder's own copies, so during a rollout they are only
+    memory (RL's peak: ~2 bytes a base parameter). The next training forward remakes them."""
+    for _name, _parent, _attr, layer in _lora_layers(model):
+        layer._cast = None
 
 
 def has_lora(model: nn.Module) -> bool:

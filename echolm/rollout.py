@@ -9,6 +9,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from echolm.engine import SamplingParams, generate_ids
+from echolm.lora import free_casts
 from echolm.losses import head_logprobs
 from echolm.model import Transformer
 from echolm.tokenizer import Tokenizer
@@ -21,6 +22,7 @@ def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[list[int]
     """`n` sampled responses to every prompt (prompt-major order): the generated ids,
     including the end-of-turn token when the model stopped, and whether it stopped. With
     `desc`, a progress bar of the answers finished (it goes when done)."""
+    free_casts(model)  # training-time copies: the decoder has its own
     stops = tok.stop_ids
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                             stop_ids=stops)

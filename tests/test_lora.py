@@ -26,6 +26,7 @@ from echolm.lora import (
     BaseView,
     adapters_disabled,
     add_lora,
+    free_casts,
     has_lora,
     lora_state_dict,
     merge_lora,
@@ -133,6 +134,47 @@ def test_merged_model_computes_what_the_adapted_one_does(dropout):
     assert (merged - adapted).abs().max() < 1e-5
     plain = m.state_dict()
     assert plain.keys() == copy.keys() and all(torch.equal(plain[k], copy[k]) for k in plain)
+
+
+def test_under_bf16_autocast_the_frozen_base_is_cast_once_and_computes_the_same():
+    """Autocast re-casts a frozen weight at every call (it caches only weights that require
+    grad); LoRA's base keeps one bf16 copy instead: the same numbers as autocast's own cast
+    (forward and gradients), one copy per weight over many forwards, remade when the weight
+    changes in place (a merge, a load)."""
+    m = _random_model(seed=2)
+    add_lora(m, rank=4, alpha=8.0, targets=list(LORA_TARGETS), seed=0)
+    _train(m, steps=2)
+    layer = m.layers[0].self_attn.q_proj
+    x0 = torch.randn(3, 5, 32, requires_grad=True)
+
+    def run(use_copy: bool) -> tuple[torch.Tensor, ...]:
+        x0.grad = None
+        for p in (layer.lora_A.weight, layer.lora_B.weight):
+            p.grad = None
+        x = x0 * 1.0  # an activation, as in a model (autocast caches the cast of a leaf)
+        with torch.autocast("cpu", torch.bfloat16):
+            if use_copy:
+                y = layer(x)
+            else:  # what autocast computes without the copy: the base layer itself
+                y = layer.base_layer(x).add_(layer.lora_B(layer.lora_A(x)) * layer.scaling)
+        y.float().square().sum().backward()
+        return y, x0.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad
+
+    for got, want in zip(run(True), run(False), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    copy = layer._cast[2]
+    assert copy.dtype == torch.bfloat16
+    run(True)
+    assert layer._cast[2] is copy  # cast once
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(2)  # changed in place: the copy is remade
+    run(True)
+    assert torch.equal(layer._cast[2], layer.base_layer.weight.to(torch.bfloat16))
+    free_casts(m)  # before a rollout (rollout.sample_responses): the copies go
+    assert all(mod._cast is None for mod in m.modules() if hasattr(mod, "_cast"))
+    with torch.no_grad():  # fp32 (no autocast): the base layer as it is, no copy involved
+        assert torch.equal(layer(x0), layer.base_layer(x0) + layer.lora_B(layer.lora_A(x0))
+                           * layer.scaling)
 
 
 def test_adapters_in_the_optimizers_adamw_at_lr_matrix_and_no_muon():
