@@ -42,6 +42,19 @@ def test_response_only_logprobs_equal_the_full_computation():
     assert m.lm_head.weight.grad is not None and m.lm_head.weight.grad.abs().sum() > 0
 
 
+def _two_answers() -> tuple[Transformer, torch.Tensor, torch.Tensor, torch.Tensor,
+                            torch.Tensor]:
+    """A tiny random model and two answers (5 and 4 tokens after a 3-token prompt), with the
+    model's own log-probs of them."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, n_kv_head=2))
+    x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    mask = torch.tensor([[0] * 3 + [1] * 5, [0] * 3 + [1] * 4 + [0]])
+    with torch.no_grad():
+        now = token_logprobs(m, x, y, mask)[0]
+    return m, x, y, mask, now
+
+
 def test_policy_loss_logs_clip_fraction_and_approx_kl_per_update():
     """The GRPO loss appends each update's diagnostics: with the sampling policy's log-probs
     lowered by 0.1 everywhere, every ratio is e^0.1 = 1.105 (inside the 0.2 clip) and
@@ -49,12 +62,7 @@ def test_policy_loss_logs_clip_fraction_and_approx_kl_per_update():
     from echolm.config import RLConfig
     from echolm.train.grpo import PolicyBatch, policy_loss
 
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, n_kv_head=2))
-    x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
-    mask = torch.tensor([[0] * 3 + [1] * 5, [0] * 3 + [1] * 4 + [0]])
-    with torch.no_grad():
-        now = token_logprobs(m, x, y, mask)[0]
+    m, x, y, mask, now = _two_answers()
     stats: dict = {}
     g = RLConfig(kl_beta=0.0)
     batch = PolicyBatch(x, y, mask, torch.tensor([1.0, -1.0]), now - 0.1, None)
@@ -76,12 +84,7 @@ def test_policy_loss_kl_penalty_is_aggregated_as_the_surrogate():
     from echolm.config import RLConfig
     from echolm.train.grpo import PolicyBatch, policy_loss
 
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4, n_kv_head=2))
-    x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
-    mask = torch.tensor([[0] * 3 + [1] * 5, [0] * 3 + [1] * 4 + [0]])
-    with torch.no_grad():
-        now = token_logprobs(m, x, y, mask)[0]
+    m, x, y, mask, now = _two_answers()
     ref = now - torch.tensor([[1.0], [0.0]]) * mask
     batch = PolicyBatch(x, y, mask, torch.zeros(2), None, ref)
     k3 = math.exp(-1.0)
