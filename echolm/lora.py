@@ -97,7 +97,10 @@ class LoRALinear(nn.Module):
         w, dt = self.base_layer.weight, torch.get_autocast_dtype(x.device.type)
         cast = self._cast
         if cast is None or cast[0] is not w or cast[1] != w._version or cast[2].dtype != dt:
-            self._cast = cast = (w, w._version, w.detach().to(dt))
+            cast = (w, w._version, w.detach().to(dt))
+            # a copy made under inference_mode could never be saved for a backward: not kept
+            if not torch.is_inference_mode_enabled():
+                self._cast = cast
         b = self.base_layer.bias
         return F.linear(x.to(dt), cast[2], None if b is None else b.to(dt))
 

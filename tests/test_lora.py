@@ -172,6 +172,13 @@ def test_under_bf16_autocast_the_frozen_base_is_cast_once_and_computes_the_same(
     assert torch.equal(layer._cast[2], layer.base_layer.weight.to(torch.bfloat16))
     free_casts(m)  # before a rollout (rollout.sample_responses): the copies go
     assert all(mod._cast is None for mod in m.modules() if hasattr(mod, "_cast"))
+    # a forward under inference_mode first (an evaluation): its copy is not kept, so the
+    # next training forward can still save its copy for the backward
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        layer(x0.detach())
+    assert layer._cast is None
+    for got, want in zip(run(True), run(False), strict=True):
+        assert torch.equal(got, want)
     with torch.no_grad():  # fp32 (no autocast): the base layer as it is, no copy involved
         assert torch.equal(layer(x0), layer.base_layer(x0) + layer.lora_B(layer.lora_A(x0))
                            * layer.scaling)
