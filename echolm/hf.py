@@ -365,12 +365,6 @@ def _end_ids(src: Path, hf: dict[str, Any]) -> list[Any]:
     return eos if isinstance(eos, list) else [eos]
 
 
-def _instruct(src: Path, hf: dict[str, Any], chat: dict[str, Any] | None) -> bool:
-    """A chat model by its metadata: it has a chat template and its generation does not end
-    at its BOS (an Echo base model's export ends documents with <|bos|>)."""
-    return chat is not None and hf.get("bos_token_id") not in _end_ids(src, hf)
-
-
 def import_hf(src: Path, run_dir: Path, force: bool = False, chat_format: str = "auto",
               log=print) -> dict[str, Any]:
     """Make `run_dir` (tokenizer + finished base stage) from an HF checkpoint folder."""
@@ -384,6 +378,7 @@ def import_hf(src: Path, run_dir: Path, force: bool = False, chat_format: str = 
     cfg = echo_config_from_hf(hf, where)
     hf_tok = _read_tokenizer(src)
     chat = source_chat(src)
+    ends = _end_ids(src, hf)
     tok_json = None
     if not any(hf_tok.token_to_id(t) is None for t in SPECIAL_TOKENS):
         tok_json = _run_tokenizer_json(src / "tokenizer.json", hf_tok.token_to_id(BOS))
@@ -391,8 +386,11 @@ def import_hf(src: Path, run_dir: Path, force: bool = False, chat_format: str = 
         path=src, where=where, model_type=hf["model_type"], cfg=cfg, tokenizer=hf_tok,
         tensors=_read_hf_tensors(src),
         has_o_bias=bool(hf.get("attention_bias")) and hf["model_type"] != "qwen2",
-        bos=_source_bos(src, hf, hf_tok), chat=chat, instruct=_instruct(src, hf, chat),
-        end_tokens=tuple(t for i in _end_ids(src, hf) if isinstance(i, int)
+        bos=_source_bos(src, hf, hf_tok), chat=chat,
+        # a chat model by its metadata: a chat template, and generation does not end at its
+        # BOS (an Echo base model's export ends documents with <|bos|>)
+        instruct=chat is not None and hf.get("bos_token_id") not in ends,
+        end_tokens=tuple(t for i in ends if isinstance(i, int)
                          and (t := hf_tok.id_to_token(i)) is not None),
         tokenizer_json=tok_json, info={"format": "hf", "architectures": hf.get("architectures")},
     ), run_dir, chat_format, log)

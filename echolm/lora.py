@@ -89,12 +89,15 @@ class LoRALinear(nn.Module):
         return torch.addmm(self.base_layer.weight, self.lora_B.weight, self.lora_A.weight,
                            alpha=self.scaling)
 
-    def _frozen_cast(self, x: Tensor) -> Tensor:
-        """The base layer under autocast, its weight cast once, not at every call. Autocast
-        caches the casts of weights that require grad only, so a frozen base (all of
+    def _base(self, x: Tensor) -> Tensor:
+        """The base layer; under autocast its frozen weight cast once, not at every call.
+        Autocast caches the casts of weights that require grad only, so a frozen base (all of
         LoRA's) was re-cast to bf16 at every forward: a LoRA step in bf16 cost as much as a
         full one. The copy is remade when the weight changes (its version counter)."""
-        w, dt = self.base_layer.weight, torch.get_autocast_dtype(x.device.type)
+        w, device = self.base_layer.weight, x.device.type
+        dt = torch.get_autocast_dtype(device)
+        if w.requires_grad or not torch.is_autocast_enabled(device) or dt == w.dtype:
+            return self.base_layer(x)
         cast = self._cast
         if cast is None or cast[0] is not w or cast[1] != w._version or cast[2].dtype != dt:
             cast = (w, w._version, w.detach().to(dt))
@@ -105,12 +108,7 @@ class LoRALinear(nn.Module):
         return F.linear(x.to(dt), cast[2], None if b is None else b.to(dt))
 
     def forward(self, x: Tensor) -> Tensor:
-        frozen = not self.base_layer.weight.requires_grad
-        if frozen and torch.is_autocast_enabled(x.device.type) and \
-                torch.get_autocast_dtype(x.device.type) != self.base_layer.weight.dtype:
-            y = self._frozen_cast(x)
-        else:
-            y = self.base_layer(x)
+        y = self._base(x)
         if self.disabled:
             return y
         # scaled at rank width (r columns, not out_features): the same numbers as peft's
@@ -127,7 +125,7 @@ def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, LoRALi
 
 
 def free_casts(model: nn.Module) -> None:
-    """Drop the LoRA layers' bf16 copies of their frozen weights (`_frozen_cast`): sampling
+    """Drop the LoRA layers' bf16 copies of their frozen weights (`LoRALinear._base`): sampling
     reads the weights through the decoder's own copies, so during a rollout they are only
     memory (RL's peak: ~2 bytes a base parameter). The next training forward remakes them."""
     for _name, _parent, _attr, layer in _lora_layers(model):

@@ -75,15 +75,13 @@ def clipped_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
     loss = aggregate_tokens(per_token, mask, aggregation, max_tokens)
-    n = mask.sum().clamp(min=1)
     log_ratio = (logp - logp_old).detach()
     # clipped: the tokens whose gradient the clip cut off (TRL's clip_ratio): the ratio past
     # the bound on the side the advantage pushes it. A ratio past a bound on the other side
     # keeps its gradient (the minimum picks the unclipped term), so it is not counted.
     cut = ((ratio > 1 + clip_high) & (adv > 0)) | ((ratio < 1 - clip_low) & (adv < 0))
-    stats = {"clip_frac": (cut.detach().to(logp.dtype) * mask).sum() / n,
-             "ratio": (ratio.detach() * mask).sum() / n,
-             "approx_kl": (((log_ratio.exp() - 1) - log_ratio) * mask).sum() / n}
+    stats = {k: aggregate_tokens(v.detach().to(logp.dtype), mask) for k, v in (
+        ("clip_frac", cut), ("ratio", ratio), ("approx_kl", (log_ratio.exp() - 1) - log_ratio))}
     return loss, stats
 
 

@@ -101,10 +101,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(hf)
 
 
-
 def special_tokens(hf: HFTokenizer) -> dict[str, int]:
     """The tokenizer's special (added, never split) tokens: text -> id."""
     return {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+
 
 class Tokenizer:
     def __init__(self, hf: HFTokenizer, chat: ChatFormat = ECHO) -> None:

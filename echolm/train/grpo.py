@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from echolm.checkpoint import chat_model_dir, file_fingerprint, load_model, save_model
+from echolm.checkpoint import file_fingerprint, load_model, model_file, save_model
 from echolm.config import Config, RLConfig
 from echolm.evaluate import one_answer_baseline, task_pass_at_k
 from echolm.lora import finish_lora, frozen_reference, start_lora
@@ -96,15 +96,13 @@ def policy_loss(model: torch.nn.Module, item: tuple[PolicyBatch, Tensor], g: RLC
     logp_old = b.logp_old[idx] if b.logp_old is not None else logp.detach()
     loss, st = clipped_policy_loss(logp, logp_old, b.advantages[idx], mask, g.clip_low,
                                    g.clip_high, g.aggregation, g.max_tokens)
-    mk = mask.float()
-    n = mk.sum().clamp(min=1)
     if b.logp_ref is not None:  # the penalty aggregated as the surrogate is; logged per token
         kl = kl_k3(logp, b.logp_ref[idx])
         loss = loss + g.kl_beta * aggregate_tokens(kl, mask, g.aggregation, g.max_tokens)
-        stats.setdefault("kl", []).append(float((kl.detach() * mk).sum() / n))
+        stats.setdefault("kl", []).append(float(aggregate_tokens(kl.detach(), mask)))
     for k in ("clip_frac", "approx_kl"):  # approx_kl: 0 on a step's first update (old = new)
         stats.setdefault(k, []).append(float(st[k]))
-    stats.setdefault("entropy", []).append(float((entropy.detach() * mk).sum() / n))
+    stats.setdefault("entropy", []).append(float(aggregate_tokens(entropy, mask)))
     return loss
 
 
@@ -132,7 +130,7 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     d = single_process("rl", "generation is not sharded")
     g = cfg.rl
     tok = Tokenizer.load(run_dir / "tokenizer")
-    start = chat_model_dir(run_dir) if g.init == "sft" else run_dir / g.init
+    start = model_file(run_dir, g.init).parent
     model = load_model(start, d.device)  # on its device first: the reference copies it
     lora = start_lora(model, g, "rl", log)
     # the KL's reference: with LoRA the policy's base (adapters off), else a frozen copy
