@@ -29,11 +29,11 @@ preset, cpu; Muon's Newton-Schulz costs ~1.5 TFLOP per step for a 135M model, mo
 forward and backward of a small batch); TRL's AdamW. With LoRA both train the adapters with
 AdamW. ``--ours-adamw`` adds Echo with AdamW for everything (``dpo.optimizer = "adamw"``).
 
-Dtype: fp32 on both sides by default (the smollm2-cpu preset's). ``--dtype bf16`` trains both
-under bf16 autocast (Echo's stage ``dtype = "bf16"``, TRL's ``bf16=True``); ``--dtype auto``
-picks bf16 where the CPU multiplies bf16 natively (AMX, AVX512-BF16), as Echo's ``"auto"``
-does. Measured on a 2-core AMX Xeon (SmolLM2 DPO, full, one thread): bf16 makes both sides
-~20-25% faster and leaves the ratio where it was (~0.6).
+Dtype: ``--dtype auto`` by default: bf16 autocast on both sides where the CPU multiplies bf16
+natively (AMX, AVX512-BF16), fp32 elsewhere (an AVX2 CPU emulates bf16 ~40x slower). That is
+what each side does by default on such a CPU: Echo's ``dtype = "auto"`` (the smollm2-cpu
+preset's too) and TRL's ``bf16=True`` (TRL 1.16's config default unless fp16 is set; on an AVX2 CPU
+a TRL user would turn it off). ``--dtype fp32`` / ``--dtype bf16`` force one on both sides.
 
 Threads: 1 by default. On a small machine shared with other jobs, 2 threads make every
 parallel op wait for the other core (small matmuls, such as Muon's Newton-Schulz iterations,
@@ -122,7 +122,7 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
     from echolm.config import DPOConfig
     from echolm.lora import frozen_reference, start_lora
     from echolm.rankings import step_indices
-    from echolm.runtime import Dist
+    from echolm.runtime import Dist, resolve_dtype
     from echolm.train.dpo import EncodedPair, dpo_batch_loss, make_pair_batch, reference_logps
     from echolm.trainer import Trainer
 
@@ -139,7 +139,7 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
     # as the stage: LoRA adapters when lora_rank > 0, then the reference (a frozen copy; with
     # LoRA the policy's base, adapters off)
     start_lora(model, tcfg, "dpo", log=lambda _m: None)
-    reference = frozen_reference(model)
+    reference = frozen_reference(model, resolve_dtype(tcfg.dtype, torch.device("cpu")))
     rss_model = current_rss_mb()
     pref = tcfg
     tmp = Path(tempfile.mkdtemp(prefix="bench_dpo_"))

@@ -336,8 +336,9 @@ class _HeadLogprobs(torch.autograd.Function):
                 ) -> tuple[Tensor, Tensor | None]:
         dev = h.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        hc, wc = h.to(dtype), w.to(dtype)  # kept for the backward: cast once, not twice
         with torch.autocast(dev, enabled=False):
-            logp = (h.to(dtype) @ w.to(dtype).T).float()
+            logp = (hc @ wc.T).float()
             logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
             picked = logp.gather(1, targets[:, None]).squeeze(1)
             ent = None
@@ -347,8 +348,8 @@ class _HeadLogprobs(torch.autograd.Function):
                     block = logp[s:s + 64]
                     ent[s:s + 64] = -(block.exp() * block).sum(-1)
                 ctx.mark_non_differentiable(ent)
-        ctx.dtype, ctx.spent = dtype, False
-        ctx.save_for_backward(h, w, targets, logp)
+        ctx.dtypes, ctx.spent = (h.dtype, w.dtype), False
+        ctx.save_for_backward(hc, wc, targets, logp)
         return picked, ent
 
     @staticmethod
@@ -356,13 +357,14 @@ class _HeadLogprobs(torch.autograd.Function):
         if ctx.spent:
             raise RuntimeError("head_logprobs: backward ran twice (it reuses its buffer)")
         ctx.spent = True
-        h, w, targets, logp = ctx.saved_tensors
+        h, w, targets, logp = ctx.saved_tensors  # in the matmul dtype
+        h_dtype, w_dtype = ctx.dtypes
         # d picked / d logits = onehot(target) - softmax
         g = logp.exp_().mul_(-grad[:, None]).scatter_add_(1, targets[:, None], grad[:, None])
         with torch.autocast(h.device.type, enabled=False):
-            g = g.to(ctx.dtype)
-            dh = (g @ w.to(ctx.dtype)).to(h.dtype) if ctx.needs_input_grad[0] else None
-            dw = (g.T @ h.to(ctx.dtype)).to(w.dtype) if ctx.needs_input_grad[1] else None
+            g = g.to(h.dtype)
+            dh = (g @ w).to(h_dtype) if ctx.needs_input_grad[0] else None
+            dw = (g.T @ h).to(w_dtype) if ctx.needs_input_grad[1] else None
         return dh, dw, None, None
 
 

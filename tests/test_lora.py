@@ -27,6 +27,7 @@ from echolm.lora import (
     adapters_disabled,
     add_lora,
     free_casts,
+    frozen_reference,
     has_lora,
     lora_state_dict,
     merge_lora,
@@ -182,6 +183,40 @@ def test_under_bf16_autocast_the_frozen_base_is_cast_once_and_computes_the_same(
     with torch.no_grad():  # fp32 (no autocast): the base layer as it is, no copy involved
         assert torch.equal(layer(x0), layer.base_layer(x0) + layer.lora_B(layer.lora_A(x0))
                            * layer.scaling)
+
+
+def test_a_bf16_stages_reference_stores_its_projections_in_bf16_and_scores_the_same():
+    """Full fine-tuning in bf16: the frozen reference keeps its projections in bf16 (half
+    their memory, no cast at every pass); under autocast its log-probs equal, bit for bit,
+    those of an fp32 copy under the same autocast. The tied head gets its own bf16 copy, the
+    embedding stays fp32; outside autocast it still runs (its weights cast up). fp32 stages
+    get a plain copy; an untied model's head is stored in bf16 too."""
+    from echolm.rollout import token_logprobs
+
+    m = _random_model(seed=3, tie_embeddings=True)
+    ref = frozen_reference(m, torch.bfloat16)
+    plain = frozen_reference(m)
+    assert ref.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert ref.lm_head.weight.dtype == torch.bfloat16  # its own copy of the tied head
+    assert ref.embed_tokens.weight.dtype == torch.float32  # lookups as before
+    assert m.lm_head.weight is m.embed_tokens.weight  # the policy untouched
+    assert all(p.dtype == torch.float32 for p in plain.parameters())
+    assert not any(p.requires_grad for p in ref.parameters())
+    x = torch.randint(0, 64, (4, 9))
+    y = torch.randint(0, 64, (4, 9))
+    mask = torch.zeros(4, 9)
+    mask[:, 4:] = 1
+    mask[1:3, 7:] = 0  # answers of different lengths
+    x[1] = x[0]  # a shared prompt too
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(token_logprobs(ref, x, y, mask)[0],
+                           token_logprobs(plain, x, y, mask)[0])
+        assert torch.equal(ref(x), plain(x))
+    with torch.no_grad():
+        assert torch.allclose(ref(x), plain(x), atol=0.05)  # bf16-rounded weights, fp32 math
+    untied = frozen_reference(_random_model(seed=3), torch.bfloat16)
+    assert untied.lm_head.weight.dtype == torch.bfloat16
+    assert untied.embed_tokens.weight.dtype == torch.float32
 
 
 def test_adapters_in_the_optimizers_adamw_at_lr_matrix_and_no_muon():

@@ -330,6 +330,19 @@ def test_head_logprobs_equals_autograd_of_log_softmax():
     frozen = w.detach()
     lp2, _ = head_logprobs(h, frozen, y)
     assert torch.allclose(torch.autograd.grad((lp2 * coef).sum(), h)[0], gh, atol=1e-5)
+    # under bf16 autocast: the products in bf16 (the casts made once, in the forward), the
+    # softmax in fp32, the gradients in the inputs' dtype: exactly the explicit computation
+    hb, wb = h.detach().bfloat16(), w.detach().bfloat16()
+    logits = (hb @ wb.T).float()
+    want = torch.log_softmax(logits, -1)
+    g = (-(want.exp()) * coef[:, None]).scatter_add(1, y[:, None], coef[:, None]).bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        lp3, _ = head_logprobs(h, w, y)
+    bh, bw = torch.autograd.grad((lp3 * coef).sum(), (h, w))
+    assert torch.allclose(lp3, want.gather(1, y[:, None]).squeeze(1), atol=1e-6)
+    assert bh.dtype == bw.dtype == torch.float32
+    assert torch.allclose(bh, (g @ wb).float(), atol=1e-6)
+    assert torch.allclose(bw, (g.T @ hb).float(), atol=1e-6)
 
 
 from echolm.losses import explained_variance  # noqa: E402

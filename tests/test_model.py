@@ -116,3 +116,44 @@ def test_shared_prompts_give_the_per_row_logprobs_and_gradients():
     holes = mask.bool().clone()
     holes[0, holes[0].nonzero()[1, 0]] = False
     assert shared_prompts(x, y, holes) is None
+
+
+
+def test_bf16_training_attends_in_fp32_on_cpu():
+    """Under bf16 (autocast or bf16 heads) with a backward to follow, attention runs in fp32:
+    torch's CPU bf16 attention backward is ~2x slower. Passes without gradients (sampling, a
+    reference) keep bf16, whose forward is the faster one."""
+    import torch.nn.functional as F
+
+    from echolm.model import attend_in_fp32
+
+    q = torch.randn(1, 2, 3, 4, dtype=torch.bfloat16, requires_grad=True)
+    assert attend_in_fp32(q)
+    assert not attend_in_fp32(q.detach())  # nothing to differentiate
+    with torch.no_grad():
+        assert not attend_in_fp32(q)
+    qf = torch.randn(1, 2, 3, 4, requires_grad=True)
+    assert not attend_in_fp32(qf)  # fp32 training: nothing to change
+    with torch.autocast("cpu", torch.bfloat16):
+        assert attend_in_fp32(qf)  # autocast alone would run it in bf16
+
+    m = _model(qk_norm=False)
+    attn, T = m.layers[0].self_attn, 6
+    cos, sin = (t[:T].to(torch.bfloat16) for t in (m.rope_cos, m.rope_sin))
+    q, k, v = (torch.randn(2, h, T, 8, requires_grad=True) for h in (4, 2, 2))
+    with torch.autocast("cpu", torch.bfloat16):
+        qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))  # heads as autocast makes them
+        got = attn.attend(qb, kb, vb, cos, sin, None, None)
+        with torch.no_grad():
+            sampled = attn.attend(qb, kb, vb, cos, sin, None, None)
+    from echolm.model import apply_rope
+    want = F.scaled_dot_product_attention(apply_rope(qb, cos, sin).float(),
+                                          apply_rope(kb, cos, sin).float(), vb.float(),
+                                          is_causal=True, enable_gqa=True)
+    assert got.dtype == torch.float32 and torch.equal(got, want)  # o_proj casts it down
+    assert sampled.dtype == torch.bfloat16
+    got.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    heads = q.detach().to(torch.bfloat16).requires_grad_()  # pure bf16 (no autocast): bf16 out
+    assert attn.attend(heads, kb.detach(), vb.detach(), cos, sin, None, None).dtype == \
+        torch.bfloat16

@@ -236,7 +236,7 @@ def run_dpo(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     policy = load_model(chat_model_dir(run_dir), d.device)
     lora = start_lora(policy, tcfg, "dpo", log)
     # with LoRA the policy's own base (adapters off, no second copy), else a frozen copy
-    reference = frozen_reference(policy)
+    reference = frozen_reference(policy, resolve_dtype(tcfg.dtype, d.device))
     check_seq_len("dpo", tcfg.seq_len, policy.cfg.max_seq_len)
     train_r, held_r = split_by_prompt(load_rankings(run_dir, cfg.data.rankings_annotator),
                                      cfg.data.rankings_heldout_fraction)

@@ -32,7 +32,7 @@ from echolm.losses import (
 )
 from echolm.model import Transformer
 from echolm.rollout import pad_batch, sample_responses, token_logprobs
-from echolm.runtime import autocast, single_process
+from echolm.runtime import autocast, resolve_dtype, single_process
 from echolm.staging import StageOutput
 from echolm.tasks import Problem, Task
 from echolm.tasks.spec import problems_up_to, task_from_spec, task_label
@@ -134,7 +134,8 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
     model = load_model(start, d.device)  # on its device first: the reference copies it
     lora = start_lora(model, g, "rl", log)
     # the KL's reference: with LoRA the policy's base (adapters off), else a frozen copy
-    reference = frozen_reference(model) if g.kl_beta > 0 else None
+    reference = (frozen_reference(model, resolve_dtype(g.dtype, d.device)) if g.kl_beta > 0
+                 else None)
     tasks = [task_from_spec(s) for s in g.tasks]
     pool = [(t, p) for t in tasks for p in problems_up_to(t, "train", 5000, g.seed)]
 

@@ -148,7 +148,8 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: RLHFConfig,
     tok = Tokenizer.load(run_dir / "tokenizer")
     policy = load_model(chat_model_dir(run_dir), d.device)  # first: the reference copies it
     lora = start_lora(policy, p, stage, log)  # before the value head: it stays trainable
-    # with LoRA the policy's own base (adapters off, no second copy), else a frozen copy
+    # with LoRA the policy's own base (adapters off, no second copy), else a frozen copy, in
+    # fp32 whatever the training dtype: the guard evaluation measures KL outside autocast
     reference = frozen_reference(policy)
     rm = load_reward_model(run_dir / "rm", d.device)
     model: nn.Module = PolicyWithValue(policy) if p.algorithm == "ppo" else policy
