@@ -32,8 +32,9 @@ AdamW. ``--ours-adamw`` adds Echo with AdamW for everything (``dpo.optimizer = "
 Dtype: ``--dtype auto`` by default: bf16 autocast on both sides where the CPU multiplies bf16
 natively (AMX, AVX512-BF16), fp32 elsewhere (an AVX2 CPU emulates bf16 ~40x slower). That is
 what each side does by default on such a CPU: Echo's ``dtype = "auto"`` (the smollm2-cpu
-preset's too) and TRL's ``bf16=True`` (TRL 1.16's config default unless fp16 is set; on an AVX2 CPU
-a TRL user would turn it off). ``--dtype fp32`` / ``--dtype bf16`` force one on both sides.
+preset's DPO stage's too) and TRL's ``bf16=True`` (TRL 1.16's config default unless fp16 is
+set; on an AVX2 CPU a TRL user would turn it off). ``--dtype fp32`` / ``--dtype bf16`` force
+one on both sides.
 
 Threads: 1 by default. On a small machine shared with other jobs, 2 threads make every
 parallel op wait for the other core (small matmuls, such as Muon's Newton-Schulz iterations,
@@ -332,7 +333,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per side (default 1, see above; 0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)
-    add_model_args(p)
+    add_model_args(p, "auto")
     p.add_argument("--peer-precompute", action="store_true",
                    help="also time TRL with precompute_ref_log_probs=True")
     p.add_argument("--ours-adamw", action="store_true",
