@@ -35,12 +35,12 @@ Optimizers: Echo's is ``--ours-optimizer``: by default Muon (hidden matrices) + 
 preset, cpu); TRL's AdamW. With LoRA both train the adapters with AdamW. ``--ours-adamw``
 adds Echo with AdamW for everything.
 
-Dtype: fp32 on both sides by default: the smollm2-cpu preset's RL stage trains in fp32 on every
-CPU (in bf16 on the AMX machine its GRPO collapsed; see the preset). ``--dtype bf16`` trains
-both under bf16 autocast (Echo's stage ``dtype = "bf16"``, TRL's ``bf16=True``, TRL 1.16's own
-config default unless fp16 is set); ``--dtype auto`` picks bf16 where the CPU multiplies bf16
-natively (AMX, AVX512-BF16), as Echo's ``"auto"`` does. Echo's stage samples in fp32 whatever
-its training dtype (as ``echolm rl`` does).
+Dtype: fp32 on both sides by default: the smollm2-cpu preset's RL trains in fp32 on every CPU
+(in bf16 on the AMX machine its GRPO collapsed; the preset's header says how). ``--dtype bf16``
+trains both under bf16 autocast (Echo's stage ``dtype = "bf16"``, TRL's ``bf16=True``, TRL
+1.16's own config default unless fp16 is set); ``--dtype auto`` picks bf16 where the CPU
+multiplies bf16 natively (AMX, AVX512-BF16), as Echo's ``"auto"`` does. Echo's stage samples
+in fp32 whatever its training dtype (as ``echolm rl`` does).
 
 Each side runs in its own subprocess (``--side``), one torch thread by default (the machine
 may be shared); rounds alternate the order. Within a child: ``--warmup`` untimed steps, then
@@ -339,7 +339,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per side (default 1; 0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)
-    add_model_args(p, "fp32")
+    add_model_args(p)
     p.add_argument("--ours-adamw", action="store_true",
                    help="also time Echo with AdamW instead of Muon + AdamW")
     p.add_argument("--side", choices=["echo", "echo_adamw", "trl"],
