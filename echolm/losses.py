@@ -334,20 +334,10 @@ class _HeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, targets: Tensor, entropy: bool
                 ) -> tuple[Tensor, Tensor | None]:
-        dev = h.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        hc, wc = h.to(dtype), w.to(dtype)  # kept for the backward: cast once, not twice
-        with torch.autocast(dev, enabled=False):
-            logp = (hc @ wc.T).float()
-            logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
-            picked = logp.gather(1, targets[:, None]).squeeze(1)
-            ent = None
-            if entropy:  # a row block at a time: no second (rows, vocab) buffer
-                ent = torch.empty_like(picked)
-                for s in range(0, len(picked), 64):
-                    block = logp[s:s + 64]
-                    ent[s:s + 64] = -(block.exp() * block).sum(-1)
-                ctx.mark_non_differentiable(ent)
+        hc, wc = _head_casts(h, w)  # kept for the backward: cast once, not twice
+        picked, ent, logp = _head_block(hc, wc, targets, entropy)
+        if ent is not None:
+            ctx.mark_non_differentiable(ent)
         ctx.dtypes, ctx.spent = (h.dtype, w.dtype), False
         ctx.save_for_backward(hc, wc, targets, logp)
         return picked, ent
@@ -368,9 +358,50 @@ class _HeadLogprobs(torch.autograd.Function):
         return dh, dw, None, None
 
 
+def _head_casts(h: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """h and w in the dtype the head's matmul runs in: autocast's when it is on."""
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    return h.to(dtype), w.to(dtype)
+
+
+def _head_block(h: Tensor, w: Tensor, targets: Tensor, entropy: bool
+                ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(log p(targets), entropies or None, the (rows, vocab) fp32 log-probs) of rows h under
+    head w, both already in the matmul dtype; the log-softmax made in place."""
+    with torch.autocast(h.device.type, enabled=False):
+        logp = (h @ w.T).float()
+        logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
+        picked = logp.gather(1, targets[:, None]).squeeze(1)
+        ent = None
+        if entropy:  # a row block at a time: no second (rows, vocab) buffer
+            ent = torch.empty_like(picked)
+            for s in range(0, len(picked), 64):
+                block = logp[s:s + 64]
+                ent[s:s + 64] = -(block.exp() * block).sum(-1)
+    return picked, ent, logp
+
+
+HEAD_ROWS = 256  # rows per block when no backward follows
+
+
 def head_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, entropy: bool = False
                   ) -> tuple[Tensor, Tensor | None]:
     """log p(targets) (M,) under the output head `weight` (vocab, C) at the rows of `hidden`
     (M, C), in fp32, and the entropy of each row's distribution (no gradient) when asked,
     else None. Values and gradients are those of `log_softmax(hidden @ weight.T)`, gathered."""
-    return _HeadLogprobs.apply(hidden, weight, targets, entropy)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _HeadLogprobs.apply(hidden, weight, targets, entropy)
+    # no backward follows (a reference's pass, an evaluation): a block of rows at a time, so
+    # scoring many answers never holds a (rows, vocab) matrix (16 DPO pairs: ~1 GB, and the
+    # heap kept every such size it had seen)
+    h, w = _head_casts(hidden, weight)
+    picked, ents = [], []
+    for r in range(0, len(h), HEAD_ROWS):  # each block's (rows, vocab) log-probs freed here
+        p, e, _ = _head_block(h[r:r + HEAD_ROWS], w, targets[r:r + HEAD_ROWS], entropy)
+        picked.append(p)
+        ents.append(e)
+    if not picked:  # no rows
+        return h.new_zeros(0, dtype=torch.float32), h.new_zeros(0, dtype=torch.float32) \
+            if entropy else None
+    return torch.cat(picked), torch.cat(ents) if entropy else None

@@ -345,6 +345,38 @@ def test_head_logprobs_equals_autograd_of_log_softmax():
     assert torch.allclose(bw, (g.T @ hb).float(), atol=1e-6)
 
 
+def test_head_logprobs_without_a_backward_reads_blocks_of_rows_and_gives_the_same(
+        monkeypatch):
+    """Under no_grad (a reference's pass, an evaluation) the head runs HEAD_ROWS rows at a
+    time, never holding a (rows, vocab) matrix: the same log-probs and entropies as the
+    one-matrix path, in fp32 and under bf16 autocast; no rows give empty results."""
+    import echolm.losses as losses
+    from echolm.losses import HEAD_ROWS
+
+    seen: list[int] = []
+    block = losses._head_block
+    monkeypatch.setattr(losses, "_head_block",
+                        lambda hb, *a: seen.append(len(hb)) or block(hb, *a))
+    torch.manual_seed(1)
+    n = 2 * HEAD_ROWS + 17
+    h, w = torch.randn(n, 16, requires_grad=True), torch.randn(70, 16)
+    y = torch.randint(0, 70, (n,))
+    for bf16 in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            full, full_ent = head_logprobs(h, w, y, entropy=True)  # h requires grad: one matrix
+            with torch.no_grad():
+                lp, ent = head_logprobs(h, w, y, entropy=True)
+                assert head_logprobs(h, w, y)[1] is None
+        assert lp.shape == (n,) and not lp.requires_grad
+        assert seen[0] == n and seen[1:] == [HEAD_ROWS, HEAD_ROWS, 17] * 2  # with, without grad
+        seen.clear()
+        assert torch.allclose(lp, full.detach(), atol=1e-5)
+        assert torch.allclose(ent, full_ent, atol=1e-5)
+    with torch.no_grad():
+        empty, ent = head_logprobs(h[:0], w, y[:0], entropy=True)
+    assert empty.shape == (0,) and ent.shape == (0,)
+
+
 from echolm.losses import explained_variance  # noqa: E402
 
 
