@@ -29,12 +29,10 @@ preset, cpu; Muon's Newton-Schulz costs ~1.5 TFLOP per step for a 135M model, mo
 forward and backward of a small batch); TRL's AdamW. With LoRA both train the adapters with
 AdamW. ``--ours-adamw`` adds Echo with AdamW for everything (``dpo.optimizer = "adamw"``).
 
-Dtype: ``--dtype auto`` by default, the smollm2-cpu preset's DPO stage's: bf16 autocast on
-both sides where the CPU multiplies bf16 natively (AMX, AVX512-BF16), fp32 elsewhere (an AVX2
-CPU emulates bf16 ~40x slower). On such a CPU that is each side's own default: Echo's
-``dtype = "auto"`` and TRL's ``bf16=True`` (TRL 1.16's config default unless fp16 is set; on
-an AVX2 CPU a TRL user would turn it off). ``--dtype fp32`` / ``--dtype bf16`` force one on
-both sides.
+Dtype: fp32 on both sides by default, the smollm2-cpu preset's (its header says why).
+``--dtype bf16`` trains both under bf16 autocast (Echo's stage ``dtype = "bf16"``, TRL's
+``bf16=True``, TRL 1.16's own config default unless fp16 is set); ``--dtype auto`` picks bf16
+where the CPU multiplies bf16 natively (AMX, AVX512-BF16), as Echo's ``"auto"`` does.
 
 Threads: 1 by default. On a small machine shared with other jobs, 2 threads make every
 parallel op wait for the other core (small matmuls, such as Muon's Newton-Schulz iterations,
@@ -333,7 +331,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per side (default 1, see above; 0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)
-    add_model_args(p, "auto")
+    add_model_args(p, "fp32")
     p.add_argument("--peer-precompute", action="store_true",
                    help="also time TRL with precompute_ref_log_probs=True")
     p.add_argument("--ours-adamw", action="store_true",
