@@ -331,7 +331,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per side (default 1, see above; 0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)
-    add_model_args(p, "fp32")
+    add_model_args(p)
     p.add_argument("--peer-precompute", action="store_true",
                    help="also time TRL with precompute_ref_log_probs=True")
     p.add_argument("--ours-adamw", action="store_true",

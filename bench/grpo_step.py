@@ -339,7 +339,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per side (default 1; 0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)
-    add_model_args(p, "fp32")
+    add_model_args(p)
     p.add_argument("--ours-adamw", action="store_true",
                    help="also time Echo with AdamW instead of Muon + AdamW")
     p.add_argument("--side", choices=["echo", "echo_adamw", "trl"],

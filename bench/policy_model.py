@@ -50,8 +50,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 DESCRIBE_7M = "7M: hidden 256, 4 layers, 4 heads / 2 KV, vocab 8192, d_mlp 768, untied"
 
 
-def add_model_args(p: argparse.ArgumentParser, dtype: str) -> None:
-    """The model options; `dtype` the default training dtype (the smollm2-cpu stage's)."""
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf", type=Path, default=None,
                    help="SmolLM2-135M-Instruct.Q4_1.gguf: train that model (imported by "
                         "`echolm import gguf` into a temporary run) instead of the random 7M")
@@ -62,9 +61,9 @@ def add_model_args(p: argparse.ArgumentParser, dtype: str) -> None:
                    help="also time both sides with LoRA rank R (alpha 2R) on all seven "
                         "projections; in a child: this side trains LoRA")
     p.add_argument("--lora-only", action="store_true", help="with --lora: skip full tuning")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=dtype,
-                   help=f"training dtype on both sides (default {dtype}, the smollm2-cpu "
-                        "preset's for this stage): bf16 is autocast, Echo's stage "
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="fp32",
+                   help="training dtype on both sides (default fp32, the smollm2-cpu "
+                        "preset's): bf16 is autocast, Echo's stage "
                         "`dtype = \"bf16\"` and TRL's `bf16=True` (TRL's own default); auto: "
                         "bf16 where this CPU multiplies bf16 natively (AMX / AVX512-BF16), else "
                         "fp32, as Echo's `dtype = \"auto\"` picks")

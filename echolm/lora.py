@@ -319,12 +319,13 @@ def frozen_reference(model: Transformer, dtype: torch.dtype = torch.float32) -> 
     memo: dict[int, Any] = {id(t): nn.Parameter(t.detach().to(dtype), requires_grad=False)
                             for m in low for t in (m.weight, m.bias) if t is not None}
     ref = copy.deepcopy(model, memo).eval().requires_grad_(False)
-    if low and tied:  # the head gets its own copy; the embedding's lookups stay fp32
-        ref.lm_head.weight = nn.Parameter(ref.lm_head.weight.detach().to(dtype),
-                                          requires_grad=False)
-    for m in ref.modules():
-        if type(m) is nn.Linear and low and m.weight.dtype == dtype:
-            m.__class__ = StoredLowLinear
+    if low:
+        if tied:  # the head gets its own copy; the embedding's lookups stay fp32
+            ref.lm_head.weight = nn.Parameter(ref.lm_head.weight.detach().to(dtype),
+                                              requires_grad=False)
+        for m in ref.modules():
+            if type(m) is nn.Linear:  # every one of them is stored in `dtype` now
+                m.__class__ = StoredLowLinear
     return ref
 
 

@@ -397,11 +397,8 @@ def head_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, entropy: bool
     # heap kept every such size it had seen)
     h, w = _head_casts(hidden, weight)
     picked, ents = [], []
-    for r in range(0, len(h), HEAD_ROWS):  # each block's (rows, vocab) log-probs freed here
+    for r in range(0, max(len(h), 1), HEAD_ROWS):  # each block's log-probs freed here
         p, e, _ = _head_block(h[r:r + HEAD_ROWS], w, targets[r:r + HEAD_ROWS], entropy)
         picked.append(p)
         ents.append(e)
-    if not picked:  # no rows
-        return h.new_zeros(0, dtype=torch.float32), h.new_zeros(0, dtype=torch.float32) \
-            if entropy else None
     return torch.cat(picked), torch.cat(ents) if entropy else None
