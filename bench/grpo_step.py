@@ -119,7 +119,7 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
     from echolm.config import RLConfig
     from echolm.lora import start_lora
     from echolm.losses import group_advantages
-    from echolm.rollout import pad_batch, sample_responses
+    from echolm.rollout import pad_batch, pad_logprobs, sample_responses
     from echolm.runtime import Dist
     from echolm.train.grpo import PolicyBatch, policy_loss
     from echolm.trainer import Trainer
@@ -148,16 +148,18 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
         start = (step * args.batch) % len(prompts)
         batch_prompts = [prompts[(start + i) % len(prompts)] for i in range(args.batch)]
         sampled = sample_responses(trainer.model, tok, batch_prompts, g.group_size,
-                                   g.max_tokens, g.temperature, seed=args.seed * 97 + step)
-        rewards = torch.tensor([reward_ids(r) for r, _ in sampled]).view(args.batch, g.group_size)
+                                   g.max_tokens, g.temperature, seed=args.seed * 97 + step,
+                                   logprobs=True)  # as the stage: truncated importance sampling
+        rewards = torch.tensor([reward_ids(s.ids) for s in sampled]).view(args.batch, g.group_size)
         adv = group_advantages(rewards, g.scale_by_std).flatten()
         flat_prompts = [p for p in batch_prompts for _ in range(g.group_size)]
-        x, y, mask = pad_batch(flat_prompts, [r for r, _ in sampled], tok.pad)
-        batch = PolicyBatch(x, y, mask, adv, None, None)
+        x, y, mask = pad_batch(flat_prompts, [s.ids for s in sampled], tok.pad)
+        batch = PolicyBatch(x, y, mask, adv, pad_logprobs(mask, [s.logprobs for s in sampled]),
+                            None, None)
         idx = torch.arange(len(sampled))
         trainer.update([(batch, idx)], lambda m, item: policy_loss(m, item, g, stats),
                      int(mask.sum()))
-        info["lengths"].update(len(r) for r, _ in sampled)
+        info["lengths"].update(len(s.ids) for s in sampled)
         info["reward_mean"].append(float(rewards.mean()))
 
     if args.profile:

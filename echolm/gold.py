@@ -57,8 +57,8 @@ def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: 
     prompts = [tok.render_user(it.text) for it in items]
     sampled = sample_responses(model, tok, prompts, samples, p.max_tokens, p.temperature, seed,
                                desc=f"gold: {len(prompts)} prompts x {samples}")
-    texts = [tok.decode(r[:-1] if done else r) for r, done in sampled]
-    finished = [done for _, done in sampled]
+    texts = [tok.decode(s.ids[:-1] if s.stopped else s.ids) for s in sampled]
+    finished = [s.stopped for s in sampled]
     rows = [it for it in items for _ in range(samples)]  # prompt-major, as sampled
     proxy = (None if rm is None else
              float(rm.score(tok, [it.text for it in rows], texts, finished).float().mean()))
@@ -68,7 +68,7 @@ def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: 
     if reference is not None:
         device = next(model.parameters()).device
         x, y, mask = (t.to(device) for t in pad_batch([q for q in prompts for _ in range(samples)],
-                                                      [r for r, _ in sampled], tok.pad))
+                                                      [s.ids for s in sampled], tok.pad))
         kl_seq = []
         for i in range(0, len(x), 64):  # 1,024 answers' logits at once: ~2 GB per model
             xs, ys, ms = x[i:i + 64], y[i:i + 64], mask[i:i + 64]
@@ -80,7 +80,7 @@ def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: 
         win = sum(1.0 if g > b else 0.5 if g == b else 0.0
                   for g, b in zip(gold, baseline, strict=True)) / len(gold)
     res = EvalResult(proxy=proxy, gold=sum(gold) / len(gold), kl=kl,
-                     length=sum(len(r) for r, _ in sampled) / len(sampled),
+                     length=sum(len(s.ids) for s in sampled) / len(sampled),
                      repetition=sum(map(repetition, texts)) / len(texts),
                      finished=sum(finished) / len(finished), win_rate=win)
     return res, gold, texts

@@ -54,15 +54,16 @@ def group_advantages(rewards: Tensor, scale_by_std: bool = True, eps: float = 1e
 
 def clipped_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor,
                         clip_low: float = 0.2, clip_high: float = 0.2,
-                        aggregation: str = "token", max_tokens: int | None = None
-                        ) -> tuple[Tensor, dict[str, Tensor]]:
+                        aggregation: str = "token", max_tokens: int | None = None,
+                        weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate, as GRPO and its variants use it.
 
     logp, logp_old, mask: (B, T) per response token (mask 1 on tokens the policy generated);
     advantages: (B,) one per sequence (GRPO, RLOO) or (B, T) one per token (PPO with GAE).
     ratio = exp(logp - logp_old); per token -min(ratio * A, clip(ratio, 1 - clip_low,
     1 + clip_high) * A). DAPO's "clip-higher" is clip_high > clip_low. Aggregated over tokens
-    by `aggregate_tokens` ("token", "sequence" or "constant").
+    by `aggregate_tokens` ("token", "sequence" or "constant"). `weights` (B, T), no gradient,
+    multiply each token's term (truncated importance sampling: `truncated_is_weights`).
     Returns the loss and statistics: clip fraction (the share of tokens whose gradient the
     clip cut off), mean ratio, and approx_kl, the k3 estimate
     of KL(old || new) per token, mean((ratio - 1) - log ratio): how far this update has moved
@@ -74,6 +75,8 @@ def clipped_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights.detach().to(per_token.dtype)
     loss = aggregate_tokens(per_token, mask, aggregation, max_tokens)
     log_ratio = (logp - logp_old).detach()
     # clipped: the tokens whose gradient the clip cut off (TRL's clip_ratio): the ratio past
@@ -83,6 +86,16 @@ def clipped_policy_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask
     stats = {k: aggregate_tokens(v.detach().to(logp.dtype), mask) for k, v in (
         ("clip_frac", cut), ("ratio", ratio), ("approx_kl", (log_ratio.exp() - 1) - log_ratio))}
     return loss, stats
+
+
+def truncated_is_weights(logp_old: Tensor, logp_sampler: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"; TRL's vllm_importance_sampling_cap): per token
+    min(pi_train / pi_sampler, cap) = min(exp(logp_old - logp_sampler), cap), no gradient.
+    The answers were drawn by the sampler, whose numbers differ from the trainer's (another
+    dtype, other kernels); weighting each token's surrogate by this ratio makes the gradient
+    the trainer's policy's own, and the cap bounds the variance a rare token could add."""
+    return torch.exp(logp_old.detach() - logp_sampler).clamp(max=cap)
 
 
 def aggregate_tokens(per_token: Tensor, mask: Tensor, aggregation: str = "token",

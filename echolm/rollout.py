@@ -3,6 +3,8 @@ them back from. Shared by RL, RLHF, ranking and evaluation."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -15,13 +17,23 @@ from echolm.model import Transformer
 from echolm.tokenizer import Tokenizer
 
 
+class Sampled(NamedTuple):
+    """One sampled answer: the generated ids (with the end-of-turn token when the model
+    stopped), whether it stopped, and (when asked) the sampler's log-probability of each id
+    under the model's raw distribution (temperature 1, no filtering): what the trainer's
+    log-probabilities are compared with (RL's truncated importance sampling)."""
+
+    ids: list[int]
+    stopped: bool
+    logprobs: list[float] | None = None
+
+
 @torch.inference_mode()
 def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[list[int]], n: int,
-                     max_tokens: int, temperature: float, seed: int, desc: str | None = None
-                     ) -> list[tuple[list[int], bool]]:
-    """`n` sampled responses to every prompt (prompt-major order): the generated ids,
-    including the end-of-turn token when the model stopped, and whether it stopped. With
-    `desc`, a progress bar of the answers finished (it goes when done)."""
+                     max_tokens: int, temperature: float, seed: int, desc: str | None = None,
+                     logprobs: bool = False) -> list[Sampled]:
+    """`n` sampled responses to every prompt (prompt-major order). With `desc`, a progress bar
+    of the answers finished (it goes when done)."""
     free_casts(model)  # training-time copies: the decoder has its own
     stops = tok.stop_ids
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
@@ -30,17 +42,30 @@ def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[list[int]
     model.eval()
     flat = [p for p in prompts for _ in range(n)]
     responses: list[list[int]] = [[] for _ in flat]
+    lps: list[list[float]] = [[] for _ in flat]
+    drawn = torch.zeros(len(flat))  # this step's log-probabilities, by row
+
+    def keep_logprobs(rows: Tensor, logits: Tensor, nxt: Tensor) -> None:
+        logits = logits.float()
+        lp = logits.gather(1, nxt[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+        drawn[rows.cpu()] = lp.cpu()
+
     bar = tqdm(total=len(flat), desc=desc, unit="answer", leave=False, dynamic_ncols=True,
                disable=desc is None)
-    for step in generate_ids(model, flat, params, pad_id=tok.pad):
+    for step in generate_ids(model, flat, params, pad_id=tok.pad,
+                             on_draw=keep_logprobs if logprobs else None):
+        step_lps = drawn.tolist() if logprobs else None
         for i, t in enumerate(step.tolist()):
             if t >= 0:
                 responses[i].append(t)
+                if step_lps is not None:
+                    lps[i].append(step_lps[i])
                 if t in stops:
                     bar.update(1)
     bar.close()
     model.train(was_training)
-    return [(r, bool(r) and r[-1] in stops) for r in responses]
+    return [Sampled(r, bool(r) and r[-1] in stops, lp if logprobs else None)
+            for r, lp in zip(responses, lps, strict=True)]
 
 
 def pad_right(seqs: list[list[int]], pad: int) -> Tensor:
@@ -60,6 +85,13 @@ def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad: int
     for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
         mask[i, len(p) - 1:len(s) - 1] = 1
     return x, y, mask
+
+
+def pad_logprobs(mask: Tensor, logprobs: list[list[float]]) -> Tensor:
+    """Each answer's per-token numbers (the sampler's log-probabilities) placed where
+    `pad_batch`'s mask has its tokens, 0 elsewhere: (B, T) float32."""
+    flat = torch.tensor([v for row in logprobs for v in row], device=mask.device)
+    return torch.zeros(mask.shape, device=mask.device).masked_scatter(mask.bool(), flat)
 
 
 def response_logprobs(logits: Tensor, y: Tensor) -> Tensor:

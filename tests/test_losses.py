@@ -53,6 +53,7 @@ from echolm.losses import (  # noqa: E402
     group_advantages,
     kl_k3,
     overlong_penalty,
+    truncated_is_weights,
 )
 
 
@@ -123,6 +124,26 @@ def test_clipped_policy_loss_gradient_is_reinforce_at_ratio_one():
     loss.backward()
     # d/dlogp of -(exp(logp - old) * A) / 2 at logp == old is -A / 2 per token
     assert torch.allclose(logp.grad, torch.tensor([[-1.0, -1.0]]))
+
+
+def test_truncated_is_weights_by_hand():
+    # trainer log-probs -1.0, -2.0, -0.5; the sampler's -1.5, -2.0, -2.0:
+    # exp(0.5) = 1.648721, exp(0) = 1, exp(1.5) = 4.481689 capped at 2
+    w = truncated_is_weights(torch.tensor([-1.0, -2.0, -0.5], requires_grad=True),
+                             torch.tensor([-1.5, -2.0, -2.0]), cap=2.0)
+    assert torch.allclose(w, torch.tensor([1.648721, 1.0, 2.0]), atol=1e-6)
+    assert not w.requires_grad
+
+
+def test_clipped_policy_loss_weights_scale_each_token():
+    # ratio 1 everywhere, A = +2, two tokens weighted 0.5 and 2: per token -A * w = -1, -4;
+    # "token" aggregation: -5 / 2; the gradient per token -A * w / 2 = -0.5, -2
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, _ = clipped_policy_loss(logp, logp.detach(), torch.tensor([2.0]), torch.ones(1, 2),
+                                  weights=torch.tensor([[0.5, 2.0]]))
+    assert loss.item() == pytest.approx(-2.5)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-0.5, -2.0]]))
 
 
 def test_kl_k3_by_hand():

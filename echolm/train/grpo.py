@@ -29,9 +29,10 @@ from echolm.losses import (
     group_advantages,
     kl_k3,
     overlong_penalty,
+    truncated_is_weights,
 )
 from echolm.model import Transformer
-from echolm.rollout import pad_batch, sample_responses, token_logprobs
+from echolm.rollout import pad_batch, pad_logprobs, sample_responses, token_logprobs
 from echolm.runtime import autocast, resolve_dtype, single_process
 from echolm.staging import StageOutput
 from echolm.tasks import Problem, Task
@@ -47,6 +48,7 @@ class Rollout:
     prompt: list[int]
     response: list[int]  # generated ids, including the end-of-turn token if it stopped
     stopped: bool
+    sampler_logprobs: list[float]  # of each response id, as the decoder drew it
     reward: float = 0.0
 
 
@@ -55,16 +57,16 @@ def sample_groups(model: Transformer, tok: Tokenizer, items: list[tuple[Task, Pr
     """`group_size` sampled answers to every problem, scored by its task."""
     prompts = [tok.render_user(p.prompt) for _, p in items]
     sampled = sample_responses(model, tok, prompts, g.group_size, g.max_tokens, g.temperature,
-                               seed)
+                               seed, logprobs=True)
     groups: list[list[Rollout]] = [[] for _ in items]
-    for i, (resp, stopped) in enumerate(sampled):
+    for i, (resp, stopped, logprobs) in enumerate(sampled):
         k = i // g.group_size
         task, problem = items[k]
         text = tok.decode(resp[:-1] if stopped else resp)
         reward = task.score(problem, text)
         if g.format_reward and stopped and "Answer:" in text:
             reward += g.format_reward
-        groups[k].append(Rollout(problem, task, prompts[k], resp, stopped, reward))
+        groups[k].append(Rollout(problem, task, prompts[k], resp, stopped, logprobs, reward))
     if g.overlong_buffer > 0:
         for group in groups:
             lengths = torch.tensor([len(r.response) for r in group])
@@ -82,6 +84,7 @@ class PolicyBatch:
     y: Tensor
     mask: Tensor
     advantages: Tensor  # one per sequence
+    logp_sampler: Tensor  # (B, T) what the decoder drew each response token with
     logp_old: Tensor | None  # None: a single update per batch, ratio taken against itself
     logp_ref: Tensor | None  # None: no KL penalty
 
@@ -94,14 +97,23 @@ def policy_loss(model: torch.nn.Module, item: tuple[PolicyBatch, Tensor], g: RLC
     mask = b.mask[idx]
     logp, entropy = token_logprobs(model, b.x[idx], b.y[idx], mask, entropy=True)
     logp_old = b.logp_old[idx] if b.logp_old is not None else logp.detach()
+    logp_sampler = b.logp_sampler[idx]
+    weights = truncated_is_weights(logp_old, logp_sampler, g.tis_cap) if g.tis_cap else None
     loss, st = clipped_policy_loss(logp, logp_old, b.advantages[idx], mask, g.clip_low,
-                                   g.clip_high, g.aggregation, g.max_tokens)
+                                   g.clip_high, g.aggregation, g.max_tokens, weights)
     if b.logp_ref is not None:  # the penalty aggregated as the surrogate is; logged per token
         kl = kl_k3(logp, b.logp_ref[idx])
         loss = loss + g.kl_beta * aggregate_tokens(kl, mask, g.aggregation, g.max_tokens)
         stats.setdefault("kl", []).append(float(aggregate_tokens(kl.detach(), mask)))
     for k in ("clip_frac", "approx_kl"):  # approx_kl: 0 on a step's first update (old = new)
         stats.setdefault(k, []).append(float(st[k]))
+    # how far the sampler's numbers are from the trainer's (k3 of KL(sampler || trainer));
+    # and the share of tokens truncated importance sampling capped
+    stats.setdefault("sampler_kl", []).append(float(aggregate_tokens(
+        kl_k3(logp_sampler, logp_old), mask)))
+    if weights is not None:
+        stats.setdefault("tis_capped", []).append(float(aggregate_tokens(
+            (weights >= g.tis_cap).float(), mask)))
     stats.setdefault("entropy", []).append(float(aggregate_tokens(entropy, mask)))
     return loss
 
@@ -179,11 +191,12 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             adv = group_advantages(rewards, g.scale_by_std).flatten().to(d.device)
             x, y, mask = (t.to(d.device) for t in pad_batch(
                 [r.prompt for r in rollouts], [r.response for r in rollouts], tok.pad))
+            sampler = pad_logprobs(mask, [r.sampler_logprobs for r in rollouts])
             with torch.no_grad(), ctx:
                 old = (token_logprobs(model, x, y, mask)[0] if g.epochs * g.minibatches > 1
                        else None)
                 ref = token_logprobs(reference, x, y, mask)[0] if reference is not None else None
-            batch = PolicyBatch(x, y, mask, adv, old, ref)
+            batch = PolicyBatch(x, y, mask, adv, sampler, old, ref)
             stats: dict[str, list[float]] = {}
             loss_fn = partial(policy_loss, g=g, stats=stats)
             order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(step))
@@ -226,7 +239,7 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
               **facts, "lora": lora,
               "algorithm": {k: getattr(g, k) for k in (
                   "group_size", "prompts_per_step", "scale_by_std", "aggregation", "clip_low",
-                  "clip_high", "kl_beta", "epochs", "minibatches", "dynamic_sampling",
+                  "clip_high", "kl_beta", "tis_cap", "epochs", "minibatches", "dynamic_sampling",
                   "overlong_buffer", "format_reward", "temperature")}}
     stage.commit(result)
     log(f"rl: {facts['schedule']}, {facts['minutes']:.1f} min")

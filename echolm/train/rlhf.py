@@ -191,15 +191,15 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: RLHFConfig,
                                    seed=p.seed * 7919 + step)
         flat_prompts = [pr for pr in prompts for _ in range(k)]
         flat_items = [it for it in items for _ in range(k)]
-        texts = [tok.decode(r[:-1] if done else r) for r, done in sampled]
-        finished = torch.tensor([done for _, done in sampled], dtype=torch.float32)
+        texts = [tok.decode(s.ids[:-1] if s.stopped else s.ids) for s in sampled]
+        finished = torch.tensor([s.stopped for s in sampled], dtype=torch.float32)
         with torch.no_grad():
             raw = rm.score(tok, [it.text for it in flat_items], texts,
                            [bool(f) for f in finished.tolist()]).float()
         moments.update(raw.tolist())
         score = (raw - moments.mean) / (moments.std + 1e-6) if p.normalize_reward else raw
         score = (score - p.unfinished_penalty * (1 - finished)).to(d.device)
-        x, y, mask = (t.to(d.device) for t in pad_batch(flat_prompts, [r for r, _ in sampled],
+        x, y, mask = (t.to(d.device) for t in pad_batch(flat_prompts, [s.ids for s in sampled],
                                                         tok.pad))
         with torch.no_grad(), ctx:
             if p.algorithm == "ppo":
