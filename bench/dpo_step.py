@@ -29,10 +29,10 @@ preset, cpu; Muon's Newton-Schulz costs ~1.5 TFLOP per step for a 135M model, mo
 forward and backward of a small batch); TRL's AdamW. With LoRA both train the adapters with
 AdamW. ``--ours-adamw`` adds Echo with AdamW for everything (``dpo.optimizer = "adamw"``).
 
-Dtype: fp32 on both sides by default, the smollm2-cpu preset's (its header says why).
-``--dtype bf16`` trains both under bf16 autocast (Echo's stage ``dtype = "bf16"``, TRL's
-``bf16=True``, TRL 1.16's own config default unless fp16 is set); ``--dtype auto`` picks bf16
-where the CPU multiplies bf16 natively (AMX, AVX512-BF16), as Echo's ``"auto"`` does.
+Dtype: ``--dtype auto`` by default, the smollm2-cpu preset's: bf16 autocast on both sides where
+the CPU multiplies bf16 natively (AMX, AVX512-BF16; TRL's ``bf16=True``, TRL 1.16's own
+config default unless fp16 is set), fp32 elsewhere (an AVX2 CPU). ``--dtype fp32`` /
+``--dtype bf16`` force one.
 
 Threads: 1 by default. On a small machine shared with other jobs, 2 threads make every
 parallel op wait for the other core (small matmuls, such as Muon's Newton-Schulz iterations,

@@ -35,12 +35,12 @@ Optimizers: Echo's is ``--ours-optimizer``: by default Muon (hidden matrices) + 
 preset, cpu); TRL's AdamW. With LoRA both train the adapters with AdamW. ``--ours-adamw``
 adds Echo with AdamW for everything.
 
-Dtype: fp32 on both sides by default: the smollm2-cpu preset's RL trains in fp32 on every CPU
-(in bf16 on the AMX machine its GRPO collapsed; the preset's header says how). ``--dtype bf16``
-trains both under bf16 autocast (Echo's stage ``dtype = "bf16"``, TRL's ``bf16=True``, TRL
-1.16's own config default unless fp16 is set); ``--dtype auto`` picks bf16 where the CPU
-multiplies bf16 natively (AMX, AVX512-BF16), as Echo's ``"auto"`` does. Echo's stage samples
-in fp32 whatever its training dtype (as ``echolm rl`` does).
+Dtype: ``--dtype auto`` by default, the smollm2-cpu preset's: bf16 autocast on both sides where
+the CPU multiplies bf16 natively (AMX, AVX512-BF16; TRL's ``bf16=True``, TRL 1.16's own
+config default unless fp16 is set), fp32 elsewhere (an AVX2 CPU). ``--dtype fp32`` /
+``--dtype bf16`` force one. Echo's stage samples in fp32 whatever its training dtype, and
+weighs each token by truncated importance sampling against the sampler's log-probs (as
+``echolm rl`` does; TRL's GRPOTrainer does that only with vLLM, not here).
 
 Each side runs in its own subprocess (``--side``), one torch thread by default (the machine
 may be shared); rounds alternate the order. Within a child: ``--warmup`` untimed steps, then

@@ -61,12 +61,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="also time both sides with LoRA rank R (alpha 2R) on all seven "
                         "projections; in a child: this side trains LoRA")
     p.add_argument("--lora-only", action="store_true", help="with --lora: skip full tuning")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="fp32",
-                   help="training dtype on both sides (default fp32, the smollm2-cpu "
-                        "preset's): bf16 is autocast, Echo's stage "
-                        "`dtype = \"bf16\"` and TRL's `bf16=True` (TRL's own default); auto: "
-                        "bf16 where this CPU multiplies bf16 natively (AMX / AVX512-BF16), else "
-                        "fp32, as Echo's `dtype = \"auto\"` picks")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="training dtype on both sides (default auto, the smollm2-cpu "
+                        "preset's: bf16 where this CPU multiplies bf16 natively (AMX / "
+                        "AVX512-BF16), else fp32, as Echo's `dtype = \"auto\"` picks); bf16 "
+                        "is autocast, Echo's stage `dtype = \"bf16\"` and TRL's `bf16=True` "
+                        "(TRL's own default)")
     p.add_argument("--ours-optimizer", choices=["muon", "adamw"], default=None,
                    help="Echo's optimizer (default: muon, Echo's config default, for the 7M; "
                         "adamw for SmolLM2, what `echolm rl` and `echolm dpo` use under the "

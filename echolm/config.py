@@ -267,11 +267,7 @@ class RLConfig(LoopConfig):
     clip_low: float = 0.2  # PPO ratio clip below 1 (1 - clip_low)
     clip_high: float = 0.28  # > clip_low = DAPO's clip-higher
     kl_beta: float = 0.0  # > 0: k3 KL penalty to the frozen starting policy
-    # truncated importance sampling: each token's term weighted by min(p_train / p_sampler,
-    # tis_cap), p_sampler what the decoder drew it with. Corrects the difference between the
-    # sampler's numbers and the trainer's (bf16 training of an fp32-sampled policy: ~0.03
-    # nats a token); ~1 when both are fp32. 0 = off
-    tis_cap: float = 2.0
+    tis_cap: float = 2.0  # truncated importance sampling: min(p_train / p_sampler, cap); 0 off
     epochs: int = 1  # optimisation passes over each batch of samples (importance ratios)
     minibatches: int = 1  # optimizer steps per pass
     dynamic_sampling: bool = True  # drop groups whose rewards are all equal, refill (DAPO)
@@ -305,9 +301,8 @@ class RLConfig(LoopConfig):
         finite(section, self, ("clip_low", "clip_high", "kl_beta", "format_reward"))
         fraction(section, self, "clip_low", high_open=True)  # the ratio's floor 1 - clip_low > 0
         finite(section, self, ("tis_cap",))
-        if 0 < self.tis_cap < 1:
-            raise EchoError(f"{section}.tis_cap={self.tis_cap} must be 0 (off) or >= 1: a cap "
-                            "under 1 would weigh down every token the two agree on")
+        if 0 < self.tis_cap < 1:  # it would weigh down every token the two agree on
+            raise EchoError(f"{section}.tis_cap={self.tis_cap} must be 0 (off) or >= 1")
 
 
 @dataclass

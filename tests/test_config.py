@@ -67,6 +67,8 @@ def test_unknown_preset_lists_known():
     ('sft.tasks=["nosuch"]', "sft.tasks: 'nosuch': unknown task"),
     ("rl.temperature=-1", "rl.temperature=-1.0 must be a finite number > 0"),
     ("rl.aggregation=mean", "rl.aggregation must be token, sequence or constant"),
+    ("rl.tis_cap=0.5", r"rl.tis_cap=0.5 must be 0 \(off\) or >= 1"),
+    ("rl.tis_cap=-1", "rl.tis_cap=-1.0 must be a finite number >= 0"),
     ("rlhf.algorithm=foo", "rlhf.algorithm must be ppo, rloo, grpo or best, got 'foo'"),
     ("rlhf.max_tokens=-1", "rlhf.max_tokens=-1 must be >= 1"),
     ("rlhf.algorithm=rloo", "needs rlhf.samples_per_prompt >= 2"),
