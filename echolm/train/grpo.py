@@ -5,7 +5,9 @@ score every answer with the task's verifier, and push up the log-probability of 
 beat their group's average while pushing down the rest (group-relative advantages; no value
 network). Optional: Dr. GRPO (no std scaling, constant normaliser), DAPO (clip-higher, token
 averaging, dynamic sampling, overlong penalty), a k3 KL penalty to the starting policy,
-several optimisation epochs per batch with importance ratios. pass@k before and after.
+several optimisation epochs per batch with importance ratios. Each token's term is weighted
+by truncated importance sampling against the log-prob the decoder drew it with (`tis_cap`),
+which matters when the update runs in bf16 and the sampler in fp32. pass@k before and after.
 """
 
 from __future__ import annotations
