@@ -340,6 +340,23 @@ def status_banner(run_dir: Path, status: dict) -> list[str]:
     return ["> " + line, ""]
 
 
+def sampler_note(rl: dict) -> list[str]:
+    """How far the sampler's numbers were from the trainer's over the RL steps, and what
+    truncated importance sampling did about it ([] for a run that did not record it)."""
+    m = rl.get("sampler")
+    if not m or not m.get("steps"):
+        return []
+    text = (f"Sampler vs trainer: the answers were drawn from fp32 weights and learned from in "
+            f"{rl.get('dtype', 'float32')}; their log-probs differed by {m['sampler_kl']:.4f} "
+            f"nats a token (k3 estimate of KL, mean over {m['steps']} steps). ")
+    if m["tis_cap"] > 0:
+        text += (f"Truncated importance sampling (cap {m['tis_cap']:g}) weighed each token by "
+                 f"their ratio and capped {m['tis_capped']:.2%} of tokens.")
+    else:
+        text += "Not corrected (rl.tis_cap = 0)."
+    return ["", text]
+
+
 def build_report(run_dir: Path, log=print) -> Path:
     summary = read_summary(run_dir)
     stages = [s for s in MODEL_STAGES if (run_dir / s / "model.safetensors").exists()]
@@ -420,6 +437,7 @@ def build_report(run_dir: Path, log=print) -> Path:
             md[-1] += (f" pass@k from {first['samples_per_problem']} answers per problem (n "
                        "problems)" + (f", sampled at temperature {first['temperature']:g}"
                                       if first.get("temperature") is not None else "") + ".")
+        md += sampler_note(r)
         start = r.get("init", "sft").upper()
         md += ["", "![rl](rl.png)", "", f"### Does RL add reasoning beyond {start}? "
                "(Yue et al., 2025)", ""] + [f"- **{n}**: {yue_verdict(t)}"

@@ -448,6 +448,10 @@ def test_lora_rl_with_a_kl_penalty_measures_against_the_base(pref_run):  # noqa:
     assert sum("LoRA r=2" in m for m in logs) == 1
     recs = _stage_metrics(pref_run, "rl")
     assert len(recs) == 3 and recs[0]["kl"] == 0.0  # the reference is the starting policy
+    # in fp32 the decoder's log-probs (merged LoRA weights, fused projections, a KV cache)
+    # are the trainer's: the mismatch truncated importance sampling corrects is ~0
+    assert res["sampler"]["steps"] == 3 and res["sampler"]["tis_cap"] == 2.0
+    assert res["sampler"]["sampler_kl"] < 1e-5 and res["sampler"]["tis_capped"] == 0.0
     _check_merged(pref_run / "rl", pref_run / "sft")
 
 

@@ -135,7 +135,8 @@ def test_the_report_of_a_run_with_edge_case_results_says_what_was_measured(tmp_p
     task = {"pass@1_before": 0.1, "pass@1_after": 0.3, "pass@k_before": {"1": 0.1, "4": 0.3},
             "pass@k_after": {"1": 0.3, "4": 0.5}, "n": 40, "samples_per_problem": 4,
             "temperature": 1.0}
-    rl = {"tasks": {"arithmetic": task}, "init": "base"}
+    rl = {"tasks": {"arithmetic": task}, "init": "base", "dtype": "bfloat16",
+          "sampler": {"tis_cap": 2.0, "steps": 12, "sampler_kl": 0.00345, "tis_capped": 0.0012}}
     summary = {"rl": rl, "rm": {"heldout_accuracy": None, "n": 0, "ece": None},
                "dpo": {"gold_win_rate_vs_sft": 0.6, "gold_reward": 0.5, "sft_gold": 0.4,
                        "n": 48, "samples_per_prompt": 4, "temperature": 0.7}}
@@ -147,6 +148,18 @@ def test_the_report_of_a_run_with_edge_case_results_says_what_was_measured(tmp_p
     assert "Does RL add reasoning beyond BASE?" in text
     assert "pass@k from 4 answers per problem (n problems), sampled at temperature 1." in text
     assert "(n=48 prompts x 4 answers, sampled at temperature 0.7)" in text
+    assert ("learned from in bfloat16; their log-probs differed by 0.0034 nats a token (k3 "
+            "estimate of KL, mean over 12 steps). Truncated importance sampling (cap 2) weighed "
+            "each token by their ratio and capped 0.12% of tokens.") in text
+
+
+def test_sampler_note_says_when_nothing_corrected_it_or_nothing_was_recorded() -> None:
+    from echolm.report import sampler_note
+
+    rl = {"sampler": {"tis_cap": 0.0, "steps": 3, "sampler_kl": 0.0, "tis_capped": 0.0}}
+    assert sampler_note(rl)[1].endswith("Not corrected (rl.tis_cap = 0).")
+    assert "in float32;" in sampler_note(rl)[1]
+    assert sampler_note({}) == [] and sampler_note({"sampler": {"steps": 0}}) == []
 
 
 def test_figures_measured_from_a_replaced_sft_model_are_called_stale(tmp_path: Path) -> None:

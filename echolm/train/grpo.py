@@ -217,6 +217,11 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
             "response_len": round(sum(len(r.response) for r in seen) / len(seen), 2),
             "stopped_frac": round(sum(r.stopped for r in seen) / len(seen), 4),
             "updated": bool(groups)})
+        if "sampler_kl" in rec:  # summed over the run (checkpointed: a resume keeps them)
+            sums = trainer.extra.setdefault("mismatch", [0.0, 0.0, 0])
+            sums[0] += rec["sampler_kl"]
+            sums[1] += rec.get("tis_capped", 0.0)
+            sums[2] += 1
         trainer.end_step(rec, show=("reward_mean", "response_len", "zero_variance_frac"))
     facts = trainer.finish()
     finish_lora(model, out, start)  # adapter saved, then merged: a plain model from here on
@@ -236,7 +241,11 @@ def run_rl(cfg: Config, run_dir: Path, force: bool = False, log=print) -> dict:
                                 "temperature": a["temperature"]}
     save_model(model, out)
     facts["minutes"] = round(trainer.clock.seconds() / 60, 2)
-    result = {"tasks": tasks_summary, "init": g.init,
+    kl_sum, capped_sum, n_steps = trainer.extra.get("mismatch", [0.0, 0.0, 0])
+    sampler = {"tis_cap": g.tis_cap, "steps": n_steps,
+               "sampler_kl": round(kl_sum / max(n_steps, 1), 6),
+               "tis_capped": round(capped_sum / max(n_steps, 1), 6)}
+    result = {"tasks": tasks_summary, "init": g.init, "sampler": sampler,
               "start_fingerprint": file_fingerprint(start / "model.safetensors"),
               **facts, "lora": lora,
               "algorithm": {k: getattr(g, k) for k in (
