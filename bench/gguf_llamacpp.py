@@ -68,7 +68,7 @@ def echo_greedy(model, tok: Tokenizer, prompt: list[int]) -> tuple[list[int], li
     steps: list[torch.Tensor] = []
     out = [int(t[0]) for t in generate_ids(
         model, [prompt], SamplingParams(max_tokens=STEPS, temperature=0.0), pad_id=tok.pad,
-        on_logits=lambda logits: steps.append(logits[0].float().clone()))]
+        on_draw=lambda _rows, logits, _next: steps.append(logits[0].float().clone()))]
     return out, steps
 
 

@@ -266,13 +266,12 @@ def _onednn_linear_available() -> bool:
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompts: list[list[int]], p: SamplingParams,
                  pad_id: int = 0, fast: bool | None = None,
-                 on_logits: Callable[[Tensor], None] | None = None,
                  on_draw: Callable[[Tensor, Tensor, Tensor], None] | None = None
                  ) -> Iterator[Tensor]:
     """Yield, at each decode step, the new token of every row (B,), -1 for finished rows.
-    `on_logits` sees each step's logits (rows still computed, V) before the draw (`echolm
-    explain` shows the candidates from them); `on_draw` sees (the rows still computed, their
-    logits, the tokens drawn for them) after it (RL keeps the sampler's log-probabilities).
+    `on_draw` sees each step's rows still computed (their original indices), their logits
+    (rows, V) and the tokens drawn from them (`echolm explain` shows the candidates; RL keeps
+    the sampler's log-probabilities).
 
     Prompts of different lengths are left-padded into one batch; one forward pass per step.
     Identical prompts (a GRPO group, pass@k samples) are read once and their cache rows copied.
@@ -320,8 +319,6 @@ def generate_ids(model: Transformer, prompts: list[list[int]], p: SamplingParams
         cache.reorder(index)
         logits = logits[index]
     for i in range(n_new):
-        if on_logits is not None:
-            on_logits(logits)
         nxt = sample_next(logits, p, history, gen)
         if on_draw is not None:
             on_draw(rows, logits, nxt)

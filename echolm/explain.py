@@ -140,7 +140,7 @@ def explain(run_dir: Path, text: str, stage: str | None = None, top_k: int = 5,
     seen: list[torch.Tensor] = []
     generated = []
     steps = generate_ids(model, [ids], params, pad_id=tok.pad,
-                         on_logits=lambda lg: seen.append(lg[0].float().softmax(-1).cpu()))
+                         on_draw=lambda _r, lg, _t: seen.append(lg[0].float().softmax(-1).cpu()))
     for step, nxt in enumerate(steps if generate else (), 1):
         chosen, p = int(nxt[0]), seen[-1]
         generated.append({"step": step, "chosen": _entry(tok, p, chosen),

@@ -57,7 +57,7 @@ def evaluate_policy(model: Transformer, reference: Transformer | None, rm, tok: 
     prompts = [tok.render_user(it.text) for it in items]
     sampled = sample_responses(model, tok, prompts, samples, p.max_tokens, p.temperature, seed,
                                desc=f"gold: {len(prompts)} prompts x {samples}")
-    texts = [tok.decode(s.ids[:-1] if s.stopped else s.ids) for s in sampled]
+    texts = [tok.decode(s.answer) for s in sampled]
     finished = [s.stopped for s in sampled]
     rows = [it for it in items for _ in range(samples)]  # prompt-major, as sampled
     proxy = (None if rm is None else

@@ -162,8 +162,8 @@ class Policy:
                 s = seed + r * 1_000_003 + n_t * 7_919
                 sampled = sample_responses(self.model, tok, [ids], want[t] - have,
                                            min(max_tokens, room), t, s)
-                for i, (row, stopped, _) in enumerate(sampled):
-                    text = tok.decode(row[:-1] if stopped else row).strip()
+                for i, drawn in enumerate(sampled):
+                    text, stopped = tok.decode(drawn.answer).strip(), drawn.stopped
                     if text not in texts and len(texts) < k:
                         texts.append(text)
                         metas.append({"temperature": t, "top_k": 0,
@@ -194,9 +194,9 @@ class Policy:
         for n_t, t in enumerate(sorted(want)):
             s = seed + n_t * 7_919
             sampled = sample_responses(self.model, tok, prompts, want[t], limit, t, s)
-            for j, (row, stopped, _) in enumerate(sampled):
+            for j, drawn in enumerate(sampled):
                 texts, metas = out[j // want[t]]
-                text = tok.decode(row[:-1] if stopped else row).strip()
+                text, stopped = tok.decode(drawn.answer).strip(), drawn.stopped
                 if text not in texts:
                     texts.append(text)
                     metas.append({"temperature": t, "top_k": 0, "max_tokens": limit,

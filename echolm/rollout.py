@@ -27,6 +27,11 @@ class Sampled(NamedTuple):
     stopped: bool
     logprobs: list[float] | None = None
 
+    @property
+    def answer(self) -> list[int]:
+        """The answer's own ids: without the end-of-turn token it stopped on."""
+        return self.ids[:-1] if self.stopped else self.ids
+
 
 @torch.inference_mode()
 def sample_responses(model: Transformer, tok: Tokenizer, prompts: list[list[int]], n: int,

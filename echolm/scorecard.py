@@ -49,7 +49,7 @@ def gold_answers(model: Transformer, tok: Tokenizer, n: int, max_tokens: int = 6
     items = rlhf_prompts("val", n, 0)
     prompts = [tok.render_user(it.text) for it in items]
     sampled = sample_responses(model, tok, prompts, 1, max_tokens, 0.0, 0)
-    texts = [tok.decode(s.ids[:-1] if s.stopped else s.ids) for s in sampled]
+    texts = [tok.decode(s.answer) for s in sampled]
     gold = [gold_score(it, t, s.stopped) for it, t, s in zip(items, texts, sampled,
                                                              strict=True)]
     return gold, texts

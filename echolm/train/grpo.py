@@ -61,14 +61,15 @@ def sample_groups(model: Transformer, tok: Tokenizer, items: list[tuple[Task, Pr
     sampled = sample_responses(model, tok, prompts, g.group_size, g.max_tokens, g.temperature,
                                seed, logprobs=True)
     groups: list[list[Rollout]] = [[] for _ in items]
-    for i, (resp, stopped, logprobs) in enumerate(sampled):
+    for i, s in enumerate(sampled):
         k = i // g.group_size
         task, problem = items[k]
-        text = tok.decode(resp[:-1] if stopped else resp)
+        text = tok.decode(s.answer)
         reward = task.score(problem, text)
-        if g.format_reward and stopped and "Answer:" in text:
+        if g.format_reward and s.stopped and "Answer:" in text:
             reward += g.format_reward
-        groups[k].append(Rollout(problem, task, prompts[k], resp, stopped, logprobs, reward))
+        groups[k].append(Rollout(problem, task, prompts[k], s.ids, s.stopped, s.logprobs,
+                                 reward))
     if g.overlong_buffer > 0:
         for group in groups:
             lengths = torch.tensor([len(r.response) for r in group])

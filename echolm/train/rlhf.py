@@ -191,7 +191,7 @@ def optimise(cfg: Config, run_dir: Path, out: Path, p: RLHFConfig,
                                    seed=p.seed * 7919 + step)
         flat_prompts = [pr for pr in prompts for _ in range(k)]
         flat_items = [it for it in items for _ in range(k)]
-        texts = [tok.decode(s.ids[:-1] if s.stopped else s.ids) for s in sampled]
+        texts = [tok.decode(s.answer) for s in sampled]
         finished = torch.tensor([s.stopped for s in sampled], dtype=torch.float32)
         with torch.no_grad():
             raw = rm.score(tok, [it.text for it in flat_items], texts,
