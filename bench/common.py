@@ -9,6 +9,7 @@ as ``common`` (the script's folder is first on sys.path).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -30,6 +31,16 @@ def require_peer(*modules: str) -> None:
         sys.exit(f"{Path(sys.argv[0]).name} compares Echo with {', '.join(missing)}, which is "
                  "not installed: run `make bench` (all benchmarks), or install the bench extra "
                  "with `.venv/bin/pip install -e '.[bench]'`")
+
+
+def peer_kernel_caches() -> dict[str, str]:
+    """Give the peer's process oneDNN's and ideep's own kernel-cache sizes (1,024 each), as
+    its users run it: importing echolm (this bench's helpers do, in every child) bounds them
+    to 64 (echolm/__init__.py). Call before the peer's first matrix product (they are read
+    then). Returns what was set, for the JSON."""
+    caps = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"}
+    os.environ.update(caps)
+    return caps
 
 
 def peak_rss_mb() -> float:

@@ -77,6 +77,7 @@ from common import (  # noqa: E402
     median,
     pair_figures,
     peak_rss_mb,
+    peer_kernel_caches,
     print_modes,
     require_peer,
 )
@@ -172,12 +173,14 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
             "pairs": len(enc), "trainable_params": trainable_params(trainer.model),
             "reward_acc_last": stats.get("reward_acc"),
             "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(),
+            "onednn_kernel_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
 
 
 def trl_side(args: argparse.Namespace, precompute: bool) -> dict[str, Any]:
     import copy
 
+    peer_kernel_caches()  # as TRL's users run it
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -239,7 +242,8 @@ def trl_side(args: argparse.Namespace, precompute: bool) -> dict[str, Any]:
             "ref_model_in_memory": trainer.ref_model is not None,
             "trainable_params": trainable_params(trainer.model),
             "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(),
+            "onednn_kernel_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
 
 
 def run_side(args: argparse.Namespace) -> dict[str, Any]:

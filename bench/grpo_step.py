@@ -78,6 +78,7 @@ from common import (  # noqa: E402
     median,
     pair_figures,
     peak_rss_mb,
+    peer_kernel_caches,
     print_modes,
     require_peer,
 )
@@ -182,10 +183,12 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
             "trainable_params": trainable_params(trainer.model),
             "reward_mean": round(sum(info["reward_mean"]) / len(info["reward_mean"]), 4),
             "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(),
+            "onednn_kernel_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
 
 
 def trl_side(args: argparse.Namespace) -> dict[str, Any]:
+    peer_kernel_caches()  # as TRL's users run it
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -248,7 +251,8 @@ def trl_side(args: argparse.Namespace) -> dict[str, Any]:
             "trainable_params": trainable_params(trainer.model),
             "reward_mean": round(sum(info["reward_mean"]) / max(len(info["reward_mean"]), 1), 4),
             "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(),
+            "onednn_kernel_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
 
 
 def run_side(args: argparse.Namespace) -> dict[str, Any]:
