@@ -108,7 +108,11 @@ class SharedPrompts:
             self.prompt_kv = (k, v)
             return k, v
         pk, pv = self.prompt_kv
-        return torch.cat([pk[self.rows], k], 2), torch.cat([pv[self.rows], v], 2)
+        # index_select, not pk[rows]: rows repeat (answers share a prompt), and indexing's
+        # backward adds their gradients with atomics in whatever order the threads run (RL
+        # runs differed from step 2 on); index_select's backward adds them in row order
+        return (torch.cat([pk.index_select(0, self.rows), k], 2),
+                torch.cat([pv.index_select(0, self.rows), v], 2))
 
     def attention(self, attn: Attention, x: Tensor) -> Tensor:
         """`attn` over the packed row x (1, U*P + N*A, D)."""
@@ -351,7 +355,8 @@ class Transformer(nn.Module):
         for block in self.layers:
             x = block(x, None, None, shared, None)
         x = x[0]
-        last = x[:U * P].view(U, P, -1)[:, -1][rows, None]  # predicts each answer's first token
+        # predicts each answer's first token (index_select: see SharedPrompts.extend)
+        last = x[:U * P].view(U, P, -1)[:, -1].index_select(0, rows)[:, None]
         return self.norm(torch.cat([last, x[U * P:].view(N, A, x.shape[-1])], dim=1))
 
     def num_params(self, non_embedding: bool = False) -> int:
