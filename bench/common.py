@@ -33,14 +33,19 @@ def require_peer(*modules: str) -> None:
                  "with `.venv/bin/pip install -e '.[bench]'`")
 
 
-def peer_kernel_caches() -> dict[str, str]:
+def peer_kernel_caches() -> None:
     """Give the peer's process oneDNN's and ideep's own kernel-cache sizes (1,024 each), as
     its users run it: importing echolm (this bench's helpers do, in every child) bounds them
     to 64 (echolm/__init__.py). Call before the peer's first matrix product (they are read
-    then). Returns what was set, for the JSON."""
-    caps = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"}
-    os.environ.update(caps)
-    return caps
+    then)."""
+    from echolm import KERNEL_CACHES
+
+    os.environ.update(dict.fromkeys(KERNEL_CACHES, "1024"))
+
+
+def kernel_cache() -> str | None:
+    """The oneDNN kernel-cache size this process runs with, for a side's JSON."""
+    return os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
 
 
 def peak_rss_mb() -> float:

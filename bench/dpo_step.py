@@ -74,6 +74,7 @@ from common import (  # noqa: E402
     alternating_rounds,
     current_rss_mb,
     emit_json,
+    kernel_cache,
     median,
     pair_figures,
     peak_rss_mb,
@@ -174,7 +175,7 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
             "reward_acc_last": stats.get("reward_acc"),
             "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb(),
             "threads": torch.get_num_threads(),
-            "onednn_kernel_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+            "onednn_kernel_cache": kernel_cache()}
 
 
 def trl_side(args: argparse.Namespace, precompute: bool) -> dict[str, Any]:
@@ -243,7 +244,7 @@ def trl_side(args: argparse.Namespace, precompute: bool) -> dict[str, Any]:
             "trainable_params": trainable_params(trainer.model),
             "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb(),
             "threads": torch.get_num_threads(),
-            "onednn_kernel_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+            "onednn_kernel_cache": kernel_cache()}
 
 
 def run_side(args: argparse.Namespace) -> dict[str, Any]:

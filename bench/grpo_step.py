@@ -75,6 +75,7 @@ from common import (  # noqa: E402
     alternating_rounds,
     current_rss_mb,
     emit_json,
+    kernel_cache,
     median,
     pair_figures,
     peak_rss_mb,
@@ -184,7 +185,7 @@ def echo_side(args: argparse.Namespace) -> dict[str, Any]:
             "reward_mean": round(sum(info["reward_mean"]) / len(info["reward_mean"]), 4),
             "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb(),
             "threads": torch.get_num_threads(),
-            "onednn_kernel_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+            "onednn_kernel_cache": kernel_cache()}
 
 
 def trl_side(args: argparse.Namespace) -> dict[str, Any]:
@@ -252,7 +253,7 @@ def trl_side(args: argparse.Namespace) -> dict[str, Any]:
             "reward_mean": round(sum(info["reward_mean"]) / max(len(info["reward_mean"]), 1), 4),
             "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb(),
             "threads": torch.get_num_threads(),
-            "onednn_kernel_cache": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+            "onednn_kernel_cache": kernel_cache()}
 
 
 def run_side(args: argparse.Namespace) -> dict[str, Any]:

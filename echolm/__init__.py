@@ -11,5 +11,6 @@ __version__ = "0.1.0"
 # 10.7 GB). A step uses ~20 shapes, each many times (every layer), so 64 entries keep a
 # step's kernels and bound the rest. Read lazily at torch's first oneDNN call, so set here,
 # before any; a value the user set wins.
-for _name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+KERNEL_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+for _name in KERNEL_CACHES:
     _os.environ.setdefault(_name, "64")

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from echolm import KERNEL_CACHES
 from echolm.machine import native_bf16
 
 PROBE = """
@@ -99,13 +100,10 @@ print(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"], rss_mb() - start)
 """
 
 
-CAPS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-
-
 def _new_shapes_growth(**caps: str) -> tuple[str, int]:
     """(the oneDNN cache capacity a fresh process ends up with, its MB of growth over
     NEW_SHAPES), the capacities this process had (echolm set them) not passed on."""
-    env = {k: v for k, v in os.environ.items() if k not in CAPS} | caps
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHES} | caps
     r = subprocess.run([sys.executable, "-c", NEW_SHAPES], capture_output=True, text=True,
                        timeout=120, env=env)
     assert r.returncode == 0, r.stderr
